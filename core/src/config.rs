@@ -1,0 +1,544 @@
+//! Layered, typed configuration (figment).
+//!
+//! Layers, later wins: built-in defaults <- `config/default.toml` <- `config/<profile>.toml`
+//! (profile from `TRELLIS_PROFILE`, default `dev`) <- the file given with `--config` <-
+//! environment variables `TRELLIS_*`, with `__` for nesting (`TRELLIS_SERVER__PORT=9000`).
+//!
+//! The built-in defaults equal `config/default.toml` (a test holds them together), so the
+//! binary also starts where no config folder exists. Each module owns `[modules.<name>]`
+//! and reads it into its own struct through [`ModuleContext::config`](crate::ModuleContext::config).
+//! Every error names the offending key and where its value came from.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Environment variables that share the prefix but are not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["PROFILE", "CONFIG", "CONFIG_DIR", "BUILD_NUMBER"];
+
+/// The whole configuration, as typed structs. Module sections stay raw here and are
+/// extracted by each module into its own type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP server.
+    pub server: ServerConfig,
+    /// Logs.
+    pub telemetry: TelemetryConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+    /// One section per module, `[modules.<name>]`.
+    pub modules: BTreeMap<String, figment::value::Value>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            metrics: MetricsConfig::default(),
+            modules: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[server]`: listener, limits, timeouts, CORS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind; 0 picks a free one.
+    pub port: u16,
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    pub body_limit_bytes: usize,
+    /// A request that takes longer is answered 503.
+    pub request_timeout_ms: u64,
+    /// On shutdown, how long in-flight requests may take to finish.
+    pub shutdown_timeout_ms: u64,
+    /// Cross-origin resource sharing.
+    pub cors: CorsConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            body_limit_bytes: 1024 * 1024,
+            request_timeout_ms: 30_000,
+            shutdown_timeout_ms: 30_000,
+            cors: CorsConfig::default(),
+        }
+    }
+}
+
+/// `[server.cors]`. Disabled while `allowed_origins` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed to call the API (`["*"]` for any); empty disables CORS.
+    pub allowed_origins: Vec<String>,
+    /// Methods allowed in cross-origin requests.
+    pub allowed_methods: Vec<String>,
+    /// Request headers allowed in cross-origin requests.
+    pub allowed_headers: Vec<String>,
+    /// Response headers the browser may read.
+    pub exposed_headers: Vec<String>,
+    /// Whether cookies and authorization may be sent.
+    pub allow_credentials: bool,
+    /// How long a preflight answer may be cached, in seconds.
+    pub max_age_secs: i32,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            allowed_methods: ["GET", "POST", "PUT", "PATCH", "DELETE"]
+                .map(String::from)
+                .to_vec(),
+            allowed_headers: ["authorization", "content-type", "x-request-id"]
+                .map(String::from)
+                .to_vec(),
+            exposed_headers: vec!["x-request-id".into()],
+            allow_credentials: false,
+            max_age_secs: 600,
+        }
+    }
+}
+
+/// `[telemetry]`: where logs go and how they look.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Filter directives (`info`, `warn,trellis=debug`); applied again, without a restart,
+    /// when it changes in a config file.
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+    /// Destination.
+    pub output: LogOutput,
+    /// One access-log line per request.
+    pub access_log: bool,
+    /// Rolling file settings, used when `output = "file"`.
+    pub file: LogFileConfig,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+            output: LogOutput::Console,
+            access_log: true,
+            file: LogFileConfig::default(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-friendly, multi-line.
+    Pretty,
+    /// One line per event, human-friendly.
+    Compact,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Log destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogOutput {
+    /// Standard output.
+    Console,
+    /// A rolling file (non-blocking writer).
+    File,
+}
+
+/// `[telemetry.file]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogFileConfig {
+    /// Folder for the log files (created if missing).
+    pub directory: PathBuf,
+    /// File name prefix.
+    pub prefix: String,
+    /// When to start a new file.
+    pub rotation: LogRotation,
+    /// How many files to keep (0 keeps all).
+    pub max_files: usize,
+}
+
+impl Default for LogFileConfig {
+    fn default() -> Self {
+        Self {
+            directory: "logs".into(),
+            prefix: "trellis.log".into(),
+            rotation: LogRotation::Daily,
+            max_files: 14,
+        }
+    }
+}
+
+/// Log file rotation period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogRotation {
+    /// Every minute.
+    Minutely,
+    /// Every hour.
+    Hourly,
+    /// Every day.
+    Daily,
+    /// One file, never rotated.
+    Never,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics`.
+    pub enabled: bool,
+    /// Bucket bounds of `http_request_duration_seconds`, in seconds, ascending.
+    pub latency_buckets: Vec<f64>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            latency_buckets: vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ],
+        }
+    }
+}
+
+/// Where configuration comes from. [`ConfigSources::from_env`] reads the usual places.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSources {
+    /// The folder holding `default.toml` and the profile files.
+    pub dir: PathBuf,
+    /// The profile (`dev`, `test`, `production`, ...).
+    pub profile: String,
+    /// An extra file given with `--config`, applied after the profile file.
+    pub file: Option<PathBuf>,
+    /// Whether `TRELLIS_*` environment variables apply.
+    pub env: bool,
+}
+
+impl ConfigSources {
+    /// `config/` (or `TRELLIS_CONFIG_DIR`), profile from `TRELLIS_PROFILE` (default `dev`),
+    /// the environment on.
+    pub fn from_env(file: Option<PathBuf>) -> Self {
+        Self {
+            dir: std::env::var_os("TRELLIS_CONFIG_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("config")),
+            profile: std::env::var("TRELLIS_PROFILE").unwrap_or_else(|_| "dev".into()),
+            file,
+            env: true,
+        }
+    }
+
+    /// The files that exist and are read, in order.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![
+            self.dir.join("default.toml"),
+            self.dir.join(format!("{}.toml", self.profile)),
+        ];
+        files.extend(self.file.clone());
+        files.retain(|f| f.is_file());
+        files
+    }
+
+    /// All layers merged, not yet checked.
+    pub fn figment(&self) -> Result<Figment, ConfigError> {
+        if let Some(file) = &self.file
+            && !file.is_file()
+        {
+            return Err(ConfigError::single(format!(
+                "configuration file `{}` does not exist",
+                file.display()
+            )));
+        }
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        for file in self.files() {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        if self.env {
+            figment = figment.merge(
+                Env::prefixed("TRELLIS_")
+                    .split("__")
+                    .ignore(NON_CONFIG_ENV)
+                    .lowercase(true),
+            );
+        }
+        Ok(figment)
+    }
+
+    /// Reads and checks the whole configuration.
+    pub fn load(&self) -> Result<LoadedConfig, ConfigError> {
+        LoadedConfig::from_figment(self.figment()?)
+    }
+}
+
+/// The checked configuration plus the raw layers, from which modules read their sections.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The typed configuration.
+    pub config: Config,
+    figment: Figment,
+}
+
+impl LoadedConfig {
+    /// Checks a merged figment.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(ConfigError::from)?;
+        validate(&config)?;
+        Ok(Self { config, figment })
+    }
+
+    /// Built-in defaults only (for tests and tools).
+    pub fn defaults() -> Self {
+        let figment = Figment::from(Serialized::defaults(Config::default()));
+        Self {
+            config: Config::default(),
+            figment,
+        }
+    }
+
+    /// Sets `key` (dotted, e.g. `server.port`) to `value` on top of every layer.
+    pub fn set(
+        mut self,
+        key: &str,
+        value: impl Serialize,
+    ) -> Result<Self, ConfigError> {
+        self.figment = self.figment.merge(Serialized::default(key, value));
+        Self::from_figment(self.figment)
+    }
+
+    /// Extracts `[modules.<module>]` into `T`; a missing section yields `T`'s defaults.
+    pub fn module_section<T: DeserializeOwned>(&self, module: &str) -> Result<T, ConfigError> {
+        let key = format!("modules.{module}");
+        let section = if self.figment.contains(&key) {
+            self.figment.focus(&key)
+        } else {
+            Figment::new()
+        };
+        section.extract().map_err(|e| ConfigError::from(e).prefixed(&key))
+    }
+}
+
+fn validate(config: &Config) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.telemetry.level) {
+        problems.push(format!(
+            "`telemetry.level`: `{}` is not a valid filter: {e}",
+            config.telemetry.level
+        ));
+    }
+    if config.server.host.parse::<std::net::IpAddr>().is_err() {
+        problems.push(format!(
+            "`server.host`: `{}` is not an IP address",
+            config.server.host
+        ));
+    }
+    if config.server.body_limit_bytes == 0 {
+        problems.push("`server.body_limit_bytes`: must be greater than 0".into());
+    }
+    if config.server.request_timeout_ms == 0 {
+        problems.push("`server.request_timeout_ms`: must be greater than 0".into());
+    }
+    let buckets = &config.metrics.latency_buckets;
+    if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) {
+        problems.push("`metrics.latency_buckets`: must be non-empty and strictly ascending".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+/// A configuration that cannot be used; each entry names the key and the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn single(problem: String) -> Self {
+        Self {
+            problems: vec![problem],
+        }
+    }
+
+    fn prefixed(mut self, key: &str) -> Self {
+        for problem in &mut self.problems {
+            if let Some(rest) = problem.strip_prefix('`') {
+                *problem = format!("`{key}.{rest}");
+            }
+        }
+        self
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        let problems = error
+            .into_iter()
+            .map(|e| {
+                let key = e.path.join(".");
+                let origin = e.metadata.as_ref().map(|m| match (&m.source, &e.profile) {
+                    (Some(figment::Source::File(path)), _) => {
+                        format!(" (in {})", display_path(path))
+                    }
+                    (_, Some(profile)) if m.name.contains("environment") => {
+                        format!(" (from environment variable {})", m.interpolate(profile, &e.path))
+                    }
+                    _ => format!(" (from {})", m.name),
+                });
+                let origin = origin.unwrap_or_default();
+                if key.is_empty() {
+                    format!("{}{origin}", e.kind)
+                } else {
+                    format!("`{key}`: {}{origin}", e.kind)
+                }
+            })
+            .collect();
+        Self { problems }
+    }
+}
+
+fn display_path(path: &Path) -> String {
+    path.display().to_string()
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid configuration")?;
+        for problem in &self.problems {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(dir: &Path) -> ConfigSources {
+        ConfigSources {
+            dir: dir.to_path_buf(),
+            profile: "test".into(),
+            file: None,
+            env: false,
+        }
+    }
+
+    #[test]
+    fn committed_default_toml_equals_the_built_in_defaults() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let text = std::fs::read_to_string(dir.join("default.toml")).expect("default.toml");
+        let from_file: Config = Figment::from(Toml::string(&text))
+            .extract()
+            .expect("default.toml parses");
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn profile_file_overrides_default_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("default.toml"), "[server]\nport = 1\n").expect("write");
+        std::fs::write(dir.path().join("test.toml"), "[server]\nport = 2\n").expect("write");
+        let loaded = sources(dir.path()).load().expect("loads");
+        assert_eq!(loaded.config.server.port, 2);
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_and_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.toml"), "[server]\nport = \"http\"\n").expect("write");
+        let err = sources(dir.path()).load().expect_err("bad port");
+        let text = err.to_string();
+        assert!(text.contains("`server.port`"), "{text}");
+        assert!(text.contains("test.toml"), "{text}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.toml"), "[server]\nprot = 1\n").expect("write");
+        let text = sources(dir.path()).load().expect_err("typo").to_string();
+        assert!(text.contains("prot"), "{text}");
+    }
+
+    #[test]
+    fn unknown_enum_value_names_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.toml"), "[telemetry]\nformat = \"xml\"\n")
+            .expect("write");
+        let text = sources(dir.path()).load().expect_err("bad enum").to_string();
+        assert!(text.contains("`telemetry.format`"), "{text}");
+    }
+
+    #[test]
+    fn invalid_log_level_names_the_key() {
+        let loaded = LoadedConfig::defaults().set("telemetry.level", "[[[");
+        let text = loaded.expect_err("bad filter").to_string();
+        assert!(text.contains("`telemetry.level`"), "{text}");
+    }
+
+    #[test]
+    fn missing_extra_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = sources(dir.path());
+        s.file = Some(dir.path().join("nope.toml"));
+        assert!(s.load().expect_err("missing").to_string().contains("nope.toml"));
+    }
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct WidgetConfig {
+        size: u32,
+    }
+
+    #[test]
+    fn module_section_defaults_when_absent_and_names_bad_keys() {
+        let loaded = LoadedConfig::defaults();
+        let absent: WidgetConfig = loaded.module_section("widget").expect("defaults");
+        assert_eq!(absent, WidgetConfig::default());
+
+        let loaded = loaded.set("modules.widget.size", 7).expect("set");
+        let present: WidgetConfig = loaded.module_section("widget").expect("reads");
+        assert_eq!(present.size, 7);
+
+        let bad = loaded
+            .set("modules.widget.size", "big")
+            .expect("module sections are checked by the module");
+        let text = bad
+            .module_section::<WidgetConfig>("widget")
+            .expect_err("bad size")
+            .to_string();
+        assert!(text.contains("`modules.widget.size`"), "{text}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The context: everything a module may reach at run time, passed explicitly (no globals).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::de::DeserializeOwned;
+
+use crate::{
+    bus::Bus,
+    config::{Config, ConfigError, LoadedConfig},
+    events::EventHandlers,
+    module::ModuleInfo,
+    readiness::Readiness,
+};
+
+/// Facts about the build, embedded by the server's build script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// The product name.
+    pub name: &'static str,
+    /// The server's version.
+    pub version: &'static str,
+    /// The git commit the binary was built from (`unknown` outside a checkout).
+    pub git_commit: &'static str,
+    /// The git branch.
+    pub git_branch: &'static str,
+    /// The CI build number (`TRELLIS_BUILD_NUMBER` at build time), or `local`.
+    pub build_number: &'static str,
+    /// When the binary was built, RFC 3339.
+    pub build_time: &'static str,
+}
+
+impl BuildInfo {
+    /// Placeholder facts, for tests and tools that run without the server's build script.
+    pub const fn unknown() -> Self {
+        Self {
+            name: "trellis",
+            version: "0.0.0",
+            git_commit: "unknown",
+            git_branch: "unknown",
+            build_number: "local",
+            build_time: "unknown",
+        }
+    }
+}
+
+struct Inner {
+    config: LoadedConfig,
+    bus: Bus,
+    readiness: Readiness,
+    events: EventHandlers,
+    modules: Vec<ModuleInfo>,
+    build: BuildInfo,
+    started_at: SystemTime,
+    started: Instant,
+}
+
+/// The application context. Cheap to clone.
+#[derive(Clone)]
+pub struct AppContext {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AppContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppContext")
+            .field("modules", &self.inner.modules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppContext {
+    /// A context for `modules`, whose bus, readiness and event tables are started by
+    /// [`assemble`](crate::assemble).
+    pub fn new(config: LoadedConfig, modules: Vec<ModuleInfo>, build: BuildInfo) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                bus: Bus::new(),
+                readiness: Readiness::default(),
+                events: EventHandlers::default(),
+                modules,
+                build,
+                started_at: SystemTime::now(),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// The typed configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config.config
+    }
+
+    /// The configuration with its layers (for module sections).
+    pub fn loaded_config(&self) -> &LoadedConfig {
+        &self.inner.config
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    /// The readiness checks.
+    pub fn readiness(&self) -> &Readiness {
+        &self.inner.readiness
+    }
+
+    /// The event handlers, by event type.
+    pub fn event_handlers(&self) -> &EventHandlers {
+        &self.inner.events
+    }
+
+    /// The compiled-in modules, in start-up order.
+    pub fn modules(&self) -> &[ModuleInfo] {
+        &self.inner.modules
+    }
+
+    /// Build facts.
+    pub fn build_info(&self) -> &BuildInfo {
+        &self.inner.build
+    }
+
+    /// When the server started (wall clock).
+    pub fn started_at(&self) -> SystemTime {
+        self.inner.started_at
+    }
+
+    /// How long the server has been up.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+}
+
+/// One module's view of the context, handed to its factories.
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleContext<'a> {
+    app: &'a AppContext,
+    module: &'static str,
+}
+
+impl<'a> ModuleContext<'a> {
+    /// `module`'s view of `app`.
+    pub fn new(app: &'a AppContext, module: &'static str) -> Self {
+        Self { app, module }
+    }
+
+    /// The module's name.
+    pub fn module(&self) -> &'static str {
+        self.module
+    }
+
+    /// The module's own section, `[modules.<name>]`, as `C`.
+    pub fn config<C: DeserializeOwned>(&self) -> Result<C, ConfigError> {
+        self.app.loaded_config().module_section(self.module)
+    }
+
+    /// The whole application context.
+    pub fn app(&self) -> &'a AppContext {
+        self.app
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &'a Bus {
+        self.app.bus()
+    }
+}

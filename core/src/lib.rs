@@ -1,0 +1,33 @@
+//! Trellis core: what every module and the server share.
+//!
+//! - the [`Module`] contract, its [`ModuleBuilder`] and the registry ([`registered_modules`]);
+//! - [`assemble`]: the start-up step that builds and wires the modules;
+//! - the [`bus`] (request/response and publish/subscribe between modules);
+//! - [`config`] (figment layers), [`telemetry`] (tracing) and [`metrics`] (Prometheus);
+//! - [`problem`]: `application/problem+json` errors;
+//! - [`readiness`] checks, [`events`] handler tables and [`storage`] declarations.
+//!
+//! Core depends on no module. Modules depend on core only, never on each other.
+
+mod assembly;
+mod builder;
+pub mod bus;
+pub mod config;
+mod context;
+pub mod events;
+pub mod metrics;
+mod module;
+pub mod problem;
+pub mod readiness;
+pub mod storage;
+pub mod telemetry;
+
+pub use assembly::{Assembly, MountedApi, assemble, declarations};
+pub use builder::{ApiMeta, FactoryResult, Hook, ModuleBuilder, RouteAdder, RouteTable};
+pub use context::{AppContext, BuildInfo, ModuleContext};
+pub use module::{
+    Module, ModuleInfo, ModuleRegistration, RegistryError, registered_modules, resolve,
+};
+
+/// Re-exported so module crates register with the same `inventory` as core.
+pub use inventory;

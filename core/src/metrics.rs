@@ -1,0 +1,68 @@
+//! Prometheus metrics: the `metrics` facade with the Prometheus exporter as recorder, no
+//! listener of its own (the server renders it at `GET /metrics`). Every metric is
+//! described here, so `promtool check metrics` finds HELP and TYPE for each.
+
+use std::{sync::OnceLock, time::Duration};
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::MetricsConfig;
+
+/// Requests served, by method, route template and status.
+pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
+/// Request duration histogram, by method, route template and status.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
+/// Requests being served right now.
+pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
+/// Always 1; labels carry the build facts.
+pub const BUILD_INFO: &str = "trellis_build_info";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns its handle. Later calls (several
+/// servers in one test process) return the first handle; their bucket settings are ignored.
+pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.into()),
+            &config.latency_buckets,
+        )?
+        .build_recorder();
+    let handle = recorder.handle();
+    match metrics::set_global_recorder(recorder) {
+        Ok(()) => {
+            describe();
+            let _ = HANDLE.set(handle.clone());
+            Ok(handle)
+        }
+        // Lost a race with another installer in this process: use the winner's handle.
+        Err(_) => HANDLE
+            .get()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("another metrics recorder is already installed")),
+    }
+}
+
+fn describe() {
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests served, by method, route template and status.");
+    describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "HTTP request duration from the first middleware to the response, by method, route template and status."
+    );
+    describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being served right now.");
+    describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version, commit and build number.");
+}
+
+/// Keeps the exporter's histogram storage bounded; run it in the background.
+pub async fn upkeep(handle: PrometheusHandle, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        handle.run_upkeep();
+    }
+}

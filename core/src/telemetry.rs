@@ -1,0 +1,171 @@
+//! Logs: tracing to the console (pretty, compact or JSON) or to a rolling file, through a
+//! non-blocking writer, with a level that follows the config files at run time.
+//!
+//! The level is watched by polling the config files' modification stamps once per
+//! interval rather than with inotify: polling also sees files replaced by rename or
+//! through symlink swaps (editors, Kubernetes config maps), and costs one `stat` per file.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
+};
+
+use crate::config::{ConfigSources, LogFormat, LogOutput, LogRotation, TelemetryConfig};
+
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+
+/// The installed subscriber: keeps the writer alive and lets the level change.
+pub struct Telemetry {
+    filter: FilterHandle,
+    level: Mutex<String>,
+    _guard: WorkerGuard,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").field("level", &self.level).finish()
+    }
+}
+
+/// Installs the global subscriber described by `config`. Call once, first thing in `main`.
+pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_new(&config.level)
+        .with_context(|| format!("`telemetry.level`: invalid filter `{}`", config.level))?;
+    let (filter_layer, filter_handle) = reload::Layer::new(filter);
+
+    let (writer, guard) = match config.output {
+        LogOutput::Console => tracing_appender::non_blocking(std::io::stdout()),
+        LogOutput::File => {
+            let file = &config.file;
+            std::fs::create_dir_all(&file.directory).with_context(|| {
+                format!("`telemetry.file.directory`: cannot create {}", file.directory.display())
+            })?;
+            let mut builder = tracing_appender::rolling::RollingFileAppender::builder()
+                .rotation(match file.rotation {
+                    LogRotation::Minutely => tracing_appender::rolling::Rotation::MINUTELY,
+                    LogRotation::Hourly => tracing_appender::rolling::Rotation::HOURLY,
+                    LogRotation::Daily => tracing_appender::rolling::Rotation::DAILY,
+                    LogRotation::Never => tracing_appender::rolling::Rotation::NEVER,
+                })
+                .filename_prefix(&file.prefix);
+            if file.max_files > 0 {
+                builder = builder.max_log_files(file.max_files);
+            }
+            let appender = builder
+                .build(&file.directory)
+                .context("`telemetry.file`: cannot open the log file")?;
+            tracing_appender::non_blocking(appender)
+        }
+    };
+    let ansi = config.output == LogOutput::Console;
+
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    let fmt_layer: Box<dyn Layer<_> + Send + Sync> = match config.format {
+        LogFormat::Pretty => fmt.pretty().boxed(),
+        LogFormat::Compact => fmt.compact().boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    };
+
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(fmt_layer)
+        .try_init()
+        .context("a global tracing subscriber is already installed")?;
+
+    Ok(Telemetry {
+        filter: filter_handle,
+        level: Mutex::new(config.level.clone()),
+        _guard: guard,
+    })
+}
+
+impl Telemetry {
+    /// The level in force.
+    pub fn level(&self) -> String {
+        self.level.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Applies `level` if it differs from the one in force; returns whether it changed.
+    pub fn set_level(&self, level: &str) -> anyhow::Result<bool> {
+        let mut current = self
+            .level
+            .lock()
+            .map_err(|_| anyhow::anyhow!("log level lock poisoned"))?;
+        if *current == level {
+            return Ok(false);
+        }
+        let filter = EnvFilter::try_new(level)
+            .with_context(|| format!("`telemetry.level`: invalid filter `{level}`"))?;
+        self.filter
+            .reload(filter)
+            .context("cannot replace the log filter")?;
+        let previous = std::mem::replace(&mut *current, level.to_owned());
+        drop(current);
+        tracing::info!(previous = %previous, level = %level, "log level changed from the configuration file");
+        Ok(true)
+    }
+
+    /// Polls the config files every `interval` and applies a changed `telemetry.level`
+    /// without a restart. Stops when the returned task is aborted.
+    pub fn watch_level(
+        self: Arc<Self>,
+        sources: ConfigSources,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut seen = stamps(&sources);
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let now = stamps(&sources);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match sources.load() {
+                    Ok(loaded) => {
+                        if let Err(error) = self.set_level(&loaded.config.telemetry.level) {
+                            tracing::warn!(error = %format!("{error:#}"), "log level not changed");
+                        }
+                    }
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "a configuration file changed but no longer loads; keeping the log level"
+                    ),
+                }
+            }
+        })
+    }
+}
+
+type Stamp = (PathBuf, Option<(SystemTime, u64)>);
+
+fn stamps(sources: &ConfigSources) -> Vec<Stamp> {
+    let mut candidates = vec![
+        sources.dir.join("default.toml"),
+        sources.dir.join(format!("{}.toml", sources.profile)),
+    ];
+    candidates.extend(sources.file.clone());
+    candidates
+        .into_iter()
+        .map(|path| {
+            let stamp = std::fs::metadata(&path)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
+            (path, stamp)
+        })
+        .collect()
+}
