@@ -137,7 +137,7 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            format: LogFormat::Pretty,
+            format: LogFormat::Compact,
             output: LogOutput::Console,
             access_log: true,
             file: LogFileConfig::default(),

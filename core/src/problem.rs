@@ -9,7 +9,10 @@
 //! rides in the response extensions ([`InternalError`]) and the access-log middleware logs
 //! it once, inside the request span. The client sees an opaque detail and the request id.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{
+    borrow::Cow,
+    sync::{Arc, OnceLock},
+};
 
 use poem::{
     IntoResponse, Response,
@@ -79,8 +82,8 @@ impl Problem {
     /// A problem of type `urn:trellis:problem:<slug>`, filled with the current request's id
     /// and path when called inside a request.
     pub fn new(status: StatusCode, slug: &str, title: impl Into<String>) -> Self {
-        let (request_id, instance) = RequestScope::current()
-            .map(|scope| (Some(scope.id.to_string()), Some(scope.uri.path().to_owned())))
+        let (request_id, instance) = REQUEST_SCOPE
+            .try_with(|scope| (Some(scope.id.to_string()), Some(scope.uri.path().to_owned())))
             .unwrap_or_default();
         Self {
             problem_type: format!("{PROBLEM_TYPE_PREFIX}{slug}"),
@@ -267,13 +270,14 @@ impl ApiResponse for ProblemJson {
 }
 
 /// What the server knows about the request being served, visible to everything that runs
-/// inside it (handlers, error mapping, logging) without being passed by hand.
+/// inside it (handlers, error mapping, logging, metrics) without being passed by hand.
 #[derive(Debug, Clone)]
 pub struct RequestScope {
     /// The request id (reused from a sane incoming `X-Request-Id`, else generated).
     pub id: Arc<str>,
     /// The request URI.
     pub uri: Uri,
+    route: OnceLock<Arc<str>>,
 }
 
 tokio::task_local! {
@@ -281,6 +285,28 @@ tokio::task_local! {
 }
 
 impl RequestScope {
+    /// A scope for the request `id` to `uri`.
+    pub fn new(id: Arc<str>, uri: Uri) -> Self {
+        Self {
+            id,
+            uri,
+            route: OnceLock::new(),
+        }
+    }
+
+    /// Records the route template that matched (done by the router, before the handler).
+    pub fn record_route(template: &Arc<str>) {
+        let _ = REQUEST_SCOPE.try_with(|scope| scope.route.set(template.clone()));
+    }
+
+    /// The route template that matched the current request, if one did.
+    pub fn current_route() -> Option<Arc<str>> {
+        REQUEST_SCOPE
+            .try_with(|scope| scope.route.get().cloned())
+            .ok()
+            .flatten()
+    }
+
     /// Runs `fut` with this scope as the current request.
     pub async fn run<F: Future>(self, fut: F) -> F::Output {
         REQUEST_SCOPE.scope(self, fut).await
@@ -347,10 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn problem_carries_request_id_and_path_inside_a_request() {
-        let scope = RequestScope {
-            id: Arc::from("req-1"),
-            uri: Uri::from_static("/widgets/7?x=1"),
-        };
+        let scope = RequestScope::new(Arc::from("req-1"), Uri::from_static("/widgets/7?x=1"));
         let problem = scope
             .run(async { ProblemJson::from_error(&SampleError::Missing(7)).problem })
             .await;

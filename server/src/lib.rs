@@ -1,1 +1,264 @@
-//! server
+//! The Trellis server: configuration -> context -> modules -> routes -> serve -> drain.
+//!
+//! [`Application::build`] does everything up to binding the listener (port 0 allowed) and
+//! exposes the port; [`Application::run_until_stopped`] serves until SIGINT, SIGTERM or
+//! [`ShutdownHandle::shutdown`], lets in-flight requests finish within
+//! `server.shutdown_timeout_ms`, then shuts the modules down in reverse order.
+//!
+//! The server never names a module: it finds them through the registry
+//! ([`trellis_core::registered_modules`]); `modules.rs` only makes sure the crates the
+//! cargo features selected are linked.
+
+pub mod cli;
+mod errors;
+mod middleware;
+mod modules;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use poem::{
+    EndpointExt as _, Response, Route,
+    endpoint::make_sync,
+    listener::{Acceptor as _, TcpAcceptor},
+    middleware::{CatchPanic, Cors},
+};
+use tokio::sync::watch;
+use trellis_core::{
+    AppContext, Assembly, BuildInfo, ModuleInfo, assemble, config::LoadedConfig, metrics,
+    registered_modules,
+};
+use trellis_openapi::{ModulesApi, RecordRoute, RouteIndex, check_conflicts, compiled_apis};
+
+pub use middleware::X_REQUEST_ID;
+
+/// Build facts embedded by `build.rs`.
+pub fn build_info() -> BuildInfo {
+    BuildInfo {
+        name: "trellis",
+        version: env!("CARGO_PKG_VERSION"),
+        git_commit: env!("TRELLIS_GIT_COMMIT"),
+        git_branch: env!("TRELLIS_GIT_BRANCH"),
+        build_number: env!("TRELLIS_BUILD_NUMBER"),
+        build_time: env!("TRELLIS_BUILD_TIME"),
+    }
+}
+
+/// The OpenAPI document of the compiled-in modules, without starting anything.
+pub fn openapi_json() -> String {
+    trellis_openapi::document_json(&build_info())
+}
+
+/// The OpenAPI document as YAML.
+pub fn openapi_yaml() -> String {
+    trellis_openapi::document_yaml(&build_info())
+}
+
+/// Stops a running [`Application`] as SIGTERM would.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    /// Begins graceful shutdown.
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// A built server, bound and ready to serve.
+pub struct Application {
+    ctx: AppContext,
+    assembly: Assembly,
+    acceptor: TcpAcceptor,
+    addr: SocketAddr,
+    endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
+    stop: watch::Sender<bool>,
+    stop_handle: Arc<watch::Sender<bool>>,
+}
+
+impl Application {
+    /// Resolves the modules, wires them, runs their init hooks, assembles the routes and
+    /// binds the listener.
+    pub async fn build(config: LoadedConfig) -> anyhow::Result<Self> {
+        let modules = registered_modules()?;
+        check_conflicts(&compiled_apis())?;
+        let infos: Vec<ModuleInfo> = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
+        let build = build_info();
+        let ctx = AppContext::new(config, infos, build.clone());
+        let mut assembly = assemble(&modules, &ctx, Vec::new())?;
+        assembly.init(&ctx).await?;
+
+        let server = &ctx.config().server;
+        let routes = Arc::new(RouteIndex::compiled());
+        let apis = std::mem::take(&mut assembly.apis);
+        let service = trellis_openapi::service(ModulesApi::mounted(apis, (*routes).clone()), &build);
+
+        let mut app = Route::new()
+            .at("/openapi.json", RecordRoute::new("/openapi.json", service.spec_endpoint()))
+            .at("/openapi.yaml", RecordRoute::new("/openapi.yaml", service.spec_endpoint_yaml()))
+            .nest("/docs", RecordRoute::new("/docs", service.swagger_ui()));
+        if ctx.config().metrics.enabled {
+            let handle = metrics::install(&ctx.config().metrics)?;
+            ::metrics::gauge!(
+                metrics::BUILD_INFO,
+                "version" => build.version,
+                "commit" => build.git_commit,
+                "build_number" => build.build_number
+            )
+            .set(1.0);
+            tokio::spawn(metrics::upkeep(handle.clone(), Duration::from_secs(5)));
+            app = app.at(
+                "/metrics",
+                RecordRoute::new(
+                    "/metrics",
+                    make_sync(move |_| {
+                        Response::builder()
+                            .content_type("text/plain; version=0.0.4; charset=utf-8")
+                            .body(handle.render())
+                    }),
+                ),
+            );
+        }
+        let app = app.nest("/", service);
+
+        let cors = &server.cors;
+        let cors_enabled = !cors.allowed_origins.is_empty();
+        let cors_layer = cors_enabled.then(|| build_cors(cors)).transpose()?;
+
+        let inner = middleware::Problems {
+            inner: app,
+            routes: routes.clone(),
+        };
+        let inner = inner.with_if(cors_enabled, cors_layer.unwrap_or_default());
+        let inner = middleware::Timeout {
+            inner,
+            timeout: Duration::from_millis(server.request_timeout_ms),
+        };
+        let inner = middleware::BodyLimit {
+            inner,
+            limit: server.body_limit_bytes,
+        };
+        let inner = inner.with(CatchPanic::new().with_handler(middleware::panic_response));
+        let inner = middleware::HttpMetrics { inner };
+        let inner = middleware::AccessLog {
+            inner,
+            enabled: ctx.config().telemetry.access_log,
+        };
+        let endpoint = middleware::RequestId { inner, routes }.boxed();
+
+        let bind = format!("{}:{}", server.host, server.port);
+        let listener = tokio::net::TcpListener::bind(&bind)
+            .await
+            .with_context(|| format!("cannot listen on {bind} (`server.host`, `server.port`)"))?;
+        let acceptor = TcpAcceptor::from_tokio(listener)?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .context("the listener has no local address")?;
+
+        let (stop, _) = watch::channel(false);
+        let stop_handle = Arc::new(stop.clone());
+        Ok(Self {
+            ctx,
+            assembly,
+            acceptor,
+            addr,
+            endpoint,
+            stop,
+            stop_handle,
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The application context.
+    pub fn context(&self) -> &AppContext {
+        &self.ctx
+    }
+
+    /// A handle that stops the server as SIGTERM would.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.stop_handle.clone())
+    }
+
+    /// Serves until SIGINT, SIGTERM or the shutdown handle; then drains and shuts the
+    /// modules down in reverse order.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self {
+            ctx,
+            assembly,
+            acceptor,
+            addr,
+            endpoint,
+            stop,
+            stop_handle: _,
+        } = self;
+        let grace = Duration::from_millis(ctx.config().server.shutdown_timeout_ms);
+        tracing::info!(%addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
+        let mut stopped = stop.subscribe();
+        let signal = async move {
+            tokio::select! {
+                () = os_signal() => {},
+                _ = stopped.wait_for(|s| *s) => {},
+            }
+            tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; finishing in-flight requests");
+        };
+        poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(endpoint, signal, Some(grace))
+            .await
+            .context("the server stopped with an error")?;
+        assembly.shutdown(&ctx, grace).await;
+        tracing::info!("trellis stopped");
+        Ok(())
+    }
+}
+
+async fn os_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Cors> {
+    let mut cors = Cors::new()
+        .allow_credentials(config.allow_credentials)
+        .max_age(config.max_age_secs);
+    if !config.allowed_origins.iter().any(|o| o == "*") {
+        cors = cors.allow_origins(config.allowed_origins.iter().map(String::as_str));
+    }
+    for method in &config.allowed_methods {
+        let method = poem::http::Method::from_bytes(method.as_bytes())
+            .with_context(|| format!("`server.cors.allowed_methods`: `{method}` is not a method"))?;
+        cors = cors.allow_method(method);
+    }
+    cors = cors
+        .allow_headers(config.allowed_headers.iter().map(String::as_str))
+        .expose_headers(config.exposed_headers.iter().map(String::as_str));
+    Ok(cors)
+}

@@ -1,0 +1,54 @@
+//! The facts the common module reports, gathered from the context. No HTTP types here.
+
+use std::time::Duration;
+
+use trellis_core::{AppContext, BuildInfo, ModuleInfo, readiness::ReadinessReport};
+
+use crate::CommonConfig;
+
+/// The common module's application service.
+#[derive(Debug, Clone)]
+pub struct Common {
+    ctx: AppContext,
+    readiness_timeout: Duration,
+}
+
+/// Build facts plus the running process's start time and uptime.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// Build facts.
+    pub build: BuildInfo,
+    /// Start time, RFC 3339 (UTC).
+    pub started_at: String,
+    /// Whole seconds since start.
+    pub uptime_seconds: u64,
+}
+
+impl Common {
+    /// The service over `ctx`.
+    pub fn new(ctx: AppContext, config: CommonConfig) -> Self {
+        Self {
+            ctx,
+            readiness_timeout: Duration::from_millis(config.readiness_timeout_ms),
+        }
+    }
+
+    /// Runs every readiness check.
+    pub async fn readiness(&self) -> ReadinessReport {
+        self.ctx.readiness().run(self.readiness_timeout).await
+    }
+
+    /// Build and process facts.
+    pub fn info(&self) -> Info {
+        Info {
+            build: self.ctx.build_info().clone(),
+            started_at: humantime::format_rfc3339_seconds(self.ctx.started_at()).to_string(),
+            uptime_seconds: self.ctx.uptime().as_secs(),
+        }
+    }
+
+    /// The compiled-in modules, in start-up order.
+    pub fn modules(&self) -> &[ModuleInfo] {
+        self.ctx.modules()
+    }
+}

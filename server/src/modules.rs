@@ -1,0 +1,6 @@
+//! Links the compiled-in module crates. The linker drops a crate nothing refers to, and
+//! with it the crate's `inventory` registration; one line per module keeps it in.
+//! The server never calls into a module: it finds them through the registry.
+
+#[cfg(feature = "common")]
+use trellis_common as _;
