@@ -124,8 +124,14 @@ impl Assembly {
         while let Some((module, hook)) = self.shutdown.pop() {
             match tokio::time::timeout(timeout, hook(ctx.clone())).await {
                 Ok(Ok(())) => tracing::info!(module, "module shut down"),
-                Ok(Err(error)) => tracing::error!(module, error = %format!("{error:#}"), "module shutdown failed"),
-                Err(_) => tracing::error!(module, timeout_ms = timeout.as_millis() as u64, "module shutdown timed out"),
+                Ok(Err(error)) => {
+                    tracing::error!(module, error = %format!("{error:#}"), "module shutdown failed")
+                }
+                Err(_) => tracing::error!(
+                    module,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "module shutdown timed out"
+                ),
             }
         }
     }

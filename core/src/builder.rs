@@ -107,8 +107,7 @@ impl ModuleBuilder {
     /// Declares the type of `[modules.<name>]`, so a bad section stops start-up before
     /// anything runs. Read it with [`ModuleContext::config`].
     pub fn config<C: DeserializeOwned>(&mut self) -> &mut Self {
-        self.config_check =
-            Some(|config, module| config.module_section::<C>(module).map(|_| ()));
+        self.config_check = Some(|config, module| config.module_section::<C>(module).map(|_| ()));
         self
     }
 

@@ -77,7 +77,11 @@ pub struct BusBuilder {
 
 impl BusBuilder {
     /// Registers `module`'s handler for `R`.
-    pub fn handle<R, F, Fut>(&mut self, module: &'static str, handler: F) -> Result<(), BusSetupError>
+    pub fn handle<R, F, Fut>(
+        &mut self,
+        module: &'static str,
+        handler: F,
+    ) -> Result<(), BusSetupError>
     where
         R: Request,
         F: Fn(R) -> Fut + Send + Sync + 'static,
@@ -231,7 +235,10 @@ mod tests {
 
     #[tokio::test]
     async fn request_before_start_is_an_error() {
-        let err = Bus::new().request(Double(1)).await.expect_err("not started");
+        let err = Bus::new()
+            .request(Double(1))
+            .await
+            .expect_err("not started");
         assert!(matches!(err, BusError::NotStarted { .. }));
     }
 

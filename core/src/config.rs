@@ -323,11 +323,7 @@ impl LoadedConfig {
     }
 
     /// Sets `key` (dotted, e.g. `server.port`) to `value` on top of every layer.
-    pub fn set(
-        mut self,
-        key: &str,
-        value: impl Serialize,
-    ) -> Result<Self, ConfigError> {
+    pub fn set(mut self, key: &str, value: impl Serialize) -> Result<Self, ConfigError> {
         self.figment = self.figment.merge(Serialized::default(key, value));
         Self::from_figment(self.figment)
     }
@@ -340,7 +336,9 @@ impl LoadedConfig {
         } else {
             Figment::new()
         };
-        section.extract().map_err(|e| ConfigError::from(e).prefixed(&key))
+        section
+            .extract()
+            .map_err(|e| ConfigError::from(e).prefixed(&key))
     }
 }
 
@@ -405,13 +403,12 @@ impl From<figment::Error> for ConfigError {
             .into_iter()
             .map(|e| {
                 let key = e.path.join(".");
-                let origin = e.metadata.as_ref().map(|m| match (&m.source, &e.profile) {
-                    (Some(figment::Source::File(path)), _) => {
-                        format!(" (in {})", display_path(path))
-                    }
-                    (_, Some(profile)) if m.name.contains("environment") => {
-                        format!(" (from environment variable {})", m.interpolate(profile, &e.path))
-                    }
+                let origin = e.metadata.as_ref().map(|m| match &m.source {
+                    Some(figment::Source::File(path)) => format!(" (in {})", display_path(path)),
+                    _ if m.name.contains("environment") => format!(
+                        " (from environment variable TRELLIS_{})",
+                        e.path.join("__").to_uppercase()
+                    ),
                     _ => format!(" (from {})", m.name),
                 });
                 let origin = origin.unwrap_or_default();
@@ -495,9 +492,15 @@ mod tests {
     #[test]
     fn unknown_enum_value_names_the_key() {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("test.toml"), "[telemetry]\nformat = \"xml\"\n")
-            .expect("write");
-        let text = sources(dir.path()).load().expect_err("bad enum").to_string();
+        std::fs::write(
+            dir.path().join("test.toml"),
+            "[telemetry]\nformat = \"xml\"\n",
+        )
+        .expect("write");
+        let text = sources(dir.path())
+            .load()
+            .expect_err("bad enum")
+            .to_string();
         assert!(text.contains("`telemetry.format`"), "{text}");
     }
 
@@ -513,7 +516,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = sources(dir.path());
         s.file = Some(dir.path().join("nope.toml"));
-        assert!(s.load().expect_err("missing").to_string().contains("nope.toml"));
+        assert!(
+            s.load()
+                .expect_err("missing")
+                .to_string()
+                .contains("nope.toml")
+        );
     }
 
     #[derive(Debug, Default, Deserialize, PartialEq)]

@@ -115,7 +115,10 @@ mod tests {
         let handlers = EventHandlers::default();
         handlers.start(table);
         let entries = handlers.get::<Pinged>();
-        assert_eq!(entries.iter().map(|e| e.module).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            entries.iter().map(|e| e.module).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert!((entries[0].handler)(Arc::new(Pinged)).await.is_ok());
         assert!((entries[1].handler)(Arc::new(Pinged)).await.is_err());
     }

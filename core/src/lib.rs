@@ -4,7 +4,7 @@
 //! - [`assemble`]: the start-up step that builds and wires the modules;
 //! - the [`bus`] (request/response and publish/subscribe between modules);
 //! - [`config`] (figment layers), [`telemetry`] (tracing) and [`metrics`] (Prometheus);
-//! - [`problem`]: `application/problem+json` errors;
+//! - [`problem`]: `application/problem+json` errors; [`payload`]: strict JSON bodies;
 //! - [`readiness`] checks, [`events`] handler tables and [`storage`] declarations.
 //!
 //! Core depends on no module. Modules depend on core only, never on each other.
@@ -17,6 +17,7 @@ mod context;
 pub mod events;
 pub mod metrics;
 mod module;
+pub mod payload;
 pub mod problem;
 pub mod readiness;
 pub mod storage;

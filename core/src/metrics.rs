@@ -48,14 +48,23 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
 }
 
 fn describe() {
-    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests served, by method, route template and status.");
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests served, by method, route template and status."
+    );
     describe_histogram!(
         HTTP_REQUEST_DURATION_SECONDS,
         Unit::Seconds,
         "HTTP request duration from the first middleware to the response, by method, route template and status."
     );
-    describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being served right now.");
-    describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version, commit and build number.");
+    describe_gauge!(
+        HTTP_REQUESTS_IN_FLIGHT,
+        "HTTP requests being served right now."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels carry the version, commit and build number."
+    );
 }
 
 /// Keeps the exporter's histogram storage bounded; run it in the background.

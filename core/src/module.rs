@@ -106,7 +106,9 @@ impl ModuleInfo {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     /// Two registrations share a name.
-    #[error("module `{name}` is registered twice: each module crate submits exactly one registration")]
+    #[error(
+        "module `{name}` is registered twice: each module crate submits exactly one registration"
+    )]
     Duplicate {
         /// The name.
         name: &'static str,

@@ -83,7 +83,12 @@ impl Problem {
     /// and path when called inside a request.
     pub fn new(status: StatusCode, slug: &str, title: impl Into<String>) -> Self {
         let (request_id, instance) = REQUEST_SCOPE
-            .try_with(|scope| (Some(scope.id.to_string()), Some(scope.uri.path().to_owned())))
+            .try_with(|scope| {
+                (
+                    Some(scope.id.to_string()),
+                    Some(scope.uri.path().to_owned()),
+                )
+            })
             .unwrap_or_default();
         Self {
             problem_type: format!("{PROBLEM_TYPE_PREFIX}{slug}"),

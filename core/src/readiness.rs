@@ -179,7 +179,9 @@ mod tests {
         let readiness = Readiness::default();
         readiness.start(vec![
             named("fast", || async { CheckOutcome::up() }),
-            named("cache", || async { CheckOutcome::degraded("redis unreachable") }),
+            named("cache", || async {
+                CheckOutcome::degraded("redis unreachable")
+            }),
             named("slow", || async {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 CheckOutcome::up()
@@ -187,7 +189,11 @@ mod tests {
         ]);
         let report = readiness.run(Duration::from_millis(50)).await;
         assert_eq!(report.status, CheckStatus::Down);
-        let statuses: Vec<_> = report.checks.iter().map(|c| (c.name.as_str(), c.status)).collect();
+        let statuses: Vec<_> = report
+            .checks
+            .iter()
+            .map(|c| (c.name.as_str(), c.status))
+            .collect();
         assert_eq!(
             statuses,
             [

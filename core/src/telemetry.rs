@@ -30,7 +30,9 @@ pub struct Telemetry {
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Telemetry").field("level", &self.level).finish()
+        f.debug_struct("Telemetry")
+            .field("level", &self.level)
+            .finish()
     }
 }
 
@@ -45,7 +47,10 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
         LogOutput::File => {
             let file = &config.file;
             std::fs::create_dir_all(&file.directory).with_context(|| {
-                format!("`telemetry.file.directory`: cannot create {}", file.directory.display())
+                format!(
+                    "`telemetry.file.directory`: cannot create {}",
+                    file.directory.display()
+                )
             })?;
             let mut builder = tracing_appender::rolling::RollingFileAppender::builder()
                 .rotation(match file.rotation {
@@ -66,7 +71,9 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     };
     let ansi = config.output == LogOutput::Console;
 
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
     let fmt_layer: Box<dyn Layer<_> + Send + Sync> = match config.format {
         LogFormat::Pretty => fmt.pretty().boxed(),
         LogFormat::Compact => fmt.compact().boxed(),

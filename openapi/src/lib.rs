@@ -131,14 +131,29 @@ impl OpenApi for ModulesApi {
                         .filter_map(|r| r.status)
                         .collect();
                     for (status, description, applies) in [
-                        (400, "The parameters or the body could not be parsed", has_body || has_params),
+                        (
+                            400,
+                            "The parameters or the body could not be parsed",
+                            has_body || has_params,
+                        ),
                         (413, "The body exceeds the configured size limit", has_body),
                         (415, "The body's content type is not supported", has_body),
-                        (500, "An unexpected server error (quote the request id)", true),
-                        (503, "The request did not complete within the configured timeout", true),
+                        (
+                            500,
+                            "An unexpected server error (quote the request id)",
+                            true,
+                        ),
+                        (
+                            503,
+                            "The request did not complete within the configured timeout",
+                            true,
+                        ),
                     ] {
                         if applies && !documented.contains(&status) {
-                            operation.responses.responses.push(problem_response(status, description));
+                            operation
+                                .responses
+                                .responses
+                                .push(problem_response(status, description));
                         }
                     }
                     operation.responses.responses.sort_by_key(|r| r.status);
@@ -166,10 +181,10 @@ impl OpenApi for ModulesApi {
             add(&mut scratch);
         }
         for (pattern, methods) in scratch {
-            let template: Arc<str> = self
-                .index
-                .get(&pattern)
-                .map_or_else(|| Arc::from(pattern.as_str()), |route| route.template.clone());
+            let template: Arc<str> = self.index.get(&pattern).map_or_else(
+                || Arc::from(pattern.as_str()),
+                |route| route.template.clone(),
+            );
             let entry = route_table.entry(pattern).or_default();
             for (method, endpoint) in methods {
                 entry.insert(method, RecordRoute::new(template.clone(), endpoint).boxed());
@@ -197,10 +212,9 @@ pub fn service(api: ModulesApi, build: &BuildInfo) -> OpenApiService<ModulesApi,
         .description(
             "Every error is `application/problem+json` (RFC 9457) and carries the request id.",
         )
-        .extra_response_header::<String, _>(
-            ExtraHeader::new("X-Request-Id")
-                .description("The request id: the caller's own when it sent a sane one, else generated."),
-        )
+        .extra_response_header::<String, _>(ExtraHeader::new("X-Request-Id").description(
+            "The request id: the caller's own when it sent a sane one, else generated.",
+        ))
 }
 
 /// The document of the compiled-in modules, as pretty JSON, without starting anything.
@@ -220,6 +234,15 @@ pub struct RouteInfo {
     pub template: Arc<str>,
     /// The `Allow` header value for the path.
     pub allow: HeaderValue,
+}
+
+impl RouteInfo {
+    /// The path variables' names, in order (`id` for `/users/{id}`).
+    pub fn variables(&self) -> impl Iterator<Item = &str> {
+        self.template
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+    }
 }
 
 /// Module routes keyed by the pattern the router reports (`poem::PathPattern`), whose path

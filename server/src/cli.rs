@@ -3,9 +3,9 @@
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
+use crate::Application;
 use clap::{Parser, Subcommand};
 use trellis_core::config::ConfigSources;
-use crate::Application;
 
 /// Trellis: a modular HTTP API server.
 #[derive(Debug, Parser)]
@@ -69,7 +69,10 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("trellis: cannot start the async runtime: {error}");
@@ -84,7 +87,9 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let watcher = telemetry.clone().watch_level(sources, Duration::from_secs(1));
+        let watcher = telemetry
+            .clone()
+            .watch_level(sources, Duration::from_secs(1));
         let result = match Application::build(loaded).await {
             Ok(app) => app.run_until_stopped().await,
             Err(error) => Err(error),

@@ -10,8 +10,9 @@ use poem_openapi::error::{
     AuthorizationError, ContentTypeError, ParseMultipartError, ParseParamError, ParsePathError,
     ParseRequestPayloadError,
 };
-use trellis_core::problem::{
-    FieldViolation, Problem, ProblemError, ProblemJson, RequestScope, status_title,
+use trellis_core::{
+    payload::violations_in_message,
+    problem::{FieldViolation, Problem, ProblemError, ProblemJson, RequestScope, status_title},
 };
 use trellis_openapi::RouteIndex;
 
@@ -105,11 +106,21 @@ pub fn problem_response(error: poem::Error, routes: &RouteIndex) -> Response {
         return problem.into_response();
     }
     if let Some(e) = error.downcast_ref::<ParsePathError>() {
+        // poem-openapi routes path variables as `param0`, `param1`, …; name them as the
+        // document does.
+        let name = error
+            .data::<poem::PathPattern>()
+            .and_then(|p| routes.get(&p.0))
+            .and_then(|route| {
+                let index: usize = e.name.strip_prefix("param")?.parse().ok()?;
+                route.variables().nth(index)
+            })
+            .unwrap_or(e.name);
         return invalid_input(
             "invalid-parameter",
             "Invalid path parameter",
-            error.to_string(),
-            vec![FieldViolation::new("path", e.name, &e.reason)],
+            format!("failed to parse path parameter `{name}`: {}", e.reason),
+            vec![FieldViolation::new("path", name, &e.reason)],
         );
     }
     if let Some(e) = error.downcast_ref::<ParseParamError>() {
@@ -125,7 +136,7 @@ pub fn problem_response(error: poem::Error, routes: &RouteIndex) -> Response {
             "invalid-body",
             "Invalid request body",
             format!("the request body is invalid: {}", e.reason),
-            payload_violations(&e.reason),
+            violations_in_message(&e.reason),
         );
     }
     if let Some(e) = error.downcast_ref::<ParseMultipartError>() {
@@ -147,8 +158,13 @@ pub fn problem_response(error: poem::Error, routes: &RouteIndex) -> Response {
     }
     if let Some(e) = error.downcast_ref::<ReadBodyError>() {
         let status = error.status();
-        return simple(status, "invalid-body", "Request body could not be read", e.to_string())
-            .into_response();
+        return simple(
+            status,
+            "invalid-body",
+            "Request body could not be read",
+            e.to_string(),
+        )
+        .into_response();
     }
     if error.is::<AuthorizationError>() {
         return simple(
@@ -157,7 +173,10 @@ pub fn problem_response(error: poem::Error, routes: &RouteIndex) -> Response {
             "Unauthorized",
             "this operation needs a valid bearer token",
         )
-        .with_header(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"))
+        .with_header(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        )
         .into_response();
     }
     let status = error.status();
@@ -177,12 +196,7 @@ fn simple(
     ProblemJson::new(Problem::new(status, slug, title).with_detail(detail))
 }
 
-fn invalid_input(
-    slug: &str,
-    title: &str,
-    detail: String,
-    errors: Vec<FieldViolation>,
-) -> Response {
+fn invalid_input(slug: &str, title: &str, detail: String, errors: Vec<FieldViolation>) -> Response {
     ProblemJson::new(
         Problem::new(StatusCode::BAD_REQUEST, slug, title)
             .with_detail(detail)
@@ -195,50 +209,5 @@ fn no_route_detail() -> String {
     match RequestScope::current() {
         Some(scope) => format!("no route matches `{}`", scope.uri.path()),
         None => String::from("no route matches the request path"),
-    }
-}
-
-/// The fields named in poem-openapi's payload messages (`field `x` verification failed.
-/// maxLength(3)`, `unknown field `x`.`).
-fn payload_violations(reason: &str) -> Vec<FieldViolation> {
-    const MARKER: &str = "field `";
-    let mut out: Vec<FieldViolation> = Vec::new();
-    let mut offset = 0;
-    while let Some(found) = reason[offset..].find(MARKER) {
-        let start = offset + found;
-        let after = &reason[start + MARKER.len()..];
-        let Some(end) = after.find('`') else { break };
-        let field = format!("/{}", &after[..end]);
-        let message = if reason[..start].ends_with("unknown ") {
-            String::from("unknown field")
-        } else {
-            after[end + 1..]
-                .split(" (occurred while")
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if !out.iter().any(|v| v.field == field) {
-            out.push(FieldViolation::new("body", field, message));
-        }
-        offset = start + MARKER.len() + end;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payload_messages_name_the_field() {
-        let v = payload_violations(
-            r#"failed to parse "CreateUser": field `name` verification failed. maxLength(3)"#,
-        );
-        assert_eq!(v, vec![FieldViolation::new("body", "/name", "verification failed. maxLength(3)")]);
-        let v = payload_violations(r#"failed to parse "CreateUser": unknown field `nmae`."#);
-        assert_eq!(v, vec![FieldViolation::new("body", "/nmae", "unknown field")]);
-        assert!(payload_violations("expected value at line 1 column 1").is_empty());
     }
 }

@@ -91,11 +91,18 @@ impl Application {
         let server = &ctx.config().server;
         let routes = Arc::new(RouteIndex::compiled());
         let apis = std::mem::take(&mut assembly.apis);
-        let service = trellis_openapi::service(ModulesApi::mounted(apis, (*routes).clone()), &build);
+        let service =
+            trellis_openapi::service(ModulesApi::mounted(apis, (*routes).clone()), &build);
 
         let mut app = Route::new()
-            .at("/openapi.json", RecordRoute::new("/openapi.json", service.spec_endpoint()))
-            .at("/openapi.yaml", RecordRoute::new("/openapi.yaml", service.spec_endpoint_yaml()))
+            .at(
+                "/openapi.json",
+                RecordRoute::new("/openapi.json", service.spec_endpoint()),
+            )
+            .at(
+                "/openapi.yaml",
+                RecordRoute::new("/openapi.yaml", service.spec_endpoint_yaml()),
+            )
             .nest("/docs", RecordRoute::new("/docs", service.swagger_ui()));
         if ctx.config().metrics.enabled {
             let handle = metrics::install(&ctx.config().metrics)?;
@@ -210,7 +217,10 @@ impl Application {
                 () = os_signal() => {},
                 _ = stopped.wait_for(|s| *s) => {},
             }
-            tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; finishing in-flight requests");
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: no new connections; finishing in-flight requests"
+            );
         };
         poem::Server::new_with_acceptor(acceptor)
             .run_with_graceful_shutdown(endpoint, signal, Some(grace))
@@ -253,8 +263,9 @@ fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Cors>
         cors = cors.allow_origins(config.allowed_origins.iter().map(String::as_str));
     }
     for method in &config.allowed_methods {
-        let method = poem::http::Method::from_bytes(method.as_bytes())
-            .with_context(|| format!("`server.cors.allowed_methods`: `{method}` is not a method"))?;
+        let method = poem::http::Method::from_bytes(method.as_bytes()).with_context(|| {
+            format!("`server.cors.allowed_methods`: `{method}` is not a method")
+        })?;
         cors = cors.allow_method(method);
     }
     cors = cors

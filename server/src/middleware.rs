@@ -193,11 +193,7 @@ impl<E: Endpoint> Endpoint for HttpMetrics<E> {
             .get(usize::from(status.as_u16()))
             .cloned()
             .unwrap_or_else(|| SharedString::const_str("other"));
-        let labels = [
-            ("method", method),
-            ("route", route),
-            ("status", status),
-        ];
+        let labels = [("method", method), ("route", route), ("status", status)];
         let labels = labels.map(|(k, v)| metrics::Label::new(k, v));
         counter!(HTTP_REQUESTS_TOTAL, labels.iter()).increment(1);
         histogram!(HTTP_REQUEST_DURATION_SECONDS, labels.iter())
@@ -243,9 +239,8 @@ impl<E: Endpoint> Endpoint for BodyLimit<E> {
                 let mut stream = req.take_body().into_bytes_stream();
                 let mut buffered = Vec::new();
                 while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        poem::Error::from(poem::error::ReadBodyError::Io(e))
-                    })?;
+                    let chunk =
+                        chunk.map_err(|e| poem::Error::from(poem::error::ReadBodyError::Io(e)))?;
                     if buffered.len() + chunk.len() > self.limit {
                         return Ok(too_large().into_response());
                     }

@@ -1,0 +1,293 @@
+//! The `probe` module: test fixtures behind the real contract.
+
+use std::time::Duration;
+
+use poem::http::StatusCode;
+use poem_openapi::{
+    ApiResponse, Object, OpenApi,
+    param::{Path, Query},
+    payload::Json,
+};
+use serde::Deserialize;
+use trellis_core::{
+    Module, ModuleBuilder, ModuleRegistration,
+    bus::{Bus, Message, Request},
+    payload::JsonBody,
+    problem::{ProblemError, ProblemJson},
+    readiness::CheckOutcome,
+};
+
+/// `[modules.probe]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// What the `probe.flag` readiness check reports.
+    pub ready: bool,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self { ready: true }
+    }
+}
+
+/// Asks the probe module to double a number (a bus request).
+#[derive(Debug)]
+pub struct Double(pub u32);
+
+impl Request for Double {
+    type Response = u64;
+}
+
+/// Published when an item is looked up.
+#[derive(Debug, Clone)]
+pub struct ItemViewed(pub u32);
+
+impl Message for ItemViewed {}
+
+/// A request type no module handles.
+#[derive(Debug)]
+pub struct Unhandled;
+
+impl Request for Unhandled {
+    type Response = ();
+}
+
+/// The fixture module.
+pub struct ProbeModule;
+
+impl Module for ProbeModule {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn description(&self) -> &'static str {
+        "Test fixtures: slow, panicking and validating endpoints."
+    }
+
+    fn requires(&self) -> &'static [&'static str] {
+        &["common"]
+    }
+
+    fn build(&self, module: &mut ModuleBuilder) {
+        module
+            .config::<ProbeConfig>()
+            .api(|ctx| {
+                Ok(ProbeApi {
+                    bus: ctx.bus().clone(),
+                })
+            })
+            .handle(|_| Ok(|Double(n): Double| async move { u64::from(n) * 2 }))
+            .subscribe(|_| {
+                Ok(|ItemViewed(id): ItemViewed| async move {
+                    tracing::debug!(id, "item viewed");
+                })
+            })
+            .readiness("flag", |ctx| {
+                let config: ProbeConfig = ctx.config()?;
+                Ok(move || {
+                    let ready = config.ready;
+                    async move {
+                        if ready {
+                            CheckOutcome::up()
+                        } else {
+                            CheckOutcome::down("modules.probe.ready is false")
+                        }
+                    }
+                })
+            });
+    }
+}
+
+inventory::submit! { ModuleRegistration::of(&ProbeModule) }
+
+use trellis_core::inventory;
+
+/// The probe's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// No such item.
+    #[error("item {0} does not exist")]
+    NotFound(u32),
+    /// The bus could not deliver.
+    #[error(transparent)]
+    Bus(#[from] trellis_core::bus::BusError),
+}
+
+impl ProblemError for ProbeError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Bus(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+    fn slug(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "not-found",
+            Self::Bus(_) => "internal",
+        }
+    }
+    fn title(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "Item not found",
+            Self::Bus(_) => "Internal server error",
+        }
+    }
+}
+
+/// An echo request with constraints worth testing.
+#[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
+pub struct EchoRequest {
+    /// 1 to 20 characters.
+    #[oai(validator(min_length = 1, max_length = 20))]
+    pub name: String,
+    /// At most 100.
+    #[oai(validator(maximum(value = "100")))]
+    pub count: u32,
+    /// Optional labels.
+    pub tags: Option<Vec<String>>,
+}
+
+/// The echo.
+#[derive(Debug, Object)]
+pub struct EchoResponse {
+    /// The name.
+    pub name: String,
+    /// The count.
+    pub count: u32,
+}
+
+/// How long the slow endpoint slept.
+#[derive(Debug, Object)]
+pub struct Slept {
+    /// Milliseconds.
+    pub slept_ms: u64,
+}
+
+/// An item.
+#[derive(Debug, Object)]
+pub struct Item {
+    /// Its id.
+    pub id: u32,
+    /// Its id doubled, by the bus.
+    pub doubled: u64,
+}
+
+#[derive(ApiResponse)]
+enum SlowResponse {
+    /// Slept.
+    #[oai(status = 200)]
+    Ok(Json<Slept>),
+}
+
+#[derive(ApiResponse)]
+enum EchoResult {
+    /// The echo.
+    #[oai(status = 200)]
+    Ok(Json<EchoResponse>),
+}
+
+#[derive(ApiResponse)]
+enum ItemResponse {
+    /// The item.
+    #[oai(status = 200)]
+    Ok(Json<Item>),
+    /// No such item.
+    #[oai(status = 404)]
+    NotFound(ProblemJson),
+}
+
+/// The probe's API.
+pub struct ProbeApi {
+    bus: Bus,
+}
+
+#[OpenApi(prefix_path = "/api/v1/probe")]
+impl ProbeApi {
+    /// Sleep
+    ///
+    /// Sleeps `ms` milliseconds (at most 10 000), then answers.
+    #[oai(path = "/slow", method = "get", operation_id = "probeSlow")]
+    async fn slow(
+        &self,
+        /// Milliseconds to sleep.
+        #[oai(validator(maximum(value = "10000")))]
+        ms: Query<u64>,
+    ) -> SlowResponse {
+        tokio::time::sleep(Duration::from_millis(ms.0)).await;
+        SlowResponse::Ok(Json(Slept { slept_ms: ms.0 }))
+    }
+
+    /// Panic
+    ///
+    /// Panics, to show that the server answers 500 and keeps serving.
+    #[oai(path = "/panic", method = "get", operation_id = "probePanic")]
+    async fn panic(&self) -> SlowResponse {
+        panic!("the probe panicked on purpose");
+    }
+
+    /// Echo
+    ///
+    /// Echoes a validated body.
+    #[oai(path = "/echo", method = "post", operation_id = "probeEcho")]
+    async fn echo(&self, body: JsonBody<EchoRequest>) -> EchoResult {
+        EchoResult::Ok(Json(EchoResponse {
+            name: body.0.name,
+            count: body.0.count,
+        }))
+    }
+
+    /// Item
+    ///
+    /// Items 1 to 1000 exist; the bus doubles the id.
+    #[oai(path = "/items/:id", method = "get", operation_id = "probeItem")]
+    async fn item(
+        &self,
+        /// The item id.
+        id: Path<u32>,
+    ) -> ItemResponse {
+        match self.lookup(id.0).await {
+            Ok(item) => ItemResponse::Ok(Json(item)),
+            Err(error) => ItemResponse::NotFound(ProblemJson::from_error(&error)),
+        }
+    }
+
+    /// Unhandled bus request
+    ///
+    /// Asks the bus something no module answers: a 500 whose cause is logged.
+    #[oai(path = "/unhandled", method = "get", operation_id = "probeUnhandled")]
+    async fn unhandled(&self) -> poem::Result<SlowResponse> {
+        self.bus
+            .request(Unhandled)
+            .await
+            .map_err(|e| poem::Error::from(ProbeError::from(e)))?;
+        Ok(SlowResponse::Ok(Json(Slept { slept_ms: 0 })))
+    }
+}
+
+impl ProbeApi {
+    async fn lookup(&self, id: u32) -> Result<Item, ProbeError> {
+        if !(1..=1000).contains(&id) {
+            return Err(ProbeError::NotFound(id));
+        }
+        let doubled = self.bus.request(Double(id)).await?;
+        self.bus.publish(ItemViewed(id)).await;
+        Ok(Item { id, doubled })
+    }
+}
+
+impl poem::error::ResponseError for ProbeError {
+    fn status(&self) -> StatusCode {
+        ProblemError::status(self)
+    }
+
+    fn as_response(&self) -> poem::Response {
+        use poem::IntoResponse as _;
+        ProblemJson::from_error(self).into_response()
+    }
+}

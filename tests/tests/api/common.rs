@@ -1,0 +1,78 @@
+//! The `common` module's endpoints.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn healthz_answers_ok() {
+    let app = spawn_app().await;
+    let response = app.get("/healthz").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body, json!({"status": "ok"}));
+}
+
+#[tokio::test]
+async fn readyz_reports_every_check_with_latency() {
+    let app = spawn_app().await;
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["status"], "up");
+    let check = &body["checks"][0];
+    assert_eq!(check["name"], "probe.flag");
+    assert_eq!(check["status"], "up");
+    assert!(check["latency_ms"].as_f64().is_some(), "{body}");
+}
+
+#[tokio::test]
+async fn readyz_names_the_failing_check() {
+    let app = spawn_app_with(&[("modules.probe.ready", json!(false))]).await;
+    let body = assert_problem(app.get("/readyz").await, 503).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("probe.flag"),
+        "{body}"
+    );
+    assert_eq!(body["checks"][0]["status"], "down");
+}
+
+#[tokio::test]
+async fn info_reports_build_and_process_facts() {
+    let app = spawn_app().await;
+    let body: Value = app.get("/api/v1/info").await.json().await.expect("json");
+    for field in [
+        "name",
+        "version",
+        "git_commit",
+        "git_branch",
+        "build_number",
+        "build_time",
+        "start_time",
+    ] {
+        assert!(
+            body[field].as_str().is_some_and(|v| !v.is_empty()),
+            "`{field}` missing in {body}"
+        );
+    }
+    assert!(body["uptime_seconds"].is_u64(), "{body}");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[tokio::test]
+async fn modules_lists_every_linked_module_in_start_order() {
+    let app = spawn_app().await;
+    let body: Value = app.get("/api/v1/modules").await.json().await.expect("json");
+    let names: Vec<&str> = body["modules"]
+        .as_array()
+        .expect("modules")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    // `probe` requires `common`, so it starts after it.
+    assert_eq!(names, ["common", "probe"]);
+    assert_eq!(body["modules"][1]["requires"], json!(["common"]));
+}

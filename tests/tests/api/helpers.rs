@@ -1,0 +1,155 @@
+//! `spawn_app()`: the real server, with the `probe` fixture module, on port 0.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use trellis_core::config::{ConfigSources, LoadedConfig};
+use trellis_server::{Application, ShutdownHandle};
+use trellis_tests::probe::ProbeModule;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// The `test` profile from the workspace's config folder, without the environment.
+pub fn test_config() -> LoadedConfig {
+    // Naming the fixture keeps its crate, and so its registration, linked.
+    let _ = &ProbeModule;
+    ConfigSources {
+        dir: workspace().join("config"),
+        profile: "test".into(),
+        file: None,
+        env: false,
+    }
+    .load()
+    .expect("the test profile loads")
+}
+
+/// A running server.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    shutdown: ShutdownHandle,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The server on the test profile.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// The server on the test profile with `overrides` (dotted key, JSON value).
+pub async fn spawn_app_with(overrides: &[(&str, Value)]) -> TestApp {
+    let mut config = test_config();
+    for (key, value) in overrides {
+        config = config.set(key, value).expect("override applies");
+    }
+    let app = Application::build(config).await.expect("the server builds");
+    let addr = app.addr();
+    let shutdown = app.shutdown_handle();
+    let task = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        addr,
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client"),
+        shutdown,
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.shutdown();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+    }
+}
+
+/// Asserts a problem+json response with `status`, and returns its body.
+pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body: Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(
+        content_type, "application/problem+json",
+        "content type of {body}"
+    );
+    assert_eq!(body["status"], status, "{body}");
+    for field in ["type", "title", "detail", "instance", "request_id"] {
+        assert!(body[field].is_string(), "problem lacks `{field}`: {body}");
+    }
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("urn:trellis:problem:"),
+        "{body}"
+    );
+    assert_eq!(
+        body["request_id"].as_str(),
+        request_id.as_deref(),
+        "body and header ids agree"
+    );
+    body
+}
+
+/// The `errors` list of a problem as (location, field) pairs.
+pub fn violations(problem: &Value) -> Vec<(String, String)> {
+    problem["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|e| {
+                    (
+                        e["location"].as_str().unwrap_or_default().to_owned(),
+                        e["field"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

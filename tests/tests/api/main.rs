@@ -1,0 +1,9 @@
+//! Integration tests: the real server on an ephemeral port, driven over HTTP.
+
+mod helpers;
+
+mod common;
+mod errors;
+mod middleware;
+mod openapi;
+mod process;

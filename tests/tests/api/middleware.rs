@@ -1,0 +1,205 @@
+//! The middleware stack: request ids, body limit, timeout, CORS, metrics.
+
+use futures_util::stream;
+use serde_json::json;
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn request_id_is_generated_reused_or_replaced() {
+    let app = spawn_app().await;
+    let generated = app.get("/healthz").await;
+    let id = generated.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(id.len() >= 16, "generated id {id}");
+
+    let reused = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "client-id-42")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(reused.headers()["x-request-id"], "client-id-42");
+
+    let insane = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "a b;c")
+        .send()
+        .await
+        .expect("request");
+    assert_ne!(insane.headers()["x-request-id"], "a b;c");
+}
+
+#[tokio::test]
+async fn problems_carry_the_reused_request_id() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(app.url("/missing"))
+        .header("x-request-id", "trace-me")
+        .send()
+        .await
+        .expect("request");
+    let body = assert_problem(response, 404).await;
+    assert_eq!(body["request_id"], "trace-me");
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413_whether_announced_or_streamed() {
+    let app = spawn_app_with(&[("server.body_limit_bytes", json!(1024))]).await;
+    let big = vec![b'x'; 4096];
+
+    let announced = app
+        .client
+        .post(app.url("/api/v1/probe/echo"))
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_problem(announced, 413).await;
+
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(512).map(|c| Ok(c.to_vec())).collect();
+    let streamed = app
+        .client
+        .post(app.url("/api/v1/probe/echo"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream::iter(chunks)))
+        .send()
+        .await
+        .expect("request");
+    assert_problem(streamed, 413).await;
+
+    let small = app
+        .client
+        .post(app.url("/api/v1/probe/echo"))
+        .json(&json!({"name": "ok", "count": 1}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(small.status(), 200);
+}
+
+#[tokio::test]
+async fn default_body_limit_is_one_mebibyte() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(app.url("/api/v1/probe/echo"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 1024 * 1024 + 1])
+        .send()
+        .await
+        .expect("request");
+    assert_problem(response, 413).await;
+}
+
+#[tokio::test]
+async fn slow_requests_time_out_with_a_503_problem() {
+    let app = spawn_app_with(&[("server.request_timeout_ms", json!(100))]).await;
+    let response = app.get("/api/v1/probe/slow?ms=2000").await;
+    assert!(response.headers().contains_key("retry-after"));
+    let body = assert_problem(response, 503).await;
+    assert_eq!(body["type"], "urn:trellis:problem:timeout");
+    assert_eq!(app.get("/api/v1/probe/slow?ms=1").await.status(), 200);
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_answers_configured_origins() {
+    let app = spawn_app().await;
+    let plain = app
+        .client
+        .get(app.url("/healthz"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .expect("request");
+    assert!(!plain.headers().contains_key("access-control-allow-origin"));
+
+    let app = spawn_app_with(&[(
+        "server.cors.allowed_origins",
+        json!(["https://app.example"]),
+    )])
+    .await;
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/api/v1/probe/echo"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .expect("request");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let response = app
+        .client
+        .get(app.url("/healthz"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+}
+
+#[tokio::test]
+async fn metrics_label_route_templates_not_raw_paths() {
+    let app = spawn_app().await;
+    for id in [3, 4, 5] {
+        assert_eq!(
+            app.get(&format!("/api/v1/probe/items/{id}")).await.status(),
+            200
+        );
+    }
+    app.get("/definitely/not/here").await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("text");
+    assert!(
+        text.contains(
+            r#"http_requests_total{method="GET",route="/api/v1/probe/items/{id}",status="200"}"#
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("/api/v1/probe/items/3"),
+        "raw paths must not become labels"
+    );
+    assert!(
+        !text.contains("/definitely/not/here"),
+        "unknown paths must not become labels"
+    );
+    assert!(text.contains(r#"route="unmatched",status="404""#));
+    for metric in [
+        "# TYPE http_requests_total counter",
+        "# TYPE http_request_duration_seconds histogram",
+        "# TYPE http_requests_in_flight gauge",
+    ] {
+        assert!(text.contains(metric), "missing {metric}");
+    }
+}
+
+#[tokio::test]
+async fn graceful_stop_lets_in_flight_requests_finish() {
+    let app = spawn_app().await;
+    let client = app.client.clone();
+    let url = app.url("/api/v1/probe/slow?ms=700");
+    let in_flight = tokio::spawn(async move { client.get(url).send().await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    app.stop().await.expect("clean stop");
+    let response = in_flight
+        .await
+        .expect("task")
+        .expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+}

@@ -1,0 +1,201 @@
+//! The binary as an operator runs it: environment, signals, configuration reload.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use crate::helpers::workspace;
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis-test-server");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn server(port: u16) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .current_dir(workspace())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TRELLIS_PROFILE", "test")
+        .env("TRELLIS_SERVER__PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Streams a child's stdout lines into a channel.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_healthy(port: u16) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the server did not become healthy on port {port}");
+}
+
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn port_comes_from_the_environment_and_sigterm_drains_in_flight_requests() {
+    let port = free_port();
+    let mut child = server(port).spawn().expect("server starts");
+    wait_healthy(port).await;
+
+    let url = format!("http://127.0.0.1:{port}/api/v1/probe/slow?ms=1500");
+    let in_flight = tokio::spawn(async move { reqwest::get(url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    terminate(&child);
+
+    let response = in_flight
+        .await
+        .expect("task")
+        .expect("in-flight request completes");
+    assert_eq!(response.status(), 200);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+}
+
+#[tokio::test]
+async fn sigint_stops_with_exit_code_zero() {
+    let port = free_port();
+    let mut child = server(port).spawn().expect("server starts");
+    wait_healthy(port).await;
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn invalid_environment_value_stops_start_up_naming_the_key() {
+    let output = server(0)
+        .env("TRELLIS_SERVER__PORT", "eighty")
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`server.port`"), "{stderr}");
+    assert!(stderr.contains("TRELLIS_SERVER__PORT"), "{stderr}");
+}
+
+#[test]
+fn unknown_config_key_in_a_file_stops_start_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("extra.toml");
+    std::fs::write(&file, "[server]\nbody_limit = 5\n").expect("write");
+    let output = server(0).arg("--config").arg(&file).output().expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("body_limit"), "{stderr}");
+    assert!(stderr.contains("extra.toml"), "{stderr}");
+}
+
+#[tokio::test]
+async fn log_level_follows_the_config_file_without_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("live.toml");
+    let config = |level: &str| {
+        format!("[telemetry]\nlevel = \"{level}\"\nformat = \"json\"\naccess_log = true\n")
+    };
+    std::fs::write(&file, config("warn")).expect("write");
+    let port = free_port();
+    let mut child = server(port)
+        .arg("--config")
+        .arg(&file)
+        .spawn()
+        .expect("starts");
+    let lines = lines(&mut child);
+    wait_healthy(port).await;
+
+    let client = reqwest::Client::new();
+    let health = format!("http://127.0.0.1:{port}/healthz");
+    client.get(&health).send().await.expect("request");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet: Vec<String> = lines.try_iter().collect();
+    assert!(
+        !quiet.iter().any(|l| l.contains("trellis::access")),
+        "no access lines at warn: {quiet:?}"
+    );
+
+    std::fs::write(&file, config("info")).expect("rewrite");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let mut changed = false;
+    while Instant::now() < deadline && !changed {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
+            changed = line.contains("log level changed");
+            seen.push(line);
+        }
+    }
+    assert!(changed, "no reload message in {seen:?}");
+
+    client.get(&health).send().await.expect("request");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut access = false;
+    while Instant::now() < deadline && !access {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
+            access = line.contains("trellis::access");
+        }
+    }
+    assert!(access, "access lines appear at info");
+    terminate(&child);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+}

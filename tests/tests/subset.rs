@@ -1,0 +1,91 @@
+//! Build-time module selection: a binary built with some module features serves exactly
+//! those modules and documents exactly their operations.
+//!
+//! The test script builds `trellis` with each feature set and runs this test with
+//! `TRELLIS_SUBSET_BIN` (the binary) and `TRELLIS_SUBSET_MODULES` (comma-separated
+//! expected modules, possibly empty). It is ignored in a plain `cargo test`.
+
+use std::{
+    collections::BTreeSet,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+#[tokio::test]
+#[ignore = "run by scripts/test.sh with TRELLIS_SUBSET_BIN and TRELLIS_SUBSET_MODULES"]
+async fn binary_serves_exactly_the_selected_modules() {
+    let bin = std::env::var("TRELLIS_SUBSET_BIN").expect("TRELLIS_SUBSET_BIN names the binary");
+    let expected: BTreeSet<String> = std::env::var("TRELLIS_SUBSET_MODULES")
+        .expect("TRELLIS_SUBSET_MODULES lists the expected modules")
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned)
+        .collect();
+
+    // The document, printed without starting the server.
+    let printed = Command::new(&bin).arg("openapi").output().expect("runs");
+    assert!(printed.status.success());
+    let doc: Value = serde_json::from_slice(&printed.stdout).expect("document is JSON");
+    let mut tags = BTreeSet::new();
+    for item in doc["paths"]
+        .as_object()
+        .into_iter()
+        .flat_map(|p| p.values())
+    {
+        for op in item.as_object().into_iter().flat_map(|o| o.values()) {
+            tags.insert(op["tags"][0].as_str().expect("tagged").to_owned());
+        }
+    }
+    assert_eq!(tags, expected, "modules with operations in the document");
+
+    // The running server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut child = Command::new(&bin)
+        .current_dir(workspace)
+        .env("TRELLIS_PROFILE", "test")
+        .env("TRELLIS_SERVER__PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starts");
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let served: Value = loop {
+        assert!(Instant::now() < deadline, "server did not start");
+        if let Ok(r) = client.get(format!("{base}/openapi.json")).send().await {
+            break r.json().await.expect("json");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(served, doc, "served and printed documents agree");
+
+    let modules = client
+        .get(format!("{base}/api/v1/modules"))
+        .send()
+        .await
+        .expect("request");
+    if expected.contains("common") {
+        let body: Value = modules.json().await.expect("json");
+        let listed: BTreeSet<String> = body["modules"]
+            .as_array()
+            .expect("modules")
+            .iter()
+            .filter_map(|m| m["name"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(listed, expected);
+    } else {
+        assert_eq!(
+            modules.status(),
+            404,
+            "without `common` there is no module list"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
