@@ -36,6 +36,8 @@ type Wiring = Box<
 >;
 type CheckFactory =
     Box<dyn FnOnce(&ModuleContext<'_>) -> FactoryResult<Arc<dyn ReadinessCheck>> + Send>;
+/// Checks a module's configuration section.
+pub(crate) type ConfigCheck = fn(&LoadedConfig, &str) -> Result<(), ConfigError>;
 /// A hook run at init or shutdown with the application context.
 pub type Hook = Box<dyn FnOnce(AppContext) -> BoxFuture<'static, anyhow::Result<()>> + Send>;
 
@@ -69,7 +71,7 @@ pub(crate) struct CheckRegistration {
 pub struct ModuleBuilder {
     pub(crate) module: &'static str,
     pub(crate) description: &'static str,
-    pub(crate) config_check: Option<fn(&LoadedConfig, &str) -> Result<(), ConfigError>>,
+    pub(crate) config_check: Option<ConfigCheck>,
     pub(crate) apis: Vec<ApiRegistration>,
     pub(crate) wiring: Vec<Wiring>,
     pub(crate) checks: Vec<CheckRegistration>,

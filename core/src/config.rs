@@ -26,7 +26,7 @@ const NON_CONFIG_ENV: &[&str] = &["PROFILE", "CONFIG", "CONFIG_DIR", "BUILD_NUMB
 
 /// The whole configuration, as typed structs. Module sections stay raw here and are
 /// extracted by each module into its own type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// HTTP server.
@@ -37,17 +37,6 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// One section per module, `[modules.<name>]`.
     pub modules: BTreeMap<String, figment::value::Value>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            telemetry: TelemetryConfig::default(),
-            metrics: MetricsConfig::default(),
-            modules: BTreeMap::new(),
-        }
-    }
 }
 
 /// `[server]`: listener, limits, timeouts, CORS.

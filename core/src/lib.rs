@@ -9,6 +9,8 @@
 //!
 //! Core depends on no module. Modules depend on core only, never on each other.
 
+#![warn(missing_docs)]
+
 mod assembly;
 mod builder;
 pub mod bus;

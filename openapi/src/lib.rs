@@ -33,7 +33,9 @@ use poem::{
 };
 use poem_openapi::{
     ExtraHeader, OpenApi, OpenApiService,
-    registry::{MetaApi, MetaMediaType, MetaResponse, MetaTag, Registry},
+    registry::{
+        MetaApi, MetaMediaType, MetaResponse, MetaSchema, MetaSchemaRef, MetaTag, Registry,
+    },
     types::Type,
 };
 use trellis_core::{
@@ -157,6 +159,9 @@ impl OpenApi for ModulesApi {
                         }
                     }
                     operation.responses.responses.sort_by_key(|r| r.status);
+                    for param in &mut operation.params {
+                        complete_schema_ref(&mut param.schema);
+                    }
                 }
                 metas
             })
@@ -172,6 +177,9 @@ impl OpenApi for ModulesApi {
                 description: (!api.module_description.is_empty()).then_some(api.module_description),
                 external_docs: None,
             });
+        }
+        for schema in registry.schemas.values_mut() {
+            complete_schema(schema);
         }
     }
 
@@ -190,6 +198,52 @@ impl OpenApi for ModulesApi {
                 entry.insert(method, RecordRoute::new(template.clone(), endpoint).boxed());
             }
         }
+    }
+}
+
+/// Writes the range of sized integers into the schema (`format: uint32` alone lets clients
+/// believe `-1` or `2^40` are acceptable). 64-bit bounds use an exclusive power of two,
+/// which a double represents exactly.
+fn complete_schema(schema: &mut MetaSchema) {
+    if schema.ty == "integer" && schema.minimum.is_none() && schema.maximum.is_none() {
+        let (min, max, exclusive) = match schema.format {
+            Some("int8") => (f64::from(i8::MIN), f64::from(i8::MAX), false),
+            Some("int16") => (f64::from(i16::MIN), f64::from(i16::MAX), false),
+            Some("int32") => (f64::from(i32::MIN), f64::from(i32::MAX), false),
+            Some("int64") => (-(2f64.powi(63)), 2f64.powi(63), true),
+            Some("uint8") => (0.0, f64::from(u8::MAX), false),
+            Some("uint16") => (0.0, f64::from(u16::MAX), false),
+            Some("uint32") => (0.0, f64::from(u32::MAX), false),
+            Some("uint64") => (0.0, 2f64.powi(64), true),
+            _ => return,
+        };
+        schema.minimum = Some(min);
+        schema.maximum = Some(max);
+        if exclusive {
+            schema.exclusive_maximum = Some(true);
+        }
+    } else if schema.ty == "integer" && schema.format.is_some_and(|f| f.starts_with("uint")) {
+        schema.minimum.get_or_insert(0.0);
+    }
+    for (_, property) in &mut schema.properties {
+        complete_schema_ref(property);
+    }
+    for nested in schema
+        .items
+        .iter_mut()
+        .map(|b| &mut **b)
+        .chain(schema.additional_properties.iter_mut().map(|b| &mut **b))
+        .chain(schema.all_of.iter_mut())
+        .chain(schema.one_of.iter_mut())
+        .chain(schema.any_of.iter_mut())
+    {
+        complete_schema_ref(nested);
+    }
+}
+
+fn complete_schema_ref(schema: &mut MetaSchemaRef) {
+    if let MetaSchemaRef::Inline(schema) = schema {
+        complete_schema(schema);
     }
 }
 

@@ -141,7 +141,6 @@ impl ProblemError for ProbeError {
 
 /// An echo request with constraints worth testing.
 #[derive(Debug, Object)]
-#[oai(deny_unknown_fields)]
 pub struct EchoRequest {
     /// 1 to 20 characters.
     #[oai(validator(min_length = 1, max_length = 20))]
