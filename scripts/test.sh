@@ -38,7 +38,7 @@ step "feature subsets: each binary serves and documents exactly its modules"
 for subset in "${subsets[@]}"; do
   IFS='|' read -r name _ modules <<<"$subset"
   echo "subset '$name' -> modules [$modules]"
-  TRELLIS_SUBSET_BIN="$RUN/trellis-$name" TRELLIS_SUBSET_MODULES="$modules" \
+  TEST_SUBSET_BIN="$RUN/trellis-$name" TEST_SUBSET_MODULES="$modules" \
     cargo test -q -p trellis-tests --test subset -- --ignored
 done
 

@@ -2,7 +2,7 @@
 //! those modules and documents exactly their operations.
 //!
 //! The test script builds `trellis` with each feature set and runs this test with
-//! `TRELLIS_SUBSET_BIN` (the binary) and `TRELLIS_SUBSET_MODULES` (comma-separated
+//! `TEST_SUBSET_BIN` (the binary) and `TEST_SUBSET_MODULES` (comma-separated
 //! expected modules, possibly empty). It is ignored in a plain `cargo test`.
 
 use std::{
@@ -14,11 +14,11 @@ use std::{
 use serde_json::Value;
 
 #[tokio::test]
-#[ignore = "run by scripts/test.sh with TRELLIS_SUBSET_BIN and TRELLIS_SUBSET_MODULES"]
+#[ignore = "run by scripts/test.sh with TEST_SUBSET_BIN and TEST_SUBSET_MODULES"]
 async fn binary_serves_exactly_the_selected_modules() {
-    let bin = std::env::var("TRELLIS_SUBSET_BIN").expect("TRELLIS_SUBSET_BIN names the binary");
-    let expected: BTreeSet<String> = std::env::var("TRELLIS_SUBSET_MODULES")
-        .expect("TRELLIS_SUBSET_MODULES lists the expected modules")
+    let bin = std::env::var("TEST_SUBSET_BIN").expect("TEST_SUBSET_BIN names the binary");
+    let expected: BTreeSet<String> = std::env::var("TEST_SUBSET_MODULES")
+        .expect("TEST_SUBSET_MODULES lists the expected modules")
         .split(',')
         .filter(|m| !m.is_empty())
         .map(str::to_owned)
@@ -58,6 +58,9 @@ async fn binary_serves_exactly_the_selected_modules() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let served: Value = loop {
         assert!(Instant::now() < deadline, "server did not start");
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("the server exited at start-up: {status}");
+        }
         if let Ok(r) = client.get(format!("{base}/openapi.json")).send().await {
             break r.json().await.expect("json");
         }
