@@ -64,6 +64,15 @@ pub fn assemble(
         shutdown: Vec::new(),
     };
 
+    for section in ctx.config().modules.keys() {
+        if !modules.iter().any(|m| m.name() == section) {
+            tracing::warn!(
+                section = %format!("modules.{section}"),
+                "configuration for a module that is not compiled in; ignored"
+            );
+        }
+    }
+
     for builder in declarations(modules) {
         let name = builder.module;
         let mctx = ModuleContext::new(ctx, name);
@@ -134,5 +143,130 @@ impl Assembly {
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::{BuildInfo, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome};
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    struct Recorder {
+        name: &'static str,
+        log: Log,
+        fail_factory: bool,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct RecorderConfig {
+        size: u32,
+    }
+
+    impl Module for Recorder {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn version(&self) -> &'static str {
+            "1.0.0"
+        }
+        fn build(&self, m: &mut ModuleBuilder) {
+            let (init_log, stop_log) = (self.log.clone(), self.log.clone());
+            let name = self.name;
+            let fail = self.fail_factory;
+            m.config::<RecorderConfig>()
+                .readiness("self", move |_| {
+                    if fail {
+                        anyhow::bail!("cannot open the widget store");
+                    }
+                    Ok(|| async { CheckOutcome::up() })
+                })
+                .on_init(move |_| async move {
+                    init_log.lock().expect("log").push(format!("init {name}"));
+                    Ok(())
+                })
+                .on_shutdown(move |_| async move {
+                    stop_log.lock().expect("log").push(format!("stop {name}"));
+                    Ok(())
+                });
+        }
+    }
+
+    fn modules(log: &Log, fail: Option<&str>) -> Vec<&'static dyn Module> {
+        ["alpha", "beta", "gamma"]
+            .into_iter()
+            .map(|name| {
+                let module: &'static dyn Module = Box::leak(Box::new(Recorder {
+                    name,
+                    log: log.clone(),
+                    fail_factory: fail == Some(name),
+                }));
+                module
+            })
+            .collect()
+    }
+
+    fn context(modules: &[&'static dyn Module], config: LoadedConfig) -> AppContext {
+        let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
+        AppContext::new(config, infos, BuildInfo::unknown())
+    }
+
+    #[tokio::test]
+    async fn init_runs_in_module_order_and_shutdown_in_reverse() {
+        let log = Log::default();
+        let modules = modules(&log, None);
+        let ctx = context(&modules, LoadedConfig::defaults());
+        let mut assembly = assemble(&modules, &ctx, Vec::new()).expect("assembles");
+        assembly.init(&ctx).await.expect("init");
+        assembly.shutdown(&ctx, Duration::from_secs(1)).await;
+        let log = log.lock().expect("log").clone();
+        assert_eq!(
+            log,
+            [
+                "init alpha",
+                "init beta",
+                "init gamma",
+                "stop gamma",
+                "stop beta",
+                "stop alpha"
+            ]
+        );
+        let report = ctx.readiness().run(Duration::from_secs(1)).await;
+        assert_eq!(report.checks.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_bad_module_section_stops_start_up_naming_module_and_key() {
+        let log = Log::default();
+        let modules = modules(&log, None);
+        let config = LoadedConfig::defaults()
+            .set("modules.beta.size", "huge")
+            .expect("raw sections are checked by their module");
+        let ctx = context(&modules, config);
+        let err = assemble(&modules, &ctx, Vec::new())
+            .err()
+            .expect("bad config");
+        let text = format!("{err:#}");
+        assert!(text.contains("module `beta`"), "{text}");
+        assert!(text.contains("`modules.beta.size`"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_factory_stops_start_up_naming_the_module() {
+        let log = Log::default();
+        let modules = modules(&log, Some("gamma"));
+        let ctx = context(&modules, LoadedConfig::defaults());
+        let err = assemble(&modules, &ctx, Vec::new())
+            .err()
+            .expect("factory fails");
+        let text = format!("{err:#}");
+        assert!(text.contains("module `gamma`"), "{text}");
+        assert!(text.contains("cannot open the widget store"), "{text}");
     }
 }

@@ -18,33 +18,29 @@ pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
 /// Always 1; labels carry the build facts.
 pub const BUILD_INFO: &str = "trellis_build_info";
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the process-wide recorder once and returns its handle. Later calls (several
-/// servers in one test process) return the first handle; their bucket settings are ignored.
+/// servers in one test process) wait for the first and share its handle; their bucket
+/// settings are ignored.
 pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.into()),
-            &config.latency_buckets,
-        )?
-        .build_recorder();
-    let handle = recorder.handle();
-    match metrics::set_global_recorder(recorder) {
-        Ok(()) => {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.into()),
+                    &config.latency_buckets,
+                )
+                .map_err(|e| format!("`metrics.latency_buckets`: {e}"))?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder)
+                .map_err(|_| String::from("another metrics recorder is already installed"))?;
             describe();
-            let _ = HANDLE.set(handle.clone());
             Ok(handle)
-        }
-        // Lost a race with another installer in this process: use the winner's handle.
-        Err(_) => HANDLE
-            .get()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("another metrics recorder is already installed")),
-    }
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 fn describe() {

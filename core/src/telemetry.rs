@@ -176,3 +176,54 @@ fn stamps(sources: &ConfigSources) -> Vec<Stamp> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogFileConfig;
+
+    // The only test in this crate that installs the global subscriber.
+    #[test]
+    fn file_output_writes_json_lines_and_the_level_can_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = TelemetryConfig {
+            level: "warn".into(),
+            format: LogFormat::Json,
+            output: LogOutput::File,
+            access_log: true,
+            file: LogFileConfig {
+                directory: dir.path().to_path_buf(),
+                prefix: "test.log".into(),
+                rotation: LogRotation::Never,
+                max_files: 0,
+            },
+        };
+        let telemetry = init(&config).expect("installs");
+        tracing::info!("hidden at warn");
+        tracing::warn!(answer = 42, "kept at warn");
+        assert!(telemetry.set_level("info").expect("valid level"));
+        assert!(
+            !telemetry.set_level("info").expect("same level"),
+            "no change, no reload"
+        );
+        tracing::info!("shown at info");
+        assert!(telemetry.set_level("[[[").is_err());
+        drop(telemetry);
+
+        let text = std::fs::read_to_string(dir.path().join("test.log")).expect("log file");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "kept at warn",
+                "log level changed from the configuration file",
+                "shown at info"
+            ]
+        );
+        assert_eq!(lines[0]["answer"], 42);
+    }
+}
