@@ -56,7 +56,7 @@ pub fn openapi_yaml() -> String {
 
 /// Stops a running [`Application`] as SIGTERM would.
 #[derive(Debug, Clone)]
-pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+pub struct ShutdownHandle(watch::Sender<bool>);
 
 impl ShutdownHandle {
     /// Begins graceful shutdown.
@@ -73,7 +73,6 @@ pub struct Application {
     addr: SocketAddr,
     endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
     stop: watch::Sender<bool>,
-    stop_handle: Arc<watch::Sender<bool>>,
 }
 
 impl Application {
@@ -165,7 +164,6 @@ impl Application {
             .context("the listener has no local address")?;
 
         let (stop, _) = watch::channel(false);
-        let stop_handle = Arc::new(stop.clone());
         Ok(Self {
             ctx,
             assembly,
@@ -173,7 +171,6 @@ impl Application {
             addr,
             endpoint,
             stop,
-            stop_handle,
         })
     }
 
@@ -194,7 +191,7 @@ impl Application {
 
     /// A handle that stops the server as SIGTERM would.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle(self.stop_handle.clone())
+        ShutdownHandle(self.stop.clone())
     }
 
     /// Serves until SIGINT, SIGTERM or the shutdown handle; then drains and shuts the
@@ -207,7 +204,6 @@ impl Application {
             addr,
             endpoint,
             stop,
-            stop_handle: _,
         } = self;
         let grace = Duration::from_millis(ctx.config().server.shutdown_timeout_ms);
         tracing::info!(%addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");

@@ -40,13 +40,8 @@ async fn wrong_method_is_a_405_problem_with_allow() {
 async fn malformed_json_is_a_400_problem() {
     let app = spawn_app().await;
     let response = app
-        .client
-        .post(app.url("/api/v1/probe/echo"))
-        .header("content-type", "application/json")
-        .body("{\"name\": ")
-        .send()
-        .await
-        .expect("request");
+        .post_raw("/api/v1/probe/echo", "application/json", "{\"name\": ")
+        .await;
     let body = assert_problem(response, 400).await;
     assert_eq!(body["type"], "urn:trellis:problem:invalid-body");
 }
@@ -63,13 +58,7 @@ async fn invalid_bodies_name_the_field() {
         ("over maximum", json!({"name": "a", "count": 101}), "/count"),
     ];
     for (case, body, field) in cases {
-        let response = app
-            .client
-            .post(app.url("/api/v1/probe/echo"))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
+        let response = app.post_json("/api/v1/probe/echo", &body).await;
         let problem = assert_problem(response, 400).await;
         assert!(
             violations(&problem).contains(&("body".into(), field.into())),
@@ -96,13 +85,7 @@ async fn wrong_types_and_missing_fields_name_each_field() {
         ),
         ("not an object", json!([1, 2]), vec![""]),
     ] {
-        let response = app
-            .client
-            .post(app.url("/api/v1/probe/echo"))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
+        let response = app.post_json("/api/v1/probe/echo", &body).await;
         let problem = assert_problem(response, 400).await;
         assert_eq!(
             problem["type"], "urn:trellis:problem:invalid-body",
@@ -117,13 +100,8 @@ async fn wrong_types_and_missing_fields_name_each_field() {
 async fn wrong_content_type_is_a_415_problem() {
     let app = spawn_app().await;
     let response = app
-        .client
-        .post(app.url("/api/v1/probe/echo"))
-        .header("content-type", "text/plain")
-        .body("hello")
-        .send()
-        .await
-        .expect("request");
+        .post_raw("/api/v1/probe/echo", "text/plain", "hello")
+        .await;
     assert_problem(response, 415).await;
 }
 

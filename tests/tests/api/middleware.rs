@@ -54,34 +54,24 @@ async fn bodies_over_the_limit_are_413_whether_announced_or_streamed() {
     let big = vec![b'x'; 4096];
 
     let announced = app
-        .client
-        .post(app.url("/api/v1/probe/echo"))
-        .header("content-type", "application/json")
-        .body(big.clone())
-        .send()
-        .await
-        .expect("request");
+        .post_raw("/api/v1/probe/echo", "application/json", big.clone())
+        .await;
     assert_problem(announced, 413).await;
 
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         big.chunks(512).map(|c| Ok(c.to_vec())).collect();
     let streamed = app
-        .client
-        .post(app.url("/api/v1/probe/echo"))
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(stream::iter(chunks)))
-        .send()
-        .await
-        .expect("request");
+        .post_raw(
+            "/api/v1/probe/echo",
+            "application/json",
+            reqwest::Body::wrap_stream(stream::iter(chunks)),
+        )
+        .await;
     assert_problem(streamed, 413).await;
 
     let small = app
-        .client
-        .post(app.url("/api/v1/probe/echo"))
-        .json(&json!({"name": "ok", "count": 1}))
-        .send()
-        .await
-        .expect("request");
+        .post_json("/api/v1/probe/echo", &json!({"name": "ok", "count": 1}))
+        .await;
     assert_eq!(small.status(), 200);
 }
 
@@ -89,13 +79,12 @@ async fn bodies_over_the_limit_are_413_whether_announced_or_streamed() {
 async fn default_body_limit_is_one_mebibyte() {
     let app = spawn_app().await;
     let response = app
-        .client
-        .post(app.url("/api/v1/probe/echo"))
-        .header("content-type", "application/json")
-        .body(vec![b' '; 1024 * 1024 + 1])
-        .send()
-        .await
-        .expect("request");
+        .post_raw(
+            "/api/v1/probe/echo",
+            "application/json",
+            vec![b' '; 1024 * 1024 + 1],
+        )
+        .await;
     assert_problem(response, 413).await;
 }
 
