@@ -153,7 +153,9 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
-    use crate::{BuildInfo, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome};
+    use crate::{
+        BuildInfo, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome, storage::Storage,
+    };
 
     type Log = Arc<Mutex<Vec<String>>>;
 
@@ -212,16 +214,17 @@ mod tests {
             .collect()
     }
 
-    fn context(modules: &[&'static dyn Module], config: LoadedConfig) -> AppContext {
+    async fn context(modules: &[&'static dyn Module], config: LoadedConfig) -> AppContext {
         let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
-        AppContext::new(config, infos, BuildInfo::unknown())
+        let storage = Storage::ephemeral().await.expect("storage");
+        AppContext::new(config, infos, BuildInfo::unknown(), storage)
     }
 
     #[tokio::test]
     async fn init_runs_in_module_order_and_shutdown_in_reverse() {
         let log = Log::default();
         let modules = modules(&log, None);
-        let ctx = context(&modules, LoadedConfig::defaults());
+        let ctx = context(&modules, LoadedConfig::defaults()).await;
         let mut assembly = assemble(&modules, &ctx, Vec::new()).expect("assembles");
         assembly.init(&ctx).await.expect("init");
         assembly.shutdown(&ctx, Duration::from_secs(1)).await;
@@ -248,7 +251,7 @@ mod tests {
         let config = LoadedConfig::defaults()
             .set("modules.beta.size", "huge")
             .expect("raw sections are checked by their module");
-        let ctx = context(&modules, config);
+        let ctx = context(&modules, config).await;
         let err = assemble(&modules, &ctx, Vec::new())
             .err()
             .expect("bad config");
@@ -261,7 +264,7 @@ mod tests {
     async fn a_failing_factory_stops_start_up_naming_the_module() {
         let log = Log::default();
         let modules = modules(&log, Some("gamma"));
-        let ctx = context(&modules, LoadedConfig::defaults());
+        let ctx = context(&modules, LoadedConfig::defaults()).await;
         let err = assemble(&modules, &ctx, Vec::new())
             .err()
             .expect("factory fails");

@@ -35,6 +35,10 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Prometheus metrics.
     pub metrics: MetricsConfig,
+    /// The database.
+    pub database: DatabaseConfig,
+    /// The cache.
+    pub cache: CacheConfig,
     /// One section per module, `[modules.<name>]`.
     pub modules: BTreeMap<String, figment::value::Value>,
 }
@@ -217,6 +221,64 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `[database]`: SQLite by default, PostgreSQL by URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://data/trellis.db` (file and folder created on first start) or
+    /// `postgres://user:password@host:port/database`.
+    pub url: String,
+    /// Largest number of pooled connections.
+    pub max_connections: u32,
+    /// Connections kept open when idle.
+    pub min_connections: u32,
+    /// How long a query may wait for a connection before it fails (503).
+    pub acquire_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout`; SQLite waits this long on a locked database.
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/trellis.db".into(),
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout_ms: 3_000,
+            statement_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[cache]`: in-process by default, Redis by URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Empty for the in-process cache, or `redis://host:port/db`.
+    pub url: String,
+    /// Prefix of every key (`<prefix>:<module>:<key>`), so several deployments can share
+    /// one Redis.
+    pub prefix: String,
+    /// Capacity of the in-process cache, in entries.
+    pub max_entries: u64,
+    /// How long a Redis operation may take before it counts as failed.
+    pub timeout_ms: u64,
+    /// Largest number of pooled Redis connections.
+    pub max_connections: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            prefix: "trellis".into(),
+            max_entries: 100_000,
+            timeout_ms: 250,
+            max_connections: 16,
+        }
+    }
+}
+
 /// Where configuration comes from. [`ConfigSources::from_env`] reads the usual places.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigSources {
@@ -350,6 +412,26 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     }
     if config.server.request_timeout_ms == 0 {
         problems.push("`server.request_timeout_ms`: must be greater than 0".into());
+    }
+    let db = &config.database;
+    if !(db.url.starts_with("sqlite:") || db.url.starts_with("postgres://") || db.url.starts_with("postgresql://")) {
+        problems.push("`database.url`: must start with `sqlite:`, `postgres://` or `postgresql://`".into());
+    }
+    if db.max_connections == 0 || db.min_connections > db.max_connections {
+        problems.push("`database.max_connections`: must be at least 1 and at least `database.min_connections`".into());
+    }
+    if db.acquire_timeout_ms == 0 {
+        problems.push("`database.acquire_timeout_ms`: must be greater than 0".into());
+    }
+    let cache = &config.cache;
+    if !(cache.url.is_empty() || cache.url.starts_with("redis://") || cache.url.starts_with("rediss://")) {
+        problems.push("`cache.url`: must be empty (in-process) or start with `redis://` or `rediss://`".into());
+    }
+    if cache.prefix.is_empty() || cache.prefix.contains(char::is_whitespace) {
+        problems.push("`cache.prefix`: must be non-empty, without spaces".into());
+    }
+    if cache.timeout_ms == 0 || cache.max_connections == 0 {
+        problems.push("`cache.timeout_ms` and `cache.max_connections`: must be greater than 0".into());
     }
     let buckets = &config.metrics.latency_buckets;
     if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) {

@@ -13,6 +13,7 @@ use crate::{
     events::EventHandlers,
     module::ModuleInfo,
     readiness::Readiness,
+    storage::{Database, ModuleCache, ModuleDb, Storage},
 };
 
 /// Facts about the build, embedded by the server's build script.
@@ -53,6 +54,7 @@ struct Inner {
     events: EventHandlers,
     modules: Vec<ModuleInfo>,
     build: BuildInfo,
+    storage: Storage,
     started_at: SystemTime,
     started: Instant,
 }
@@ -74,7 +76,12 @@ impl std::fmt::Debug for AppContext {
 impl AppContext {
     /// A context for `modules`, whose bus, readiness and event tables are started by
     /// [`assemble`](crate::assemble).
-    pub fn new(config: LoadedConfig, modules: Vec<ModuleInfo>, build: BuildInfo) -> Self {
+    pub fn new(
+        config: LoadedConfig,
+        modules: Vec<ModuleInfo>,
+        build: BuildInfo,
+        storage: Storage,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -83,6 +90,7 @@ impl AppContext {
                 events: EventHandlers::default(),
                 modules,
                 build,
+                storage,
                 started_at: SystemTime::now(),
                 started: Instant::now(),
             }),
@@ -122,6 +130,16 @@ impl AppContext {
     /// Build facts.
     pub fn build_info(&self) -> &BuildInfo {
         &self.inner.build
+    }
+
+    /// The storage handles (core's own use: migrations, readiness, metrics).
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    /// The database (core's own use; modules use [`ModuleContext::database`]).
+    pub fn database(&self) -> &Database {
+        &self.inner.storage.database
     }
 
     /// When the server started (wall clock).
@@ -166,5 +184,15 @@ impl<'a> ModuleContext<'a> {
     /// The bus.
     pub fn bus(&self) -> &'a Bus {
         self.app.bus()
+    }
+
+    /// The module's database handle (queries timed and labelled with the module).
+    pub fn database(&self) -> ModuleDb {
+        self.app.inner.storage.database.for_module(self.module)
+    }
+
+    /// The module's cache namespace.
+    pub fn cache(&self) -> ModuleCache {
+        self.app.inner.storage.cache.for_module(self.module)
     }
 }

@@ -15,6 +15,20 @@ pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 /// Requests being served right now.
 pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
+/// Query duration histogram, by module and operation.
+pub const DB_QUERY_DURATION_SECONDS: &str = "db_query_duration_seconds";
+/// Failed queries, by module, operation and kind.
+pub const DB_QUERY_ERRORS_TOTAL: &str = "db_query_errors_total";
+/// Pooled database connections, by state (`in_use`, `idle`).
+pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
+/// Cache hits, by module.
+pub const CACHE_HITS_TOTAL: &str = "cache_hits_total";
+/// Cache misses (failures included), by module.
+pub const CACHE_MISSES_TOTAL: &str = "cache_misses_total";
+/// Failed cache operations, by operation.
+pub const CACHE_ERRORS_TOTAL: &str = "cache_errors_total";
+/// 1 while the cache answers, 0 during an outage.
+pub const CACHE_UP: &str = "cache_up";
 /// Always 1; labels carry the build facts.
 pub const BUILD_INFO: &str = "trellis_build_info";
 
@@ -31,6 +45,12 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
                     Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.into()),
                     &config.latency_buckets,
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(DB_QUERY_DURATION_SECONDS.into()),
+                        &config.latency_buckets,
+                    )
+                })
                 .map_err(|e| format!("`metrics.latency_buckets`: {e}"))?
                 .build_recorder();
             let handle = recorder.handle();

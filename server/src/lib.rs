@@ -25,8 +25,12 @@ use poem::{
 };
 use tokio::sync::watch;
 use trellis_core::{
-    AppContext, Assembly, BuildInfo, ModuleInfo, assemble, config::LoadedConfig, metrics,
+    AppContext, Assembly, BuildInfo, ModuleInfo, assemble,
+    config::LoadedConfig,
+    metrics,
+    readiness::NamedCheck,
     registered_modules,
+    storage::{Storage, migrate},
 };
 use trellis_openapi::{ModulesApi, RecordRoute, RouteIndex, check_conflicts, compiled_apis};
 
@@ -83,8 +87,16 @@ impl Application {
         check_conflicts(&compiled_apis())?;
         let infos: Vec<ModuleInfo> = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
         let build = build_info();
-        let ctx = AppContext::new(config, infos, build.clone());
-        let mut assembly = assemble(&modules, &ctx, Vec::new())?;
+        let storage = Storage::connect(&config.config).await?;
+        tracing::info!(
+            database = storage.database.backend().as_str(),
+            cache = storage.cache.kind(),
+            "storage connected"
+        );
+        let core_checks = storage_checks(&storage);
+        let ctx = AppContext::new(config, infos, build.clone(), storage);
+        let mut assembly = assemble(&modules, &ctx, core_checks)?;
+        migrate(ctx.database(), &assembly.migrations).await?;
         assembly.init(&ctx).await?;
 
         let server = &ctx.config().server;
@@ -113,11 +125,13 @@ impl Application {
             )
             .set(1.0);
             tokio::spawn(metrics::upkeep(handle.clone(), Duration::from_secs(5)));
+            let database = ctx.database().clone();
             app = app.at(
                 "/metrics",
                 RecordRoute::new(
                     "/metrics",
                     make_sync(move |_| {
+                        database.record_pool_metrics();
                         Response::builder()
                             .content_type("text/plain; version=0.0.4; charset=utf-8")
                             .body(handle.render())
@@ -223,9 +237,35 @@ impl Application {
             .await
             .context("the server stopped with an error")?;
         assembly.shutdown(&ctx, grace).await;
+        ctx.database().close().await;
         tracing::info!("trellis stopped");
         Ok(())
     }
+}
+
+/// Core's readiness checks: the database (down when unreachable) and the cache
+/// (degraded when unreachable: requests fall back to the database).
+fn storage_checks(storage: &Storage) -> Vec<NamedCheck> {
+    let database = storage.database.clone();
+    let cache = storage.cache.clone();
+    vec![
+        NamedCheck {
+            owner: "core",
+            name: "database",
+            check: Arc::new(move || {
+                let database = database.clone();
+                async move { database.ping().await }
+            }),
+        },
+        NamedCheck {
+            owner: "core",
+            name: "cache",
+            check: Arc::new(move || {
+                let cache = cache.clone();
+                async move { cache.ping().await }
+            }),
+        },
+    ]
 }
 
 async fn os_signal() {

@@ -15,6 +15,7 @@ use trellis_core::{
     payload::JsonBody,
     problem::{ProblemError, ProblemJson},
     readiness::CheckOutcome,
+    storage::{DbError, Migration, ModuleCache, ModuleDb},
 };
 
 /// `[modules.probe]`.
@@ -66,7 +67,7 @@ impl Module for ProbeModule {
     }
 
     fn description(&self) -> &'static str {
-        "Test fixtures: slow, panicking and validating endpoints."
+        "Test fixtures: slow, panicking and validating endpoints, and a table of notes."
     }
 
     fn requires(&self) -> &'static [&'static str] {
@@ -76,9 +77,14 @@ impl Module for ProbeModule {
     fn build(&self, module: &mut ModuleBuilder) {
         module
             .config::<ProbeConfig>()
+            .migrations(MIGRATIONS)
             .api(|ctx| {
                 Ok(ProbeApi {
                     bus: ctx.bus().clone(),
+                    notes: NoteRepo {
+                        db: ctx.database(),
+                        cache: ctx.cache(),
+                    },
                 })
             })
             .handle(|_| Ok(|Double(n): Double| async move { u64::from(n) * 2 }))
@@ -201,9 +207,119 @@ enum ItemResponse {
     NotFound(ProblemJson),
 }
 
+/// The probe's tables: notes, then a tag column (two versions on both backends).
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create probe_notes",
+        sqlite: "CREATE TABLE probe_notes (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL UNIQUE)",
+        postgres: "CREATE TABLE probe_notes (id BIGSERIAL PRIMARY KEY, text TEXT NOT NULL UNIQUE)",
+    },
+    Migration {
+        version: 2,
+        name: "add probe_notes.tag",
+        sqlite: "ALTER TABLE probe_notes ADD COLUMN tag TEXT NOT NULL DEFAULT 'none'",
+        postgres: "ALTER TABLE probe_notes ADD COLUMN tag TEXT NOT NULL DEFAULT 'none'",
+    },
+];
+
+/// A stored note.
+#[derive(Debug, Clone, Object, serde::Serialize, serde::Deserialize)]
+pub struct Note {
+    /// Its id.
+    pub id: i64,
+    /// Its text.
+    pub text: String,
+    /// Its tag.
+    pub tag: String,
+    /// Whether this answer came from the cache.
+    #[serde(skip)]
+    pub cached: bool,
+}
+
+/// A new note.
+#[derive(Debug, Object)]
+pub struct NewNote {
+    /// 1 to 200 characters, unique.
+    #[oai(validator(min_length = 1, max_length = 200))]
+    pub text: String,
+}
+
+/// The notes repository: SQL and cache, nothing else.
+struct NoteRepo {
+    db: ModuleDb,
+    cache: ModuleCache,
+}
+
+const NOTE_TTL: Duration = Duration::from_secs(60);
+
+impl NoteRepo {
+    async fn insert(&self, text: &str) -> Result<Note, DbError> {
+        let (id, text, tag): (i64, String, String) = self
+            .db
+            .run(
+                "insert_note",
+                sqlx::query_as("INSERT INTO probe_notes (text) VALUES ($1) RETURNING id, text, tag")
+                    .bind(text)
+                    .fetch_one(self.db.pool()),
+            )
+            .await?;
+        Ok(Note { id, text, tag, cached: false })
+    }
+
+    async fn find(&self, id: i64) -> Result<Option<Note>, DbError> {
+        let key = format!("note:{id}");
+        if let Some(mut note) = self.cache.get_json::<Note>(&key).await {
+            note.cached = true;
+            return Ok(Some(note));
+        }
+        let row: Option<(i64, String, String)> = self
+            .db
+            .run(
+                "find_note",
+                sqlx::query_as("SELECT id, text, tag FROM probe_notes WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(self.db.pool()),
+            )
+            .await?;
+        let note = row.map(|(id, text, tag)| Note { id, text, tag, cached: false });
+        if let Some(note) = &note {
+            self.cache.set_json(&key, note, NOTE_TTL).await;
+        }
+        Ok(note)
+    }
+}
+
+#[derive(ApiResponse)]
+enum CreateNoteResponse {
+    /// Stored.
+    #[oai(status = 201)]
+    Created(Json<Note>),
+    /// The same text is already stored.
+    #[oai(status = 409)]
+    Conflict(ProblemJson),
+    /// The database is unavailable.
+    #[oai(status = 503)]
+    Unavailable(ProblemJson),
+}
+
+#[derive(ApiResponse)]
+enum GetNoteResponse {
+    /// The note.
+    #[oai(status = 200)]
+    Ok(Json<Note>),
+    /// No such note.
+    #[oai(status = 404)]
+    NotFound(ProblemJson),
+    /// The database is unavailable.
+    #[oai(status = 503)]
+    Unavailable(ProblemJson),
+}
+
 /// The probe's API.
 pub struct ProbeApi {
     bus: Bus,
+    notes: NoteRepo,
 }
 
 #[OpenApi(prefix_path = "/api/v1/probe")]
@@ -253,6 +369,42 @@ impl ProbeApi {
         match self.lookup(id.0).await {
             Ok(item) => ItemResponse::Ok(Json(item)),
             Err(error) => ItemResponse::NotFound(ProblemJson::from_error(&error)),
+        }
+    }
+
+    /// Create a note
+    ///
+    /// Stores a note in the probe's own table.
+    #[oai(path = "/notes", method = "post", operation_id = "probeCreateNote")]
+    async fn create_note(&self, body: JsonBody<NewNote>) -> CreateNoteResponse {
+        match self.notes.insert(&body.0.text).await {
+            Ok(note) => CreateNoteResponse::Created(Json(note)),
+            Err(error @ DbError::Unavailable(_)) => {
+                CreateNoteResponse::Unavailable(ProblemJson::from_error(&error))
+            }
+            Err(error @ DbError::UniqueViolation { .. }) => {
+                CreateNoteResponse::Conflict(ProblemJson::from_error(&error))
+            }
+            Err(error) => CreateNoteResponse::Unavailable(ProblemJson::internal(&error)),
+        }
+    }
+
+    /// Read a note
+    ///
+    /// From the cache when it has it, else from the database (then cached).
+    #[oai(path = "/notes/:id", method = "get", operation_id = "probeGetNote")]
+    async fn get_note(
+        &self,
+        /// The note id.
+        id: Path<i64>,
+    ) -> GetNoteResponse {
+        match self.notes.find(id.0).await {
+            Ok(Some(note)) => GetNoteResponse::Ok(Json(note)),
+            Ok(None) => GetNoteResponse::NotFound(ProblemJson::from_error(&DbError::NotFound)),
+            Err(error @ DbError::Unavailable(_)) => {
+                GetNoteResponse::Unavailable(ProblemJson::from_error(&error))
+            }
+            Err(error) => GetNoteResponse::Unavailable(ProblemJson::internal(&error)),
         }
     }
 

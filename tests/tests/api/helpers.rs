@@ -33,10 +33,58 @@ pub fn test_config() -> LoadedConfig {
     .expect("the test profile loads")
 }
 
+/// Isolated storage for one test: a SQLite file in its own folder and the in-process
+/// cache, or, when `TEST_POSTGRES_URL` / `TEST_REDIS_URL` name servers (scripts/test.sh
+/// starts them), a fresh PostgreSQL database and a Redis key prefix of its own.
+pub struct TestStorage {
+    _dir: tempfile::TempDir,
+    /// Configuration keys and values selecting this storage.
+    pub settings: Vec<(&'static str, String)>,
+}
+
+impl TestStorage {
+    pub async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let database = match std::env::var("TEST_POSTGRES_URL") {
+            Ok(admin) => create_postgres_database(&admin, &format!("t_{id}")).await,
+            Err(_) => format!("sqlite://{}/trellis.db", dir.path().display()),
+        };
+        let mut settings = vec![("database.url", database)];
+        if let Ok(redis) = std::env::var("TEST_REDIS_URL") {
+            settings.push(("cache.url", redis));
+            settings.push(("cache.prefix", format!("t-{id}")));
+        }
+        Self { _dir: dir, settings }
+    }
+
+    /// The settings as `TRELLIS_*` environment variables, for a server process.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.settings
+            .iter()
+            .map(|(key, value)| {
+                (format!("TRELLIS_{}", key.replace('.', "__").to_uppercase()), value.clone())
+            })
+            .collect()
+    }
+}
+
+async fn create_postgres_database(admin: &str, name: &str) -> String {
+    use sqlx::{Connection as _, Executor as _};
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(admin).await.expect("PostgreSQL admin connection");
+    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))))
+        .await
+        .expect("CREATE DATABASE");
+    let base = admin.rsplit_once('/').map_or(admin, |(base, _)| base);
+    format!("{base}/{name}")
+}
+
 /// A running server.
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
+    pub storage: TestStorage,
     shutdown: ShutdownHandle,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -48,7 +96,15 @@ pub async fn spawn_app() -> TestApp {
 
 /// The server on the test profile with `overrides` (dotted key, JSON value).
 pub async fn spawn_app_with(overrides: &[(&str, Value)]) -> TestApp {
+    spawn_app_on(TestStorage::new().await, overrides).await
+}
+
+/// The server on the given storage (e.g. a second server over the same database).
+pub async fn spawn_app_on(storage: TestStorage, overrides: &[(&str, Value)]) -> TestApp {
     let mut config = test_config();
+    for (key, value) in &storage.settings {
+        config = config.set(key, value).expect("storage setting applies");
+    }
     for (key, value) in overrides {
         config = config.set(key, value).expect("override applies");
     }
@@ -62,6 +118,7 @@ pub async fn spawn_app_with(overrides: &[(&str, Value)]) -> TestApp {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("client"),
+        storage,
         shutdown,
         task: Some(task),
     }
@@ -110,6 +167,20 @@ impl TestApp {
 
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_in_place().await
+    }
+
+    /// Stops the server gracefully, keeping its storage for another server.
+    pub async fn stop_keeping_storage(mut self) -> TestStorage {
+        self.stop_in_place().await.expect("clean stop");
+        let storage = TestStorage {
+            _dir: tempfile::tempdir().expect("tempdir"),
+            settings: Vec::new(),
+        };
+        std::mem::replace(&mut self.storage, storage)
+    }
+
+    async fn stop_in_place(&mut self) -> anyhow::Result<()> {
         self.shutdown.shutdown();
         match self.task.take() {
             Some(task) => task.await?,

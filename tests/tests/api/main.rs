@@ -7,3 +7,4 @@ mod errors;
 mod middleware;
 mod openapi;
 mod process;
+mod storage;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::helpers::workspace;
+use crate::helpers::{TestStorage, workspace};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-test-server");
 
@@ -19,7 +19,7 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn server(port: u16) -> Command {
+fn server(port: u16, storage: &TestStorage) -> Command {
     let mut command = Command::new(BIN);
     command
         .current_dir(workspace())
@@ -27,6 +27,7 @@ fn server(port: u16) -> Command {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("TRELLIS_PROFILE", "test")
         .env("TRELLIS_SERVER__PORT", port.to_string())
+        .envs(storage.env())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command
@@ -88,7 +89,8 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 #[tokio::test]
 async fn port_comes_from_the_environment_and_sigterm_drains_in_flight_requests() {
     let port = free_port();
-    let mut child = server(port).spawn().expect("server starts");
+    let storage = TestStorage::new().await;
+    let mut child = server(port, &storage).spawn().expect("server starts");
     wait_healthy(port).await;
 
     let url = format!("http://127.0.0.1:{port}/api/v1/probe/slow?ms=1500");
@@ -108,7 +110,8 @@ async fn port_comes_from_the_environment_and_sigterm_drains_in_flight_requests()
 #[tokio::test]
 async fn sigint_stops_with_exit_code_zero() {
     let port = free_port();
-    let mut child = server(port).spawn().expect("server starts");
+    let storage = TestStorage::new().await;
+    let mut child = server(port, &storage).spawn().expect("server starts");
     wait_healthy(port).await;
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -121,9 +124,10 @@ async fn sigint_stops_with_exit_code_zero() {
     );
 }
 
-#[test]
-fn invalid_environment_value_stops_start_up_naming_the_key() {
-    let output = server(0)
+#[tokio::test]
+async fn invalid_environment_value_stops_start_up_naming_the_key() {
+    let storage = TestStorage::new().await;
+    let output = server(0, &storage)
         .env("TRELLIS_SERVER__PORT", "eighty")
         .output()
         .expect("runs");
@@ -133,12 +137,13 @@ fn invalid_environment_value_stops_start_up_naming_the_key() {
     assert!(stderr.contains("TRELLIS_SERVER__PORT"), "{stderr}");
 }
 
-#[test]
-fn unknown_config_key_in_a_file_stops_start_up() {
+#[tokio::test]
+async fn unknown_config_key_in_a_file_stops_start_up() {
+    let storage = TestStorage::new().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("extra.toml");
     std::fs::write(&file, "[server]\nbody_limit = 5\n").expect("write");
-    let output = server(0).arg("--config").arg(&file).output().expect("runs");
+    let output = server(0, &storage).arg("--config").arg(&file).output().expect("runs");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("body_limit"), "{stderr}");
@@ -154,7 +159,8 @@ async fn log_level_follows_the_config_file_without_restart() {
     };
     std::fs::write(&file, config("warn")).expect("write");
     let port = free_port();
-    let mut child = server(port)
+    let storage = TestStorage::new().await;
+    let mut child = server(port, &storage)
         .arg("--config")
         .arg(&file)
         .spawn()
@@ -198,4 +204,30 @@ async fn log_level_follows_the_config_file_without_restart() {
         wait_exit(&mut child, Duration::from_secs(10)).code(),
         Some(0)
     );
+}
+
+#[tokio::test]
+async fn the_embedded_default_creates_its_sqlite_database_and_needs_no_service() {
+    // A folder with no config/: built-in defaults, `sqlite://data/trellis.db`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TRELLIS_SERVER__PORT", port.to_string())
+        .env("TRELLIS_TELEMETRY__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starts");
+    wait_healthy(port).await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!(body["status"], "up", "{body}");
+    assert!(dir.path().join("data/trellis.db").is_file(), "data/trellis.db was created");
+    terminate(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)).code(), Some(0));
 }

@@ -1,0 +1,548 @@
+//! The cache: an in-process store (moka) by default, Redis (deadpool-redis) when
+//! `cache.url` is set. Keys are `<prefix>:<module>:<key>`.
+//!
+//! The cache never decides an answer: the database is the truth. A read that fails is a
+//! miss, a write that fails is skipped, so a Redis outage costs speed, not requests. The
+//! first failure of an outage is logged (and `/readyz` shows the cache degraded); every
+//! failure is counted; the first success afterwards logs the recovery. Redis operations
+//! are bounded by `cache.timeout_ms`, so a hung Redis cannot hang a request.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use deadpool_redis::redis;
+use futures_util::future::BoxFuture;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    config::CacheConfig,
+    metrics::{CACHE_ERRORS_TOTAL, CACHE_HITS_TOTAL, CACHE_MISSES_TOTAL, CACHE_UP},
+    readiness::CheckOutcome,
+    storage::database::redact,
+};
+
+/// Why a cache operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    /// The store did not answer, or answered with an error.
+    #[error("cache unavailable: {0}")]
+    Unavailable(String),
+    /// The store did not answer within `cache.timeout_ms`.
+    #[error("cache did not answer within {0} ms")]
+    Timeout(u64),
+    /// A counter holds something that is not an integer.
+    #[error("cache value is not an integer")]
+    NotAnInteger,
+}
+
+/// A cache store. Keys arrive fully prefixed.
+pub trait CacheStore: Send + Sync + 'static {
+    /// The value, if present and not expired.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, CacheError>>;
+    /// Stores `value` for `ttl`.
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Removes the key.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Adds `by` atomically and returns the new value; a new counter expires after `ttl`
+    /// (later increments keep that expiry: a fixed window).
+    fn incr<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<i64, CacheError>>;
+    /// Checks that the store answers.
+    fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>>;
+    /// `memory` or `redis`.
+    fn kind(&self) -> &'static str;
+}
+
+/// The shared cache. Cheap to clone.
+#[derive(Clone)]
+pub struct Cache {
+    store: Arc<dyn CacheStore>,
+    prefix: Arc<str>,
+    down: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("kind", &self.store.kind())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Cache {
+    /// The store `config` describes. Connecting to Redis is lazy: a Redis that is down at
+    /// start-up leaves the server running with the cache degraded.
+    pub fn from_config(config: &CacheConfig) -> anyhow::Result<Self> {
+        let store: Arc<dyn CacheStore> = if config.url.is_empty() {
+            Arc::new(MemoryStore::new(config.max_entries))
+        } else {
+            Arc::new(RedisStore::new(config)?)
+        };
+        Ok(Self::with_store(store, &config.prefix))
+    }
+
+    /// A cache over `store` with `prefix`.
+    pub fn with_store(store: Arc<dyn CacheStore>, prefix: &str) -> Self {
+        metrics::gauge!(CACHE_UP).set(1.0);
+        Self {
+            store,
+            prefix: Arc::from(prefix),
+            down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// `memory` or `redis`.
+    pub fn kind(&self) -> &'static str {
+        self.store.kind()
+    }
+
+    /// `module`'s namespace.
+    pub fn for_module(&self, module: &'static str) -> ModuleCache {
+        ModuleCache {
+            cache: self.clone(),
+            namespace: Arc::from(format!("{}:{module}:", self.prefix)),
+            module,
+        }
+    }
+
+    /// Whether the last operation failed.
+    pub fn is_degraded(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// The readiness probe: a failing cache is degraded, never down.
+    pub async fn ping(&self) -> CheckOutcome {
+        match self.store.ping().await {
+            Ok(()) => {
+                self.record_ok();
+                CheckOutcome::up()
+            }
+            Err(error) => {
+                self.record_error("ping", &error);
+                CheckOutcome::degraded(format!(
+                    "{error}; requests fall back to the database"
+                ))
+            }
+        }
+    }
+
+    fn record_ok(&self) {
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
+            metrics::gauge!(CACHE_UP).set(1.0);
+            tracing::info!(kind = self.store.kind(), "cache available again");
+        }
+    }
+
+    fn record_error(&self, operation: &'static str, error: &CacheError) {
+        metrics::counter!(CACHE_ERRORS_TOTAL, "operation" => operation).increment(1);
+        if !self.down.swap(true, Ordering::Relaxed) {
+            metrics::gauge!(CACHE_UP).set(0.0);
+            tracing::warn!(
+                kind = self.store.kind(),
+                %error,
+                "cache unavailable; falling back to the database until it returns"
+            );
+        }
+    }
+}
+
+/// A module's namespace in the cache.
+#[derive(Debug, Clone)]
+pub struct ModuleCache {
+    cache: Cache,
+    namespace: Arc<str>,
+    module: &'static str,
+}
+
+impl ModuleCache {
+    fn key(&self, key: &str) -> String {
+        let mut full = String::with_capacity(self.namespace.len() + key.len());
+        full.push_str(&self.namespace);
+        full.push_str(key);
+        full
+    }
+
+    /// The cached bytes; a failure is a miss.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match self.cache.store.get(&self.key(key)).await {
+            Ok(Some(value)) => {
+                self.cache.record_ok();
+                metrics::counter!(CACHE_HITS_TOTAL, "module" => self.module).increment(1);
+                Some(value)
+            }
+            Ok(None) => {
+                self.cache.record_ok();
+                metrics::counter!(CACHE_MISSES_TOTAL, "module" => self.module).increment(1);
+                None
+            }
+            Err(error) => {
+                self.cache.record_error("get", &error);
+                metrics::counter!(CACHE_MISSES_TOTAL, "module" => self.module).increment(1);
+                None
+            }
+        }
+    }
+
+    /// Stores bytes for `ttl`; a failure is logged once per outage and otherwise ignored.
+    pub async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) {
+        match self.cache.store.set(&self.key(key), value, ttl).await {
+            Ok(()) => self.cache.record_ok(),
+            Err(error) => self.cache.record_error("set", &error),
+        }
+    }
+
+    /// The cached value decoded from JSON; a failure or an undecodable value is a miss.
+    pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let bytes = self.get(key).await?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Stores `value` as JSON for `ttl`.
+    pub async fn set_json<T: Serialize>(&self, key: &str, value: &T, ttl: Duration) {
+        if let Ok(bytes) = serde_json::to_vec(value) {
+            self.set(key, bytes, ttl).await;
+        }
+    }
+
+    /// Removes the key. The error is returned: a caller invalidating an entry may need to
+    /// know that the stale value could not be removed.
+    pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        let result = self.cache.store.delete(&self.key(key)).await;
+        match &result {
+            Ok(()) => self.cache.record_ok(),
+            Err(error) => self.cache.record_error("delete", error),
+        }
+        result
+    }
+
+    /// Adds `by` atomically; a new counter expires after `ttl` (a fixed window, as rate
+    /// limits need). The error is returned so the caller decides whether to fail open.
+    pub async fn incr(&self, key: &str, by: i64, ttl: Duration) -> Result<i64, CacheError> {
+        let result = self.cache.store.incr(&self.key(key), by, ttl).await;
+        match &result {
+            Ok(_) => self.cache.record_ok(),
+            Err(error) => self.cache.record_error("incr", error),
+        }
+        result
+    }
+}
+
+/// An in-process entry with its own deadline.
+#[derive(Clone)]
+struct Entry {
+    value: Arc<[u8]>,
+    expires_at: Instant,
+}
+
+struct EntryExpiry;
+
+impl moka::Expiry<String, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
+        Some(entry.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.expires_at.saturating_duration_since(now))
+    }
+}
+
+/// The in-process store (moka), bounded by entry count.
+pub struct MemoryStore {
+    entries: moka::future::Cache<String, Entry>,
+}
+
+impl MemoryStore {
+    /// A store holding at most `capacity` entries.
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            entries: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(EntryExpiry)
+                .build(),
+        }
+    }
+}
+
+impl CacheStore for MemoryStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, CacheError>> {
+        Box::pin(async move {
+            Ok(self
+                .entries
+                .get(key)
+                .await
+                .filter(|e| e.expires_at > Instant::now())
+                .map(|e| e.value.to_vec()))
+        })
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(async move {
+            let entry = Entry {
+                value: Arc::from(value),
+                expires_at: Instant::now() + ttl,
+            };
+            self.entries.insert(key.to_owned(), entry).await;
+            Ok(())
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(async move {
+            self.entries.invalidate(key).await;
+            Ok(())
+        })
+    }
+
+    fn incr<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<i64, CacheError>> {
+        Box::pin(async move {
+            let mut outcome = Ok(0);
+            self.entries
+                .entry(key.to_owned())
+                .and_compute_with(|current| {
+                    let now = Instant::now();
+                    let (base, expires_at) = match current.map(moka::Entry::into_value) {
+                        Some(entry) if entry.expires_at > now => {
+                            let parsed = std::str::from_utf8(&entry.value)
+                                .ok()
+                                .and_then(|s| s.parse::<i64>().ok());
+                            match parsed {
+                                Some(n) => (n, entry.expires_at),
+                                None => {
+                                    outcome = Err(CacheError::NotAnInteger);
+                                    return std::future::ready(moka::ops::compute::Op::Nop);
+                                }
+                            }
+                        }
+                        _ => (0, now + ttl),
+                    };
+                    let next = base.saturating_add(by);
+                    outcome = Ok(next);
+                    std::future::ready(moka::ops::compute::Op::Put(Entry {
+                        value: Arc::from(next.to_string().into_bytes()),
+                        expires_at,
+                    }))
+                })
+                .await;
+            outcome
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+/// Redis through a deadpool connection pool.
+pub struct RedisStore {
+    pool: deadpool_redis::Pool,
+    timeout: Duration,
+    incr_script: redis::Script,
+}
+
+impl RedisStore {
+    /// A pool for `config.url`; connections are made on first use.
+    pub fn new(config: &CacheConfig) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let pool = deadpool_redis::Config::from_url(config.url.clone())
+            .builder()
+            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", redact(&config.url)))?
+            .max_size(config.max_connections)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", redact(&config.url)))?;
+        Ok(Self {
+            pool,
+            timeout,
+            // INCRBY, and start the window's expiry when the counter is new.
+            incr_script: redis::Script::new(
+                "local v = redis.call('INCRBY', KEYS[1], ARGV[1]) \
+                 if v == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+                 return v",
+            ),
+        })
+    }
+
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| CacheError::Unavailable(e.to_string()))?;
+            op(conn).await.map_err(|e| CacheError::Unavailable(e.to_string()))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(CacheError::Timeout(self.timeout.as_millis() as u64)))
+    }
+}
+
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl CacheStore for RedisStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, CacheError>> {
+        Box::pin(self.run(move |mut conn| async move {
+            redis::cmd("GET").arg(key).query_async(&mut conn).await
+        }))
+    }
+
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(self.run(move |mut conn| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_millis(ttl))
+                .query_async(&mut conn)
+                .await
+        }))
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(self.run(move |mut conn| async move {
+            redis::cmd("DEL").arg(key).query_async(&mut conn).await
+        }))
+    }
+
+    fn incr<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<i64, CacheError>> {
+        Box::pin(self.run(move |mut conn| async move {
+            self.incr_script
+                .key(key)
+                .arg(by)
+                .arg(ttl_millis(ttl))
+                .invoke_async(&mut conn)
+                .await
+        }))
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
+        Box::pin(self.run(|mut conn| async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ())
+        }))
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> Cache {
+        Cache::with_store(Arc::new(MemoryStore::new(1_000)), "t")
+    }
+
+    #[tokio::test]
+    async fn values_expire_and_modules_do_not_see_each_other() {
+        let cache = memory();
+        let a = cache.for_module("a");
+        let b = cache.for_module("b");
+        a.set("k", b"1".to_vec(), Duration::from_millis(80)).await;
+        assert_eq!(a.get("k").await.as_deref(), Some(&b"1"[..]));
+        assert_eq!(b.get("k").await, None, "namespaced per module");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(a.get("k").await, None, "expired");
+    }
+
+    #[tokio::test]
+    async fn json_round_trips_and_delete_removes() {
+        let cache = memory().for_module("m");
+        cache.set_json("k", &vec![1, 2, 3], Duration::from_secs(5)).await;
+        assert_eq!(cache.get_json::<Vec<i32>>("k").await, Some(vec![1, 2, 3]));
+        cache.delete("k").await.expect("deleted");
+        assert_eq!(cache.get_json::<Vec<i32>>("k").await, None);
+    }
+
+    #[tokio::test]
+    async fn incr_counts_atomically_within_a_fixed_window() {
+        let cache = memory().for_module("m");
+        let ttl = Duration::from_millis(150);
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.incr("hits", 1, ttl).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task").expect("incr");
+        }
+        assert_eq!(cache.incr("hits", 0, ttl).await.expect("read"), 50);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(cache.incr("hits", 1, ttl).await.expect("new window"), 1);
+        cache.set("text", b"x".to_vec(), ttl).await;
+        assert!(matches!(cache.incr("text", 1, ttl).await, Err(CacheError::NotAnInteger)));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_a_miss_and_a_degraded_check() {
+        let config = CacheConfig {
+            url: "redis://127.0.0.1:1/0".into(),
+            timeout_ms: 200,
+            ..CacheConfig::default()
+        };
+        let cache = Cache::from_config(&config).expect("lazy pool");
+        let module = cache.for_module("m");
+        assert_eq!(module.get("k").await, None);
+        module.set("k", b"v".to_vec(), Duration::from_secs(1)).await;
+        assert!(module.incr("n", 1, Duration::from_secs(1)).await.is_err());
+        assert!(cache.is_degraded());
+        let outcome = cache.ping().await;
+        assert_eq!(outcome.status, crate::readiness::CheckStatus::Degraded);
+    }
+}

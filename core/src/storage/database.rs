@@ -1,0 +1,395 @@
+//! The database: one sqlx `Any` pool whose backend the URL chooses, so the same binary and
+//! the same repository code run on SQLite or PostgreSQL. Queries use `$1`-style
+//! placeholders, which both backends accept.
+
+use std::{
+    sync::Once,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use poem::http::{HeaderValue, StatusCode, header};
+use sqlx::{
+    AnyPool, Executor as _,
+    any::{AnyConnectOptions, AnyPoolOptions},
+};
+
+use crate::{
+    config::DatabaseConfig,
+    metrics::{DB_POOL_CONNECTIONS, DB_QUERY_DURATION_SECONDS, DB_QUERY_ERRORS_TOTAL},
+    problem::ProblemError,
+    readiness::CheckOutcome,
+};
+
+/// Which database the URL chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite (the embedded default).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// `sqlite` or `postgres`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// The pool. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+static DRIVERS: Once = Once::new();
+
+impl Database {
+    /// Connects (creating the SQLite file and its folder when needed) and checks that the
+    /// database answers.
+    pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Self> {
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let (backend, url) = prepare_url(&config.url)?;
+        let options: AnyConnectOptions = url
+            .parse()
+            .with_context(|| "`database.url`: cannot be parsed as a database URL")?;
+        let statement_timeout = config.statement_timeout_ms;
+        let pool = AnyPoolOptions::new()
+            .max_connections(config.max_connections)
+            .min_connections(config.min_connections)
+            .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    let setup = match backend {
+                        Backend::Sqlite => format!(
+                            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
+                             PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = {statement_timeout};"
+                        ),
+                        Backend::Postgres => format!("SET statement_timeout = {statement_timeout};"),
+                    };
+                    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(setup))).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .with_context(|| {
+                format!("cannot connect to the database at `{}` (`database.url`)", redact(&config.url))
+            })?;
+        Ok(Self { pool, backend })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool, for core's own use (migrations, checks).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// `module`'s handle.
+    pub fn for_module(&self, module: &'static str) -> ModuleDb {
+        ModuleDb {
+            db: self.clone(),
+            module,
+        }
+    }
+
+    /// The readiness probe: a trivial query.
+    pub async fn ping(&self) -> CheckOutcome {
+        match sqlx::query("SELECT 1").execute(&self.pool).await {
+            Ok(_) => CheckOutcome::up(),
+            Err(error) => CheckOutcome::down(format!("{} unreachable: {error}", self.backend.as_str())),
+        }
+    }
+
+    /// Publishes the pool's connections in use and idle.
+    pub fn record_pool_metrics(&self) {
+        let idle = self.pool.num_idle() as f64;
+        let size = f64::from(self.pool.size());
+        metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
+        metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((size - idle).max(0.0));
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Checks the URL, creates the SQLite folder, and asks SQLite to create the file.
+fn prepare_url(url: &str) -> anyhow::Result<(Backend, String)> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((Backend::Postgres, url.to_owned()));
+    }
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .context("`database.url`: must start with `sqlite:` or `postgres://`")?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path == ":memory:" {
+        return Ok((Backend::Sqlite, String::from("sqlite::memory:")));
+    }
+    if !path.is_empty()
+        && let Some(parent) = std::path::Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).with_context(|| {
+            format!("`database.url`: cannot create the folder {}", parent.display())
+        })?;
+    }
+    let url = if query.split('&').any(|p| p.starts_with("mode=")) {
+        url.to_owned()
+    } else if query.is_empty() {
+        format!("sqlite://{path}?mode=rwc")
+    } else {
+        format!("sqlite://{path}?{query}&mode=rwc")
+    };
+    Ok((Backend::Sqlite, url))
+}
+
+/// The URL without its password, for messages.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A module's database handle: the pool plus the module's name for metrics.
+#[derive(Debug, Clone)]
+pub struct ModuleDb {
+    db: Database,
+    module: &'static str,
+}
+
+impl ModuleDb {
+    /// The pool, to run queries on inside [`ModuleDb::run`].
+    pub fn pool(&self) -> &AnyPool {
+        &self.db.pool
+    }
+
+    /// The backend, for the rare query that differs.
+    pub fn backend(&self) -> Backend {
+        self.db.backend
+    }
+
+    /// Runs one query, timing it as `operation` and classifying its error.
+    pub async fn run<T, F>(&self, operation: &'static str, query: F) -> Result<T, DbError>
+    where
+        F: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let started = Instant::now();
+        let result = query.await.map_err(DbError::from);
+        metrics::histogram!(DB_QUERY_DURATION_SECONDS, "module" => self.module, "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(error) = &result {
+            metrics::counter!(
+                DB_QUERY_ERRORS_TOTAL,
+                "module" => self.module,
+                "operation" => operation,
+                "kind" => error.kind()
+            )
+            .increment(1);
+        }
+        result
+    }
+}
+
+/// A database failure, classified by what the client can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database cannot be reached, or did not answer in time: try again later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness constraint refused the write.
+    #[error("a record with the same unique value already exists")]
+    UniqueViolation {
+        /// The constraint, when the database names it.
+        constraint: Option<String>,
+    },
+    /// A foreign key refused the write.
+    #[error("the record refers to something that does not exist")]
+    ForeignKeyViolation,
+    /// A query expected a row and found none.
+    #[error("not found")]
+    NotFound,
+    /// Anything else: a bug or a broken schema.
+    #[error("database query failed: {0}")]
+    Query(#[source] sqlx::Error),
+}
+
+impl DbError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "unavailable",
+            Self::UniqueViolation { .. } => "unique_violation",
+            Self::ForeignKeyViolation => "foreign_key_violation",
+            Self::NotFound => "not_found",
+            Self::Query(_) => "query",
+        }
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Self::Unavailable(error.to_string()),
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                if db.is_unique_violation() {
+                    Self::UniqueViolation {
+                        constraint: db.constraint().map(str::to_owned),
+                    }
+                } else if db.is_foreign_key_violation() {
+                    Self::ForeignKeyViolation
+                } else if code.starts_with("08")
+                    || ["57P01", "57P02", "57P03", "57014", "53300"].contains(&code.as_ref())
+                    || ["5", "6", "517", "261"].contains(&code.as_ref())
+                {
+                    // PostgreSQL: connection exceptions, shutdown, cannot connect now,
+                    // statement timeout, too many connections. SQLite: busy, locked.
+                    Self::Unavailable(error.to_string())
+                } else {
+                    Self::Query(error)
+                }
+            }
+            _ => Self::Query(error),
+        }
+    }
+}
+
+impl ProblemError for DbError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UniqueViolation { .. } | Self::ForeignKeyViolation => StatusCode::CONFLICT,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Query(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "database-unavailable",
+            Self::UniqueViolation { .. } | Self::ForeignKeyViolation => "conflict",
+            Self::NotFound => "not-found",
+            Self::Query(_) => "internal",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "Database unavailable",
+            Self::UniqueViolation { .. } | Self::ForeignKeyViolation => "Conflict",
+            Self::NotFound => "Not found",
+            Self::Query(_) => "Internal server error",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            // The driver's text may name hosts; say only what the client can act on.
+            Self::Unavailable(_) => String::from("the database is unavailable; try again shortly"),
+            other => other.to_string(),
+        }
+    }
+
+    fn headers(&self) -> Vec<(header::HeaderName, HeaderValue)> {
+        match self {
+            Self::Unavailable(_) => vec![(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_get_create_mode_and_a_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nested/db.sqlite");
+        let (backend, url) = prepare_url(&format!("sqlite://{}", path.display())).expect("ok");
+        assert_eq!(backend, Backend::Sqlite);
+        assert!(url.ends_with("?mode=rwc"), "{url}");
+        assert!(path.parent().is_some_and(std::path::Path::is_dir));
+        let (_, url) = prepare_url("sqlite::memory:").expect("memory");
+        assert_eq!(url, "sqlite::memory:");
+        let (backend, _) = prepare_url("postgres://u:p@h/db").expect("pg");
+        assert_eq!(backend, Backend::Postgres);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
+        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+
+    #[tokio::test]
+    async fn sqlite_database_is_created_in_wal_mode_with_foreign_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = DatabaseConfig {
+            url: format!("sqlite://{}/data/t.db", dir.path().display()),
+            ..DatabaseConfig::default()
+        };
+        let db = Database::connect(&config).await.expect("connects");
+        assert!(dir.path().join("data/t.db").is_file());
+        let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+            .fetch_one(db.pool())
+            .await
+            .expect("pragma");
+        assert_eq!(mode.to_lowercase(), "wal");
+        let (fk,): (i64,) = sqlx::query_as("PRAGMA foreign_keys")
+            .fetch_one(db.pool())
+            .await
+            .expect("pragma");
+        assert_eq!(fk, 1);
+        assert_eq!(db.ping().await, CheckOutcome::up());
+    }
+
+    #[tokio::test]
+    async fn unique_violations_are_classified() {
+        let db = Database::connect(&DatabaseConfig {
+            url: "sqlite::memory:".into(),
+            max_connections: 1,
+            ..DatabaseConfig::default()
+        })
+        .await
+        .expect("connects");
+        let m = db.for_module("test");
+        m.run("create", sqlx::query("CREATE TABLE t (v TEXT UNIQUE)").execute(m.pool()))
+            .await
+            .expect("create");
+        m.run("insert", sqlx::query("INSERT INTO t (v) VALUES ($1)").bind("a").execute(m.pool()))
+            .await
+            .expect("first insert");
+        let err = m
+            .run("insert", sqlx::query("INSERT INTO t (v) VALUES ($1)").bind("a").execute(m.pool()))
+            .await
+            .expect_err("duplicate");
+        assert!(matches!(err, DbError::UniqueViolation { .. }), "{err:?}");
+        assert_eq!(err.status(), StatusCode::CONFLICT);
+    }
+}

@@ -1,0 +1,60 @@
+//! Storage every module uses: the database (sqlx; SQLite by default, PostgreSQL by URL),
+//! module migrations, and the cache (in-process by default, Redis by URL).
+//!
+//! Modules never hold a pool: their repository gets a [`ModuleDb`] and a [`ModuleCache`]
+//! from the [`ModuleContext`](crate::ModuleContext), labelled and namespaced with the
+//! module's name. The database is the source of truth; the cache only ever saves work.
+
+mod cache;
+mod database;
+mod migrate;
+
+pub use cache::{Cache, CacheError, CacheStore, ModuleCache};
+pub use database::{Backend, Database, DbError, ModuleDb};
+pub use migrate::{MIGRATIONS_TABLE, migrate};
+
+/// One schema migration of one module. Versions are per module and ascending; the applied
+/// set is recorded per module, so two modules' numbers never collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    /// Ascending version within the module.
+    pub version: u32,
+    /// A short description, e.g. `create users`.
+    pub name: &'static str,
+    /// The SQL for SQLite (several statements allowed).
+    pub sqlite: &'static str,
+    /// The SQL for PostgreSQL (several statements allowed).
+    pub postgres: &'static str,
+}
+
+/// The storage handles, shared through the context.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// The database.
+    pub database: Database,
+    /// The cache.
+    pub cache: Cache,
+}
+
+impl Storage {
+    /// Connects the database and builds the cache that `config` describes.
+    pub async fn connect(config: &crate::config::Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            database: Database::connect(&config.database).await?,
+            cache: Cache::from_config(&config.cache)?,
+        })
+    }
+
+    /// A private in-memory SQLite database (one connection) and an in-process cache: for
+    /// tests and tools.
+    pub async fn ephemeral() -> anyhow::Result<Self> {
+        let database = Database::connect(&crate::config::DatabaseConfig {
+            url: "sqlite::memory:".into(),
+            max_connections: 1,
+            ..Default::default()
+        })
+        .await?;
+        let cache = Cache::from_config(&crate::config::CacheConfig::default())?;
+        Ok(Self { database, cache })
+    }
+}

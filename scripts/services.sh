@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# PostgreSQL 15 and Redis 7 for the test suite, from Debian's packages, on private ports
+# with their data under /tmp (PostgreSQL must be able to traverse its data path).
+#
+#   scripts/services.sh install            install the packages if missing
+#   scripts/services.sh start [pg|redis]   start (both by default); prints the URLs
+#   scripts/services.sh stop  [pg|redis]   stop
+#   scripts/services.sh restart pg|redis   stop, then start
+#
+# Ports: TEST_PG_PORT (15432), TEST_REDIS_PORT (16379). State: $RUN/services.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-$PWD/.run}
+STATE="$RUN/services"
+PG_PORT=${TEST_PG_PORT:-15432}
+REDIS_PORT=${TEST_REDIS_PORT:-16379}
+PGBIN=/usr/lib/postgresql/15/bin
+mkdir -p "$STATE"
+
+as_postgres() {
+  if [ "$(id -u)" -eq 0 ]; then (cd /tmp && runuser -u postgres -- "$@"); else (cd /tmp && "$@"); fi
+}
+
+install_packages() {
+  local need=()
+  [ -x "$PGBIN/initdb" ] || need+=(postgresql)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "services: installing ${need[*]} (Debian packages)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
+
+pg_data() {
+  if [ ! -f "$STATE/pgdata.path" ]; then
+    local dir
+    dir=$(mktemp -d /tmp/trellis-pg.XXXXXX)
+    chmod 755 "$dir"
+    echo "$dir/data" >"$STATE/pgdata.path"
+  fi
+  cat "$STATE/pgdata.path"
+}
+
+pg_start() {
+  local data
+  data=$(pg_data)
+  if [ ! -f "$data/PG_VERSION" ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+      install -d -o postgres -g postgres -m 700 "$data"
+    else
+      install -d -m 700 "$data"
+    fi
+    as_postgres "$PGBIN/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 \
+      --locale=C.UTF-8 >/dev/null
+  fi
+  as_postgres "$PGBIN/pg_ctl" -D "$data" -l "$data/server.log" -w -t 30 \
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=$data \
+        -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null
+}
+
+pg_stop() {
+  local data
+  data=$(pg_data)
+  [ -f "$data/postmaster.pid" ] || return 0
+  as_postgres "$PGBIN/pg_ctl" -D "$data" -m fast -w -t 30 stop >/dev/null
+}
+
+redis_start() {
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --save '' \
+    --appendonly no --dir "$STATE" --pidfile "$STATE/redis.pid" --logfile "$STATE/redis.log"
+  for _ in $(seq 1 100); do
+    redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return 0
+    sleep 0.05
+  done
+  echo "services: redis did not start"; return 1
+}
+
+redis_stop() {
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  for _ in $(seq 1 100); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || return 0
+    sleep 0.05
+  done
+}
+
+urls() {
+  echo "TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+  echo "TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0"
+}
+
+what=${2:-all}
+case "${1:-}" in
+  install) install_packages ;;
+  start)
+    case $what in pg) pg_start ;; redis) redis_start ;; all) pg_start; redis_start ;; esac
+    urls ;;
+  stop)
+    case $what in pg) pg_stop ;; redis) redis_stop ;; all) redis_stop; pg_stop ;; esac ;;
+  restart)
+    case $what in pg) pg_stop; pg_start ;; redis) redis_stop; redis_start ;; esac ;;
+  *) echo "usage: $0 install|start|stop|restart [pg|redis|all]"; exit 2 ;;
+esac

@@ -1,0 +1,84 @@
+//! Storage through the module contract: the probe's own table, migrations and cache, on
+//! whichever backend the run selected (SQLite + in-process cache, or PostgreSQL + Redis).
+
+use serde_json::{Value, json};
+use sqlx::{Connection as _, Row as _};
+
+use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_on};
+
+async fn create_note(app: &TestApp, text: &str) -> Value {
+    let response = app.post_json("/api/v1/probe/notes", &json!({ "text": text })).await;
+    assert_eq!(response.status(), 201, "create {text}");
+    response.json().await.expect("json")
+}
+
+#[tokio::test]
+async fn notes_are_stored_read_through_the_cache_and_unique() {
+    let app = spawn_app().await;
+    let note = create_note(&app, "hello").await;
+    let id = note["id"].as_i64().expect("id");
+    assert_eq!(note["tag"], "none", "the second migration ran");
+
+    let first: Value = app.get(&format!("/api/v1/probe/notes/{id}")).await.json().await.expect("json");
+    assert_eq!((first["text"].as_str(), first["cached"].as_bool()), (Some("hello"), Some(false)));
+    let second: Value = app.get(&format!("/api/v1/probe/notes/{id}")).await.json().await.expect("json");
+    assert_eq!(second["cached"], true, "the second read comes from the cache");
+
+    let duplicate = app.post_json("/api/v1/probe/notes", &json!({"text": "hello"})).await;
+    let problem = assert_problem(duplicate, 409).await;
+    assert_eq!(problem["type"], "urn:trellis:problem:conflict");
+    assert_problem(app.get("/api/v1/probe/notes/999999").await, 404).await;
+}
+
+#[tokio::test]
+async fn migrations_are_recorded_per_module_and_not_rerun_on_restart() {
+    let app = spawn_app().await;
+    let note = create_note(&app, "survives a restart").await;
+    let storage = app.stop_keeping_storage().await;
+
+    let app = spawn_app_on(storage, &[]).await;
+    let id = note["id"].as_i64().expect("id");
+    let again: Value = app.get(&format!("/api/v1/probe/notes/{id}")).await.json().await.expect("json");
+    assert_eq!(again["text"], "survives a restart");
+
+    let url = app
+        .storage
+        .settings
+        .iter()
+        .find(|(key, _)| *key == "database.url")
+        .map(|(_, url)| url.clone())
+        .expect("database url");
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    let rows = sqlx::query("SELECT module, version FROM trellis_migrations ORDER BY module, version")
+        .fetch_all(&mut conn)
+        .await
+        .expect("migrations table");
+    let applied: Vec<(String, i64)> = rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect();
+    assert_eq!(applied, [("probe".to_owned(), 1), ("probe".to_owned(), 2)]);
+}
+
+#[tokio::test]
+async fn storage_metrics_are_exported() {
+    let app = spawn_app().await;
+    let note = create_note(&app, "measured").await;
+    let id = note["id"].as_i64().expect("id");
+    for _ in 0..2 {
+        app.get(&format!("/api/v1/probe/notes/{id}")).await;
+    }
+    let text = app.get("/metrics").await.text().await.expect("text");
+    for needle in [
+        r#"db_query_duration_seconds_bucket{module="probe",operation="insert_note""#,
+        r#"db_query_duration_seconds_count{module="probe",operation="find_note"}"#,
+        r#"db_pool_connections{state="idle"}"#,
+        r#"db_pool_connections{state="in_use"}"#,
+        r#"cache_hits_total{module="probe"}"#,
+        r#"cache_misses_total{module="probe"}"#,
+        "# TYPE cache_up gauge",
+    ] {
+        assert!(text.contains(needle), "missing {needle}");
+    }
+}
