@@ -22,7 +22,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 start() { # start NAME BINARY PORT [ENV...]
   local name=$1 bin=$2 port=$3; shift 3
-  env TRELLIS_PROFILE=test TRELLIS_SERVER__PORT="$port" "$@" "$bin" >"$work/$name.log" 2>&1 &
+  env TRELLIS_PROFILE=test TRELLIS_SERVER__PORT="$port" \
+    TRELLIS_DATABASE__URL="sqlite://$work/$name.db" "$@" "$bin" >"$work/$name.log" 2>&1 &
   pids+=("$!")
   for _ in $(seq 1 200); do
     curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null && return 0

@@ -48,6 +48,9 @@ pg_data() {
 pg_start() {
   local data
   data=$(pg_data)
+  if [ -f "$data/PG_VERSION" ] && as_postgres "$PGBIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    return 0
+  fi
   if [ ! -f "$data/PG_VERSION" ]; then
     if [ "$(id -u)" -eq 0 ]; then
       install -d -o postgres -g postgres -m 700 "$data"
@@ -71,6 +74,7 @@ pg_stop() {
 }
 
 redis_start() {
+  redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return 0
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --save '' \
     --appendonly no --dir "$STATE" --pidfile "$STATE/redis.pid" --logfile "$STATE/redis.log"
   for _ in $(seq 1 100); do

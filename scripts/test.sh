@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole Trellis test suite, from a clean clone: installs what it needs, then runs
-# formatting, lints, the feature-subset builds, every Rust test, and the end-to-end checks
-# (promtool, Swagger UI in headless Chromium, schemathesis) against running servers.
+# formatting, lints, the feature-subset builds, every Rust test on SQLite + the in-process
+# cache, the integration tests again on PostgreSQL 15 + Redis 7 (started here), the fault
+# tests, and the end-to-end checks (promtool, Swagger UI in headless Chromium,
+# schemathesis) against running servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUN=${RUN:-$PWD/.run}
@@ -33,6 +35,20 @@ done
 
 step "cargo test (workspace, all features)"
 cargo test --workspace --all-features
+
+step "PostgreSQL 15 + Redis 7: install and start"
+scripts/services.sh install
+services_env=$(scripts/services.sh start)
+trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
+echo "$services_env"
+pg_redis() { env $services_env "$@"; }
+
+step "integration tests on PostgreSQL + Redis"
+pg_redis cargo test -p trellis-tests --test api
+
+step "fault tests: Redis outage and PostgreSQL restart under load"
+pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" \
+  cargo test -p trellis-tests --test api faults -- --ignored --test-threads=1 --nocapture
 
 step "feature subsets: each binary serves and documents exactly its modules"
 for subset in "${subsets[@]}"; do

@@ -414,8 +414,13 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         problems.push("`server.request_timeout_ms`: must be greater than 0".into());
     }
     let db = &config.database;
-    if !(db.url.starts_with("sqlite:") || db.url.starts_with("postgres://") || db.url.starts_with("postgresql://")) {
-        problems.push("`database.url`: must start with `sqlite:`, `postgres://` or `postgresql://`".into());
+    if !(db.url.starts_with("sqlite:")
+        || db.url.starts_with("postgres://")
+        || db.url.starts_with("postgresql://"))
+    {
+        problems.push(
+            "`database.url`: must start with `sqlite:`, `postgres://` or `postgresql://`".into(),
+        );
     }
     if db.max_connections == 0 || db.min_connections > db.max_connections {
         problems.push("`database.max_connections`: must be at least 1 and at least `database.min_connections`".into());
@@ -424,14 +429,21 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         problems.push("`database.acquire_timeout_ms`: must be greater than 0".into());
     }
     let cache = &config.cache;
-    if !(cache.url.is_empty() || cache.url.starts_with("redis://") || cache.url.starts_with("rediss://")) {
-        problems.push("`cache.url`: must be empty (in-process) or start with `redis://` or `rediss://`".into());
+    if !(cache.url.is_empty()
+        || cache.url.starts_with("redis://")
+        || cache.url.starts_with("rediss://"))
+    {
+        problems.push(
+            "`cache.url`: must be empty (in-process) or start with `redis://` or `rediss://`"
+                .into(),
+        );
     }
     if cache.prefix.is_empty() || cache.prefix.contains(char::is_whitespace) {
         problems.push("`cache.prefix`: must be non-empty, without spaces".into());
     }
     if cache.timeout_ms == 0 || cache.max_connections == 0 {
-        problems.push("`cache.timeout_ms` and `cache.max_connections`: must be greater than 0".into());
+        problems
+            .push("`cache.timeout_ms` and `cache.max_connections`: must be greater than 0".into());
     }
     let buckets = &config.metrics.latency_buckets;
     if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) {

@@ -77,6 +77,32 @@ fn describe() {
         HTTP_REQUESTS_IN_FLIGHT,
         "HTTP requests being served right now."
     );
+    describe_histogram!(
+        DB_QUERY_DURATION_SECONDS,
+        Unit::Seconds,
+        "Database query duration, by module and operation."
+    );
+    describe_counter!(
+        DB_QUERY_ERRORS_TOTAL,
+        "Failed database queries, by module, operation and kind."
+    );
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        "Pooled database connections, by state (in_use, idle)."
+    );
+    describe_counter!(
+        CACHE_HITS_TOTAL,
+        "Cache reads that found a value, by module."
+    );
+    describe_counter!(
+        CACHE_MISSES_TOTAL,
+        "Cache reads that found nothing or failed, by module."
+    );
+    describe_counter!(
+        CACHE_ERRORS_TOTAL,
+        "Cache operations that failed, by operation."
+    );
+    describe_gauge!(CACHE_UP, "1 while the cache answers, 0 during an outage.");
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the labels carry the version, commit and build number."

@@ -259,12 +259,19 @@ impl NoteRepo {
             .db
             .run(
                 "insert_note",
-                sqlx::query_as("INSERT INTO probe_notes (text) VALUES ($1) RETURNING id, text, tag")
-                    .bind(text)
-                    .fetch_one(self.db.pool()),
+                sqlx::query_as(
+                    "INSERT INTO probe_notes (text) VALUES ($1) RETURNING id, text, tag",
+                )
+                .bind(text)
+                .fetch_one(self.db.pool()),
             )
             .await?;
-        Ok(Note { id, text, tag, cached: false })
+        Ok(Note {
+            id,
+            text,
+            tag,
+            cached: false,
+        })
     }
 
     async fn find(&self, id: i64) -> Result<Option<Note>, DbError> {
@@ -282,7 +289,12 @@ impl NoteRepo {
                     .fetch_optional(self.db.pool()),
             )
             .await?;
-        let note = row.map(|(id, text, tag)| Note { id, text, tag, cached: false });
+        let note = row.map(|(id, text, tag)| Note {
+            id,
+            text,
+            tag,
+            cached: false,
+        });
         if let Some(note) = &note {
             self.cache.set_json(&key, note, NOTE_TTL).await;
         }
@@ -395,7 +407,8 @@ impl ProbeApi {
     #[oai(path = "/notes/:id", method = "get", operation_id = "probeGetNote")]
     async fn get_note(
         &self,
-        /// The note id.
+        /// The note id (ids stay within JavaScript's safe integers).
+        #[oai(validator(minimum(value = "1"), maximum(value = "9007199254740991")))]
         id: Path<i64>,
     ) -> GetNoteResponse {
         match self.notes.find(id.0).await {

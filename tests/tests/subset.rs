@@ -46,9 +46,14 @@ async fn binary_serves_exactly_the_selected_modules() {
         .map(|a| a.port())
         .expect("free port");
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let data = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(&bin)
         .current_dir(workspace)
         .env("TRELLIS_PROFILE", "test")
+        .env(
+            "TRELLIS_DATABASE__URL",
+            format!("sqlite://{}/subset.db", data.path().display()),
+        )
         .env("TRELLIS_SERVER__PORT", port.to_string())
         .stdout(Stdio::null())
         .spawn()

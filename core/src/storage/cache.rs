@@ -134,9 +134,7 @@ impl Cache {
             }
             Err(error) => {
                 self.record_error("ping", &error);
-                CheckOutcome::degraded(format!(
-                    "{error}; requests fall back to the database"
-                ))
+                CheckOutcome::degraded(format!("{error}; requests fall back to the database"))
             }
         }
     }
@@ -411,7 +409,9 @@ impl RedisStore {
                 .get()
                 .await
                 .map_err(|e| CacheError::Unavailable(e.to_string()))?;
-            op(conn).await.map_err(|e| CacheError::Unavailable(e.to_string()))
+            op(conn)
+                .await
+                .map_err(|e| CacheError::Unavailable(e.to_string()))
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -471,7 +471,10 @@ impl CacheStore for RedisStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
         Box::pin(self.run(|mut conn| async move {
-            redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ())
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(|_| ())
         }))
     }
 
@@ -503,7 +506,9 @@ mod tests {
     #[tokio::test]
     async fn json_round_trips_and_delete_removes() {
         let cache = memory().for_module("m");
-        cache.set_json("k", &vec![1, 2, 3], Duration::from_secs(5)).await;
+        cache
+            .set_json("k", &vec![1, 2, 3], Duration::from_secs(5))
+            .await;
         assert_eq!(cache.get_json::<Vec<i32>>("k").await, Some(vec![1, 2, 3]));
         cache.delete("k").await.expect("deleted");
         assert_eq!(cache.get_json::<Vec<i32>>("k").await, None);
@@ -526,7 +531,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(cache.incr("hits", 1, ttl).await.expect("new window"), 1);
         cache.set("text", b"x".to_vec(), ttl).await;
-        assert!(matches!(cache.incr("text", 1, ttl).await, Err(CacheError::NotAnInteger)));
+        assert!(matches!(
+            cache.incr("text", 1, ttl).await,
+            Err(CacheError::NotAnInteger)
+        ));
     }
 
     #[tokio::test]

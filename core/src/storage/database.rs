@@ -106,7 +106,9 @@ impl Database {
     pub async fn ping(&self) -> CheckOutcome {
         match sqlx::query("SELECT 1").execute(&self.pool).await {
             Ok(_) => CheckOutcome::up(),
-            Err(error) => CheckOutcome::down(format!("{} unreachable: {error}", self.backend.as_str())),
+            Err(error) => {
+                CheckOutcome::down(format!("{} unreachable: {error}", self.backend.as_str()))
+            }
         }
     }
 
@@ -142,7 +144,10 @@ fn prepare_url(url: &str) -> anyhow::Result<(Backend, String)> {
         && !parent.as_os_str().is_empty()
     {
         std::fs::create_dir_all(parent).with_context(|| {
-            format!("`database.url`: cannot create the folder {}", parent.display())
+            format!(
+                "`database.url`: cannot create the folder {}",
+                parent.display()
+            )
         })?;
     }
     let url = if query.split('&').any(|p| p.starts_with("mode=")) {
@@ -343,7 +348,10 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
         assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
     }
 
@@ -379,14 +387,27 @@ mod tests {
         .await
         .expect("connects");
         let m = db.for_module("test");
-        m.run("create", sqlx::query("CREATE TABLE t (v TEXT UNIQUE)").execute(m.pool()))
-            .await
-            .expect("create");
-        m.run("insert", sqlx::query("INSERT INTO t (v) VALUES ($1)").bind("a").execute(m.pool()))
-            .await
-            .expect("first insert");
+        m.run(
+            "create",
+            sqlx::query("CREATE TABLE t (v TEXT UNIQUE)").execute(m.pool()),
+        )
+        .await
+        .expect("create");
+        m.run(
+            "insert",
+            sqlx::query("INSERT INTO t (v) VALUES ($1)")
+                .bind("a")
+                .execute(m.pool()),
+        )
+        .await
+        .expect("first insert");
         let err = m
-            .run("insert", sqlx::query("INSERT INTO t (v) VALUES ($1)").bind("a").execute(m.pool()))
+            .run(
+                "insert",
+                sqlx::query("INSERT INTO t (v) VALUES ($1)")
+                    .bind("a")
+                    .execute(m.pool()),
+            )
             .await
             .expect_err("duplicate");
         assert!(matches!(err, DbError::UniqueViolation { .. }), "{err:?}");

@@ -22,7 +22,7 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS trellis_migrations (
 )";
 
 /// Serialises concurrent starts on PostgreSQL (any constant shared by all instances).
-const PG_LOCK_KEY: i64 = 0x7472_656c_6c69_73;
+const PG_LOCK_KEY: i64 = 0x0074_7265_6c6c_6973;
 
 /// Applies the pending migrations of `modules` (in the given order); returns how many ran.
 pub async fn migrate(
@@ -185,11 +185,21 @@ mod tests {
                 postgres: "",
             },
         ];
-        let err = migrate(&db, &[("widget", &BROKEN[..])]).await.expect_err("fails");
+        let err = migrate(&db, &[("widget", &BROKEN[..])])
+            .await
+            .expect_err("fails");
         let text = format!("{err:#}");
-        assert!(text.contains("module `widget`: migration 2 `broken` failed"), "{text}");
-        let partial = sqlx::query("SELECT 1 FROM ok_part").execute(db.pool()).await;
-        assert!(partial.is_err(), "the failed migration's first statement was rolled back");
+        assert!(
+            text.contains("module `widget`: migration 2 `broken` failed"),
+            "{text}"
+        );
+        let partial = sqlx::query("SELECT 1 FROM ok_part")
+            .execute(db.pool())
+            .await;
+        assert!(
+            partial.is_err(),
+            "the failed migration's first statement was rolled back"
+        );
     }
 
     #[tokio::test]
@@ -197,12 +207,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = db(&dir).await;
         static ORIGINAL: [Migration; 1] = [V1];
-        migrate(&db, &[("widget", &ORIGINAL[..])]).await.expect("applies");
+        migrate(&db, &[("widget", &ORIGINAL[..])])
+            .await
+            .expect("applies");
         static EDITED: [Migration; 1] = [Migration {
             sqlite: "CREATE TABLE widgets (id INTEGER PRIMARY KEY)",
             ..V1
         }];
-        let err = migrate(&db, &[("widget", &EDITED[..])]).await.expect_err("edited");
+        let err = migrate(&db, &[("widget", &EDITED[..])])
+            .await
+            .expect_err("edited");
         assert!(format!("{err:#}").contains("was changed after it was applied"));
     }
 

@@ -55,7 +55,10 @@ impl TestStorage {
             settings.push(("cache.url", redis));
             settings.push(("cache.prefix", format!("t-{id}")));
         }
-        Self { _dir: dir, settings }
+        Self {
+            _dir: dir,
+            settings,
+        }
     }
 
     /// The settings as `TRELLIS_*` environment variables, for a server process.
@@ -63,7 +66,10 @@ impl TestStorage {
         self.settings
             .iter()
             .map(|(key, value)| {
-                (format!("TRELLIS_{}", key.replace('.', "__").to_uppercase()), value.clone())
+                (
+                    format!("TRELLIS_{}", key.replace('.', "__").to_uppercase()),
+                    value.clone(),
+                )
             })
             .collect()
     }
@@ -72,10 +78,14 @@ impl TestStorage {
 async fn create_postgres_database(admin: &str, name: &str) -> String {
     use sqlx::{Connection as _, Executor as _};
     sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(admin).await.expect("PostgreSQL admin connection");
-    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))))
+    let mut conn = sqlx::AnyConnection::connect(admin)
         .await
-        .expect("CREATE DATABASE");
+        .expect("PostgreSQL admin connection");
+    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name}"
+    ))))
+    .await
+    .expect("CREATE DATABASE");
     let base = admin.rsplit_once('/').map_or(admin, |(base, _)| base);
     format!("{base}/{name}")
 }

@@ -4,6 +4,7 @@ mod helpers;
 
 mod common;
 mod errors;
+mod faults;
 mod middleware;
 mod openapi;
 mod process;

@@ -143,7 +143,11 @@ async fn unknown_config_key_in_a_file_stops_start_up() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("extra.toml");
     std::fs::write(&file, "[server]\nbody_limit = 5\n").expect("write");
-    let output = server(0, &storage).arg("--config").arg(&file).output().expect("runs");
+    let output = server(0, &storage)
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .expect("runs");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("body_limit"), "{stderr}");
@@ -227,7 +231,13 @@ async fn the_embedded_default_creates_its_sqlite_database_and_needs_no_service()
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.expect("json");
     assert_eq!(body["status"], "up", "{body}");
-    assert!(dir.path().join("data/trellis.db").is_file(), "data/trellis.db was created");
+    assert!(
+        dir.path().join("data/trellis.db").is_file(),
+        "data/trellis.db was created"
+    );
     terminate(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)).code(), Some(0));
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
 }

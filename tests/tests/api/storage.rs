@@ -7,7 +7,9 @@ use sqlx::{Connection as _, Row as _};
 use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_on};
 
 async fn create_note(app: &TestApp, text: &str) -> Value {
-    let response = app.post_json("/api/v1/probe/notes", &json!({ "text": text })).await;
+    let response = app
+        .post_json("/api/v1/probe/notes", &json!({ "text": text }))
+        .await;
     assert_eq!(response.status(), 201, "create {text}");
     response.json().await.expect("json")
 }
@@ -19,12 +21,30 @@ async fn notes_are_stored_read_through_the_cache_and_unique() {
     let id = note["id"].as_i64().expect("id");
     assert_eq!(note["tag"], "none", "the second migration ran");
 
-    let first: Value = app.get(&format!("/api/v1/probe/notes/{id}")).await.json().await.expect("json");
-    assert_eq!((first["text"].as_str(), first["cached"].as_bool()), (Some("hello"), Some(false)));
-    let second: Value = app.get(&format!("/api/v1/probe/notes/{id}")).await.json().await.expect("json");
-    assert_eq!(second["cached"], true, "the second read comes from the cache");
+    let first: Value = app
+        .get(&format!("/api/v1/probe/notes/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (first["text"].as_str(), first["cached"].as_bool()),
+        (Some("hello"), Some(false))
+    );
+    let second: Value = app
+        .get(&format!("/api/v1/probe/notes/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        second["cached"], true,
+        "the second read comes from the cache"
+    );
 
-    let duplicate = app.post_json("/api/v1/probe/notes", &json!({"text": "hello"})).await;
+    let duplicate = app
+        .post_json("/api/v1/probe/notes", &json!({"text": "hello"}))
+        .await;
     let problem = assert_problem(duplicate, 409).await;
     assert_eq!(problem["type"], "urn:trellis:problem:conflict");
     assert_problem(app.get("/api/v1/probe/notes/999999").await, 404).await;
@@ -38,7 +58,12 @@ async fn migrations_are_recorded_per_module_and_not_rerun_on_restart() {
 
     let app = spawn_app_on(storage, &[]).await;
     let id = note["id"].as_i64().expect("id");
-    let again: Value = app.get(&format!("/api/v1/probe/notes/{id}")).await.json().await.expect("json");
+    let again: Value = app
+        .get(&format!("/api/v1/probe/notes/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(again["text"], "survives a restart");
 
     let url = app
@@ -50,10 +75,11 @@ async fn migrations_are_recorded_per_module_and_not_rerun_on_restart() {
         .expect("database url");
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect");
-    let rows = sqlx::query("SELECT module, version FROM trellis_migrations ORDER BY module, version")
-        .fetch_all(&mut conn)
-        .await
-        .expect("migrations table");
+    let rows =
+        sqlx::query("SELECT module, version FROM trellis_migrations ORDER BY module, version")
+            .fetch_all(&mut conn)
+            .await
+            .expect("migrations table");
     let applied: Vec<(String, i64)> = rows
         .iter()
         .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
@@ -80,5 +106,14 @@ async fn storage_metrics_are_exported() {
         "# TYPE cache_up gauge",
     ] {
         assert!(text.contains(needle), "missing {needle}");
+    }
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+        }
     }
 }
