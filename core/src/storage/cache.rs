@@ -147,6 +147,10 @@ impl Cache {
     }
 
     fn record_error(&self, operation: &'static str, error: &CacheError) {
+        if matches!(error, CacheError::NotAnInteger) {
+            // The store answered: a caller's mistake, not an outage.
+            return;
+        }
         metrics::counter!(CACHE_ERRORS_TOTAL, "operation" => operation).increment(1);
         if !self.down.swap(true, Ordering::Relaxed) {
             metrics::gauge!(CACHE_UP).set(0.0);

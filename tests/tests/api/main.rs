@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod cache;
 mod common;
 mod errors;
 mod faults;
