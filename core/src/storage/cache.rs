@@ -413,9 +413,14 @@ impl RedisStore {
                 .get()
                 .await
                 .map_err(|e| CacheError::Unavailable(e.to_string()))?;
-            op(conn)
-                .await
-                .map_err(|e| CacheError::Unavailable(e.to_string()))
+            op(conn).await.map_err(|e| {
+                // The server answered with an error about the value: not an outage.
+                if e.to_string().contains("not an integer") {
+                    CacheError::NotAnInteger
+                } else {
+                    CacheError::Unavailable(e.to_string())
+                }
+            })
         };
         tokio::time::timeout(self.timeout, work)
             .await
