@@ -62,12 +62,16 @@ done
 echo "rendered $(grep -o 'opblock-summary-path' "$dom" | wc -l) operations"
 
 echo "e2e: schemathesis on the default server"
-schemathesis "$port"
+# registerUser is left out: schemathesis 4 (checked 4.25 and 4.32) generates, in every
+# phase, a body with the literal key "/password" (a mutation meant for the property
+# `password`) and judges the response by the mutation it meant to make, a false failure
+# whichever way the server answers. The integration tests cover registration instead.
+schemathesis "$port" --exclude-operation-id registerUser
 
 echo "e2e: schemathesis on the test server (probe fixture)"
 tport=$(free_port)
 start test-server target/debug/trellis-test-server "$tport"
 schemathesis "$tport" --exclude-operation-id probePanic --exclude-operation-id probeUnhandled \
-  --exclude-operation-id probeSlow
+  --exclude-operation-id probeSlow --exclude-operation-id registerUser
 
 echo "e2e: passed"

@@ -26,6 +26,7 @@ step "feature subsets: build the server with each module selection"
 subsets=(
   "none||"
   "common|common|common"
+  "common-user|common,user|common,user"
 )
 for subset in "${subsets[@]}"; do
   IFS='|' read -r name features _ <<<"$subset"

@@ -344,7 +344,9 @@ impl ConfigSources {
 
     /// Reads and checks the whole configuration.
     pub fn load(&self) -> Result<LoadedConfig, ConfigError> {
-        LoadedConfig::from_figment(self.figment()?)
+        let mut loaded = LoadedConfig::from_figment(self.figment()?)?;
+        loaded.profile = self.profile.clone();
+        Ok(loaded)
     }
 }
 
@@ -353,6 +355,8 @@ impl ConfigSources {
 pub struct LoadedConfig {
     /// The typed configuration.
     pub config: Config,
+    /// The profile the layers were read for (`dev`, `test`, `production`, ...).
+    pub profile: String,
     figment: Figment,
 }
 
@@ -361,14 +365,19 @@ impl LoadedConfig {
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         let config: Config = figment.extract().map_err(ConfigError::from)?;
         validate(&config)?;
-        Ok(Self { config, figment })
+        Ok(Self {
+            config,
+            profile: String::from("dev"),
+            figment,
+        })
     }
 
-    /// Built-in defaults only (for tests and tools).
+    /// Built-in defaults only, profile `dev` (for tests and tools).
     pub fn defaults() -> Self {
         let figment = Figment::from(Serialized::defaults(Config::default()));
         Self {
             config: Config::default(),
+            profile: String::from("dev"),
             figment,
         }
     }
@@ -376,7 +385,11 @@ impl LoadedConfig {
     /// Sets `key` (dotted, e.g. `server.port`) to `value` on top of every layer.
     pub fn set(mut self, key: &str, value: impl Serialize) -> Result<Self, ConfigError> {
         self.figment = self.figment.merge(Serialized::default(key, value));
-        Self::from_figment(self.figment)
+        let profile = self.profile;
+        Ok(Self {
+            profile,
+            ..Self::from_figment(self.figment)?
+        })
     }
 
     /// Extracts `[modules.<module>]` into `T`; a missing section yields `T`'s defaults.

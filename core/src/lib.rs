@@ -2,20 +2,24 @@
 //!
 //! - the [`Module`] contract, its [`ModuleBuilder`] and the registry ([`registered_modules`]);
 //! - [`assemble`]: the start-up step that builds and wires the modules;
-//! - the [`bus`] (request/response and publish/subscribe between modules);
+//! - the [`bus`] (request/response and publish/subscribe between modules), the
+//!   [`contracts`] modules share, and [`auth`], the authentication extension point;
 //! - [`config`] (figment layers), [`telemetry`] (tracing) and [`metrics`] (Prometheus);
 //! - [`problem`]: `application/problem+json` errors; [`payload`]: strict JSON bodies;
-//! - [`readiness`] checks, [`events`] handler tables and [`storage`] declarations.
+//! - [`readiness`] checks, [`events`] handler tables and [`storage`] (database, migrations,
+//!   cache).
 //!
 //! Core depends on no module. Modules depend on core only, never on each other.
 
 #![warn(missing_docs)]
 
 mod assembly;
+pub mod auth;
 mod builder;
 pub mod bus;
 pub mod config;
 mod context;
+pub mod contracts;
 pub mod events;
 pub mod metrics;
 mod module;

@@ -240,6 +240,17 @@ impl Checker<'_> {
                         self.push(&field, "is required");
                     }
                 }
+                if schema.additional_properties.is_none() && !schema.properties.is_empty() {
+                    // Request bodies are closed (the document says
+                    // `additionalProperties: false`): a misspelt field is an error, not
+                    // silently ignored.
+                    for name in map.keys() {
+                        if schema.properties.iter().all(|(p, _)| p != name) {
+                            let field = child(pointer, name);
+                            self.push(&field, "is not a known field");
+                        }
+                    }
+                }
                 for (name, property) in &schema.properties {
                     if let Some(v) = map.get(*name) {
                         let len = pointer.len();
@@ -488,6 +499,16 @@ mod tests {
             .into_iter()
             .map(|v| (v.field, v.message))
             .collect()
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let found = fields(json!({
+            "name": "a", "count": 3, "score": 1.0, "inner": {"code": "a", "extra": 1},
+            "items": [], "nmae": "typo"
+        }));
+        let pointers: Vec<&str> = found.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(pointers, ["/nmae", "/inner/extra"], "{found:?}");
     }
 
     #[test]

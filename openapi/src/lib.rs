@@ -273,12 +273,85 @@ pub fn service(api: ModulesApi, build: &BuildInfo) -> OpenApiService<ModulesApi,
 
 /// The document of the compiled-in modules, as pretty JSON, without starting anything.
 pub fn document_json(build: &BuildInfo) -> String {
-    service(ModulesApi::document_only(), build).spec()
+    finish_document(&service(ModulesApi::document_only(), build).spec())
 }
 
 /// The document of the compiled-in modules, as YAML.
 pub fn document_yaml(build: &BuildInfo) -> String {
-    service(ModulesApi::document_only(), build).spec_yaml()
+    to_yaml(&document_json(build))
+}
+
+/// The JSON document as YAML.
+pub fn to_yaml(json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|value| serde_yaml::to_string(&value).ok())
+        .unwrap_or_default()
+}
+
+/// Completes what poem-openapi cannot express: request bodies are closed objects. Every
+/// object schema reachable from a request body gets `additionalProperties: false`, which
+/// `trellis_core::payload::JsonBody` enforces (an unknown field is named in the problem).
+pub fn finish_document(spec: &str) -> String {
+    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(spec) else {
+        return spec.to_owned();
+    };
+    let mut pending: Vec<String> = Vec::new();
+    if let Some(paths) = doc["paths"].as_object() {
+        for op in paths
+            .values()
+            .filter_map(|p| p.as_object())
+            .flat_map(|p| p.values())
+        {
+            if let Some(content) = op["requestBody"]["content"].as_object() {
+                for media in content.values() {
+                    collect_refs(&media["schema"], &mut pending);
+                }
+            }
+        }
+    }
+    let mut closed = std::collections::BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if !closed.insert(name.clone()) {
+            continue;
+        }
+        let Some(schema) = doc["components"]["schemas"].get_mut(&name) else {
+            continue;
+        };
+        collect_refs(schema, &mut pending);
+        if schema["type"] == "object"
+            && schema["properties"]
+                .as_object()
+                .is_some_and(|p| !p.is_empty())
+            && schema.get("additionalProperties").is_none()
+            && let Some(object) = schema.as_object_mut()
+        {
+            object.insert(
+                "additionalProperties".into(),
+                serde_json::Value::Bool(false),
+            );
+        }
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|_| spec.to_owned())
+}
+
+fn collect_refs(schema: &serde_json::Value, out: &mut Vec<String>) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            if let Some(name) = map
+                .get("$ref")
+                .and_then(|r| r.as_str())
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+            {
+                out.push(name.to_owned());
+            }
+            for value in map.values() {
+                collect_refs(value, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
+    }
 }
 
 /// A module's route as the router knows it: its OpenAPI template and allowed methods.

@@ -105,14 +105,16 @@ impl Application {
         let service =
             trellis_openapi::service(ModulesApi::mounted(apis, (*routes).clone()), &build);
 
+        let json = trellis_openapi::finish_document(&service.spec());
+        let yaml = trellis_openapi::to_yaml(&json);
         let mut app = Route::new()
             .at(
                 "/openapi.json",
-                RecordRoute::new("/openapi.json", service.spec_endpoint()),
+                RecordRoute::new("/openapi.json", static_text("application/json", json)),
             )
             .at(
                 "/openapi.yaml",
-                RecordRoute::new("/openapi.yaml", service.spec_endpoint_yaml()),
+                RecordRoute::new("/openapi.yaml", static_text("application/yaml", yaml)),
             )
             .nest("/docs", RecordRoute::new("/docs", service.swagger_ui()));
         if ctx.config().metrics.enabled {
@@ -139,7 +141,9 @@ impl Application {
                 ),
             );
         }
-        let app = app.nest("/", service);
+        // The bus rides along with each request so that the bearer-token checker in core
+        // can ask the module that authenticates.
+        let app = app.nest("/", service).data(ctx.bus().clone());
 
         let cors = &server.cors;
         let cors_enabled = !cors.allowed_origins.is_empty();
@@ -241,6 +245,15 @@ impl Application {
         tracing::info!("trellis stopped");
         Ok(())
     }
+}
+
+/// Serves a fixed text body.
+fn static_text(content_type: &'static str, body: String) -> impl poem::Endpoint<Output = Response> {
+    make_sync(move |_| {
+        Response::builder()
+            .content_type(content_type)
+            .body(body.clone())
+    })
 }
 
 /// Core's readiness checks: the database (down when unreachable) and the cache

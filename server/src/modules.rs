@@ -4,3 +4,5 @@
 
 #[cfg(feature = "common")]
 use trellis_common as _;
+#[cfg(feature = "user")]
+use trellis_user as _;

@@ -1,0 +1,95 @@
+//! The `user` module: accounts (register, read, update, soft delete), UTM attribution
+//! details, and the listing administrators use.
+//!
+//! - `api`: poem-openapi types; parses input into `domain` types and maps `error`s.
+//! - `app`: the rules (who may see whom, hashing off the async runtime, events).
+//! - `repo`: SQL and nothing else.
+//!
+//! It answers the identity requests of `trellis_core::contracts` on the bus, so `auth`
+//! can check credentials without depending on this crate, and publishes `UserRegistered`,
+//! `UserUpdated` and `UserDeleted`.
+
+mod api;
+mod app;
+mod domain;
+mod error;
+mod password;
+mod repo;
+
+use serde::Deserialize;
+use trellis_core::{
+    Module, ModuleBuilder, ModuleRegistration,
+    contracts::{EnsureUser, FindUser, VerifyCredentials},
+};
+
+use crate::app::Users;
+
+/// `[modules.user]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    /// Page size of `GET /api/v1/users` when the client gives none.
+    pub default_page_size: u32,
+    /// Largest page size a client may ask for.
+    pub max_page_size: u32,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        Self {
+            default_page_size: 20,
+            max_page_size: 100,
+        }
+    }
+}
+
+/// The module.
+pub struct UserModule;
+
+impl Module for UserModule {
+    fn name(&self) -> &'static str {
+        "user"
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn description(&self) -> &'static str {
+        "User accounts, profiles and UTM attribution details."
+    }
+
+    fn build(&self, module: &mut ModuleBuilder) {
+        module
+            .config::<UserConfig>()
+            .migrations(repo::MIGRATIONS)
+            .api(|ctx| Ok(api::UserApi::new(Users::from_context(ctx)?)))
+            .handle(|ctx| {
+                let users = Users::from_context(ctx)?;
+                Ok(move |request: VerifyCredentials| {
+                    let users = users.clone();
+                    async move {
+                        users
+                            .verify_credentials(&request.email, request.password)
+                            .await
+                    }
+                })
+            })
+            .handle(|ctx| {
+                let users = Users::from_context(ctx)?;
+                Ok(move |request: FindUser| {
+                    let users = users.clone();
+                    async move { users.find_identity(&request.id).await }
+                })
+            })
+            .handle(|ctx| {
+                let users = Users::from_context(ctx)?;
+                Ok(move |request: EnsureUser| {
+                    let users = users.clone();
+                    async move { users.ensure(request).await }
+                })
+            });
+    }
+}
+
+trellis_core::inventory::submit! { ModuleRegistration::of(&UserModule) }

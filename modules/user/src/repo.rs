@@ -1,0 +1,318 @@
+//! The user module's SQL: the only code that touches its tables. One statement per
+//! function; `$n` placeholders run on SQLite and PostgreSQL alike.
+
+use trellis_core::storage::{DbError, Migration, ModuleDb};
+
+use crate::domain::{Details, UserChanges};
+
+/// `users` and `user_details`. E-mails are unique among active accounts only, so an
+/// address frees up when its account is deleted.
+pub static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create users and user_details",
+    sqlite: "
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            first_name TEXT NOT NULL,
+            last_name TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            deleted_at BIGINT
+        );
+        CREATE UNIQUE INDEX users_email_active ON users (email) WHERE deleted_at IS NULL;
+        CREATE TABLE user_details (
+            user_id TEXT PRIMARY KEY REFERENCES users (id),
+            utm_source TEXT,
+            utm_campaign TEXT,
+            utm_medium TEXT,
+            utm_content TEXT,
+            updated_at BIGINT NOT NULL
+        );",
+    postgres: "
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            first_name TEXT NOT NULL,
+            last_name TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            deleted_at BIGINT
+        );
+        CREATE UNIQUE INDEX users_email_active ON users (email) WHERE deleted_at IS NULL;
+        CREATE TABLE user_details (
+            user_id TEXT PRIMARY KEY REFERENCES users (id),
+            utm_source TEXT,
+            utm_campaign TEXT,
+            utm_medium TEXT,
+            utm_content TEXT,
+            updated_at BIGINT NOT NULL
+        );",
+}];
+
+/// A stored account (without its password hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    /// Id.
+    pub id: String,
+    /// E-mail.
+    pub email: String,
+    /// First name.
+    pub first_name: String,
+    /// Last name.
+    pub last_name: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+type Row = (String, String, String, String, i64, i64);
+
+impl From<Row> for UserRow {
+    fn from((id, email, first_name, last_name, created_at, updated_at): Row) -> Self {
+        Self {
+            id,
+            email,
+            first_name,
+            last_name,
+            created_at,
+            updated_at,
+        }
+    }
+}
+
+/// A new account, parsed and hashed.
+pub struct UserForCreate<'a> {
+    pub id: &'a str,
+    pub email: &'a str,
+    pub password_hash: &'a str,
+    pub first_name: &'a str,
+    pub last_name: &'a str,
+    pub now: i64,
+}
+
+const COLUMNS: &str = "id, email, first_name, last_name, created_at, updated_at";
+
+/// The repository.
+#[derive(Debug, Clone)]
+pub struct UserRepo {
+    db: ModuleDb,
+}
+
+impl UserRepo {
+    pub fn new(db: ModuleDb) -> Self {
+        Self { db }
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn insert_user(&self, user: UserForCreate<'_>) -> Result<(), DbError> {
+        self.db
+            .run(
+                "insert_user",
+                sqlx::query(
+                    "INSERT INTO users (id, email, password_hash, first_name, last_name, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                )
+                .bind(user.id)
+                .bind(user.email)
+                .bind(user.password_hash)
+                .bind(user.first_name)
+                .bind(user.last_name)
+                .bind(user.now)
+                .execute(self.db.pool()),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn find_active(&self, id: &str) -> Result<Option<UserRow>, DbError> {
+        let row: Option<Row> = self
+            .db
+            .run(
+                "find_user",
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS} FROM users WHERE id = $1 AND deleted_at IS NULL"
+                )))
+                .bind(id)
+                .fetch_optional(self.db.pool()),
+            )
+            .await?;
+        Ok(row.map(UserRow::from))
+    }
+
+    /// The active account with `email` and its password hash.
+    pub async fn find_credentials(
+        &self,
+        email: &str,
+    ) -> Result<Option<(UserRow, String)>, DbError> {
+        let row: Option<(String, String, String, String, i64, i64, String)> = self
+            .db
+            .run(
+                "find_credentials",
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS}, password_hash FROM users WHERE email = $1 AND deleted_at IS NULL"
+                )))
+                .bind(email)
+                .fetch_optional(self.db.pool()),
+            )
+            .await?;
+        Ok(row.map(|(id, email, first, last, created, updated, hash)| {
+            (
+                UserRow::from((id, email, first, last, created, updated)),
+                hash,
+            )
+        }))
+    }
+
+    pub async fn update_user(
+        &self,
+        id: &str,
+        changes: &UserChanges,
+        now: i64,
+    ) -> Result<Option<UserRow>, DbError> {
+        let row: Option<Row> = self
+            .db
+            .run(
+                "update_user",
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "UPDATE users SET email = COALESCE($2, email), first_name = COALESCE($3, first_name), \
+                     last_name = COALESCE($4, last_name), updated_at = $5 \
+                     WHERE id = $1 AND deleted_at IS NULL RETURNING {COLUMNS}"
+                )))
+                .bind(id)
+                .bind(changes.email.as_ref().map(|e| e.as_str().to_owned()))
+                .bind(changes.first_name.as_ref().map(|n| n.as_str().to_owned()))
+                .bind(changes.last_name.as_ref().map(|n| n.as_str().to_owned()))
+                .bind(now)
+                .fetch_optional(self.db.pool()),
+            )
+            .await?;
+        Ok(row.map(UserRow::from))
+    }
+
+    /// Marks the account deleted; false when there was no active account.
+    pub async fn soft_delete(&self, id: &str, now: i64) -> Result<bool, DbError> {
+        let done = self
+            .db
+            .run(
+                "delete_user",
+                sqlx::query("UPDATE users SET deleted_at = $2, updated_at = $2 WHERE id = $1 AND deleted_at IS NULL")
+                    .bind(id)
+                    .bind(now)
+                    .execute(self.db.pool()),
+            )
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn upsert_details(
+        &self,
+        id: &str,
+        details: &Details,
+        now: i64,
+    ) -> Result<(), DbError> {
+        self.db
+            .run(
+                "upsert_details",
+                sqlx::query(
+                    "INSERT INTO user_details (user_id, utm_source, utm_campaign, utm_medium, utm_content, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (user_id) DO UPDATE SET utm_source = excluded.utm_source, \
+                     utm_campaign = excluded.utm_campaign, utm_medium = excluded.utm_medium, \
+                     utm_content = excluded.utm_content, updated_at = excluded.updated_at",
+                )
+                .bind(id)
+                .bind(details.source.clone())
+                .bind(details.campaign.clone())
+                .bind(details.medium.clone())
+                .bind(details.content.clone())
+                .bind(now)
+                .execute(self.db.pool()),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn find_details(&self, id: &str) -> Result<Option<(Details, i64)>, DbError> {
+        type DetailsRow = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+        );
+        let row: Option<DetailsRow> = self
+            .db
+            .run(
+                "find_details",
+                sqlx::query_as(
+                    "SELECT utm_source, utm_campaign, utm_medium, utm_content, updated_at \
+                     FROM user_details WHERE user_id = $1",
+                )
+                .bind(id)
+                .fetch_optional(self.db.pool()),
+            )
+            .await?;
+        Ok(row.map(|(source, campaign, medium, content, updated)| {
+            (
+                Details {
+                    source,
+                    campaign,
+                    medium,
+                    content,
+                },
+                updated,
+            )
+        }))
+    }
+
+    /// Active accounts whose e-mail starts with `prefix`, after `after` in e-mail order.
+    pub async fn list_active(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<UserRow>, DbError> {
+        let pattern = format!("{}%", escape_like(prefix));
+        let rows: Vec<Row> = self
+            .db
+            .run(
+                "list_users",
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS} FROM users WHERE deleted_at IS NULL \
+                     AND email LIKE $1 ESCAPE '\\' AND email > $2 ORDER BY email LIMIT $3"
+                )))
+                .bind(pattern)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(self.db.pool()),
+            )
+            .await?;
+        Ok(rows.into_iter().map(UserRow::from).collect())
+    }
+}
+
+/// Escapes LIKE's wildcards so a prefix matches literally.
+fn escape_like(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_wildcards_are_escaped() {
+        assert_eq!(escape_like("a_b%c\\"), "a\\_b\\%c\\\\");
+    }
+}
