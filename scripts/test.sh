@@ -27,6 +27,7 @@ subsets=(
   "none||"
   "common|common|common"
   "common-user|common,user|common,user"
+  "common-user-auth|common,user,auth|auth,common,user"
 )
 for subset in "${subsets[@]}"; do
   IFS='|' read -r name features _ <<<"$subset"

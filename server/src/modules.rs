@@ -2,6 +2,8 @@
 //! with it the crate's `inventory` registration; one line per module keeps it in.
 //! The server never calls into a module: it finds them through the registry.
 
+#[cfg(feature = "auth")]
+use trellis_auth as _;
 #[cfg(feature = "common")]
 use trellis_common as _;
 #[cfg(feature = "user")]

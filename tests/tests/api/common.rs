@@ -84,6 +84,6 @@ async fn modules_lists_every_linked_module_in_start_order() {
         .filter_map(|m| m["name"].as_str())
         .collect();
     // `probe` requires `common`, so it starts after it.
-    assert_eq!(names, ["common", "probe", "user"]);
+    assert_eq!(names, ["common", "probe", "user", "auth"]);
     assert_eq!(body["modules"][1]["requires"], json!(["common"]));
 }
