@@ -36,6 +36,7 @@ pub struct RefreshRequest {
 
 /// Tokens.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TokenResponse {
     /// The access token (JWT, HS256); send it as `Authorization: Bearer …`.
     pub access_token: String,
@@ -63,6 +64,7 @@ impl From<TokenPair> for TokenResponse {
 
 /// A live session.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Session {
     /// Id.
     pub id: String,
@@ -80,6 +82,7 @@ pub struct Session {
 
 /// One's live sessions.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct SessionList {
     /// Newest first.
     pub sessions: Vec<Session>,
@@ -87,6 +90,7 @@ pub struct SessionList {
 
 /// A role.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Role {
     /// Name.
     pub name: String,
@@ -98,6 +102,7 @@ pub struct Role {
 
 /// Roles.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct RoleList {
     /// The roles.
     pub roles: Vec<Role>,
@@ -105,6 +110,7 @@ pub struct RoleList {
 
 /// A user's roles.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct UserRoles {
     /// Role names.
     pub roles: Vec<String>,

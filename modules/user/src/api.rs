@@ -71,6 +71,7 @@ pub struct UpdateUserRequest {
 
 /// An account.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct User {
     /// Id.
     pub id: String,
@@ -105,6 +106,7 @@ pub struct UserDetailsRequest {
 
 /// UTM attribution of an account.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct UserDetails {
     /// `utm_source`.
     pub utm_source: Option<String>,
@@ -120,6 +122,7 @@ pub struct UserDetails {
 
 /// A page of accounts.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct UserPage {
     /// The accounts, in e-mail order.
     pub users: Vec<User>,

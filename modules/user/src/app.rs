@@ -203,16 +203,9 @@ impl Users {
         let limit = limit
             .unwrap_or(self.config.default_page_size)
             .clamp(1, self.config.max_page_size);
-        let after = match cursor {
-            Some(cursor) => decode_cursor(cursor).ok_or_else(|| {
-                UserError::Invalid(vec![trellis_core::problem::FieldViolation::new(
-                    "query",
-                    "cursor",
-                    "is not a cursor this server issued",
-                )])
-            })?,
-            None => String::new(),
-        };
+        // A cursor is an opaque position in e-mail order; one this server did not issue is
+        // still a position (it pages from there), never an error.
+        let after = cursor.map(decode_cursor).unwrap_or_default();
         let prefix = email_prefix.unwrap_or_default().trim().to_lowercase();
         let mut users = self.repo.list_active(&prefix, &after, limit + 1).await?;
         let next_cursor = if users.len() > limit as usize {
@@ -288,7 +281,9 @@ impl Users {
     }
 }
 
-fn decode_cursor(cursor: &str) -> Option<String> {
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
-    String::from_utf8(bytes).ok()
+fn decode_cursor(cursor: &str) -> String {
+    match URL_SAFE_NO_PAD.decode(cursor) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => cursor.to_owned(),
+    }
 }
