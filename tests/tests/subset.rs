@@ -94,6 +94,23 @@ async fn binary_serves_exactly_the_selected_modules() {
             "without `common` there is no module list"
         );
     }
+    if expected.contains("user") && !expected.contains("auth") {
+        // Authentication is an extension point: with no module answering it, protected
+        // operations are 401 problems, not 500s.
+        let me = client
+            .get(format!("{base}/api/v1/users/me"))
+            .bearer_auth("any-token")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(me.status(), 401);
+        assert_eq!(me.headers()["content-type"], "application/problem+json");
+        let body: Value = me.json().await.expect("json");
+        assert_eq!(
+            body["detail"],
+            "authentication is not available on this server"
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
 }

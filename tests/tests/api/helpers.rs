@@ -260,3 +260,77 @@ pub fn violations(problem: &Value) -> Vec<(String, String)> {
         })
         .unwrap_or_default()
 }
+
+/// The super-administrator the `admin` overrides bootstrap.
+pub const ADMIN_EMAIL: &str = "root@example.com";
+pub const ADMIN_PASSWORD: &str = "root-password-for-tests";
+
+/// Overrides that bootstrap the super-administrator.
+pub fn admin() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "modules.auth.bootstrap_admin_email",
+            Value::from(ADMIN_EMAIL),
+        ),
+        (
+            "modules.auth.bootstrap_admin_password",
+            Value::from(ADMIN_PASSWORD),
+        ),
+    ]
+}
+
+impl TestApp {
+    /// Registers an account; its id.
+    pub async fn register(&self, email: &str, password: &str) -> String {
+        let response = self
+            .post_json(
+                "/api/v1/users",
+                &serde_json::json!({
+                    "email": email, "password": password,
+                    "first_name": "Test", "last_name": "User"
+                }),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "register {email}");
+        let body: Value = response.json().await.expect("json");
+        body["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Logs in; the token response (panics unless 200).
+    pub async fn login(&self, email: &str, password: &str) -> Value {
+        let response = self.try_login(email, password).await;
+        assert_eq!(response.status(), 200, "login {email}");
+        response.json().await.expect("json")
+    }
+
+    /// Attempts a login.
+    pub async fn try_login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.post_json(
+            "/api/v1/auth/login",
+            &serde_json::json!({"email": email, "password": password}),
+        )
+        .await
+    }
+
+    /// A request with a bearer token.
+    pub fn authed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token)
+    }
+
+    /// A new account, logged in: (id, access token).
+    pub async fn signed_up(&self, email: &str) -> (String, String) {
+        let id = self.register(email, "correct horse battery").await;
+        let tokens = self.login(email, "correct horse battery").await;
+        (
+            id,
+            tokens["access_token"].as_str().expect("token").to_owned(),
+        )
+    }
+}

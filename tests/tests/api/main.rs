@@ -2,6 +2,8 @@
 
 mod helpers;
 
+mod accounts;
+mod auth;
 mod cache;
 mod common;
 mod errors;
