@@ -32,10 +32,10 @@ start() { # start NAME BINARY PORT [ENV...]
   echo "e2e: $name did not start"; cat "$work/$name.log"; return 1
 }
 
-schemathesis() { # schemathesis PORT [extra args]
-  local port=$1; shift
-  "$ST" run "http://127.0.0.1:$port/openapi.json" --checks all --max-examples 50 \
-    --no-color --generation-database none --wait-for-schema 30 --seed 1 "$@"
+schemathesis() { # schemathesis PORT [extra args]; runs in $work so no failure cache
+  local port=$1; shift         # from an earlier run is replayed
+  (cd "$work" && "$ST" run "http://127.0.0.1:$port/openapi.json" --checks all --max-examples 50 \
+    --no-color --generation-database none --wait-for-schema 30 --seed 1 "$@")
 }
 
 port=$(free_port)
@@ -74,11 +74,7 @@ done
 echo "rendered $(grep -o 'opblock-summary-path' "$dom" | wc -l) operations"
 
 echo "e2e: schemathesis on the default server"
-# registerUser is left out: schemathesis 4 (checked 4.25 and 4.32) generates, in every
-# phase, a body with the literal key "/password" (a mutation meant for the property
-# `password`) and judges the response by the mutation it meant to make, a false failure
-# whichever way the server answers. The integration tests cover registration instead.
-schemathesis "$port" -H "Authorization: Bearer $(token)" --exclude-operation-id registerUser \
+schemathesis "$port" -H "Authorization: Bearer $(token)" \
   --exclude-operation-id logout --exclude-operation-id logoutAll
 # Logging out ends the token's session, so these two run last, each with a fresh token.
 for op in logout logoutAll; do
@@ -89,6 +85,6 @@ echo "e2e: schemathesis on the test server (probe fixture)"
 tport=$(free_port)
 start test-server target/debug/trellis-test-server "$tport"
 schemathesis "$tport" --exclude-operation-id probePanic --exclude-operation-id probeUnhandled \
-  --exclude-operation-id probeSlow --exclude-operation-id registerUser
+  --exclude-operation-id probeSlow
 
 echo "e2e: passed"
