@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""Trellis benchmark harness: Trellis beside bare poem and bare poem-openapi, in one run.
+
+Servers run pinned to CPU 0, wrk to CPU 1 (2 threads, 64 connections). Servers alternate
+A B C for BENCH_ROUNDS rounds (default 3) of BENCH_DURATION seconds (default 10); the
+results file reports medians with min-max, the load average, and every command used.
+Run it through tests/bench/run.sh, which builds the release binaries first.
+"""
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASE = ROOT / "target" / "release"
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+DURATION = int(os.environ.get("BENCH_DURATION", "10"))
+RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "tests" / "bench" / "RESULTS.md"))
+WRK = ["taskset", "-c", "1", "wrk", "-t2", "-c64", f"-d{DURATION}s", "--latency"]
+PASSWORD = "benchmark password"
+commands = []
+
+
+def log(msg):
+    print(f"bench: {msg}", flush=True)
+
+
+def wait_ok(url, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.002)
+    raise SystemExit(f"bench: {url} did not answer 200")
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def loadavg():
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
+class Server:
+    def __init__(self, name, argv, port, env=None, cwd=None):
+        self.name, self.port = name, port
+        full_env = dict(os.environ, **(env or {}))
+        self.argv = ["taskset", "-c", "0"] + argv
+        commands.append(" ".join(f"{k}={v}" for k, v in (env or {}).items()) + " " + " ".join(self.argv))
+        self.proc = subprocess.Popen(self.argv, env=full_env, cwd=cwd,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_ok(f"http://127.0.0.1:{port}/healthz")
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def wrk(url, headers=(), script=None):
+    argv = list(WRK)
+    for h in headers:
+        argv += ["-H", h]
+    if script:
+        argv += ["-s", str(script)]
+    argv.append(url)
+    shown = [re.sub(r"Bearer \S+", "Bearer $TOKEN", a) for a in argv]
+    commands.append(" ".join(a if " " not in a else repr(a) for a in shown))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = parse_latency(re.search(r"99%\s+([\d.]+\w+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p99_ms": p99, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(1) if errors else ""}
+
+
+def parse_latency(text):
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def summary(values):
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(values, digits=0):
+    med, lo, hi = summary(values)
+    return f"{med:,.{digits}f} ({lo:,.{digits}f}–{hi:,.{digits}f})"
+
+
+def post_json(url, body, token=None):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read() or b"null")
+
+
+def trellis_env(port, data):
+    return {
+        "TRELLIS_SERVER__PORT": str(port),
+        "TRELLIS_DATABASE__URL": f"sqlite://{data}/trellis.db",
+        "TRELLIS_MODULES__AUTH__LOGIN_ATTEMPTS_PER_ACCOUNT": "1000000000",
+        "TRELLIS_MODULES__AUTH__LOGIN_ATTEMPTS_PER_ADDRESS": "1000000000",
+    }
+
+
+def start_trellis(port, data, workdir):
+    return Server("trellis", [str(RELEASE / "trellis")], port, trellis_env(port, data), cwd=workdir)
+
+
+def token_for(server, email):
+    try:
+        post_json(server.url("/api/v1/users"), {"email": email, "password": PASSWORD,
+                                                 "first_name": "Bench", "last_name": "Mark"})
+    except urllib.error.HTTPError as e:
+        if e.code != 409:
+            raise
+    return post_json(server.url("/api/v1/auth/login"), {"email": email, "password": PASSWORD})["access_token"]
+
+
+def seed_users(db_path, count):
+    """Adds `count` users straight into the SQLite file (one shared password hash)."""
+    conn = sqlite3.connect(db_path)
+    (hash_,) = conn.execute("SELECT password_hash FROM users LIMIT 1").fetchone()
+    now = int(time.time() * 1000)
+    rows = ((str(uuid.uuid4()), f"seed{i:07d}@example.com", hash_, "Seed", "User", now, now)
+            for i in range(count))
+    conn.executemany("INSERT INTO users (id, email, password_hash, first_name, last_name, created_at, updated_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.commit()
+    (total,) = conn.execute("SELECT COUNT(*) FROM users").fetchone()
+    conn.close()
+    return total
+
+
+def startup_times(workdir, data, n=5):
+    times = []
+    for _ in range(n):
+        env = dict(os.environ, **trellis_env(18190, data))
+        t0 = time.perf_counter()
+        p = subprocess.Popen(["taskset", "-c", "0", str(RELEASE / "trellis")], env=env, cwd=workdir,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_ok("http://127.0.0.1:18190/healthz")
+        times.append((time.perf_counter() - t0) * 1000)
+        p.terminate()
+        p.wait()
+    return times
+
+
+def main():
+    for tool in ("wrk", "taskset"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is missing (tests/bench/run.sh installs it)")
+    work = Path(tempfile.mkdtemp(prefix="trellis-bench-"))
+    data = work / "data"
+    data.mkdir()
+    load_before = loadavg()
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+    log("start-up time to the first 200 (embedded default)")
+    startup = startup_times(work, data)
+
+    trellis = start_trellis(18181, data, work)
+    rss_idle = rss_mib(trellis.proc.pid)
+    poem = Server("bare poem", [str(RELEASE / "bare-poem")], 18182, {"BENCH_ADDR": "127.0.0.1:18182"})
+    openapi = Server("bare poem-openapi", [str(RELEASE / "bare-openapi")], 18183, {"BENCH_ADDR": "127.0.0.1:18183"})
+    token = token_for(trellis, "bench@example.com")
+    auth = [f"Authorization: Bearer {token}"]
+
+    results = {}
+    for round_ in range(ROUNDS):
+        for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
+            for server in (trellis, poem, openapi):
+                log(f"round {round_ + 1}/{ROUNDS}: {scenario} on {server.name}")
+                r = wrk(server.url(path), headers if server is trellis else [])
+                if r["non2xx"] or r["socket_errors"]:
+                    log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
+                results.setdefault((scenario, server.name), []).append(r)
+
+    log("login rate and CPU per login")
+    login_lua = work / "login.lua"
+    login_lua.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                         f'wrk.body = \'{{"email":"bench@example.com","password":"{PASSWORD}"}}\'\n')
+    cpu0 = cpu_seconds(trellis.proc.pid)
+    login = wrk(trellis.url("/api/v1/auth/login"), script=login_lua)
+    cpu1 = cpu_seconds(trellis.proc.pid)
+    logins = login["rps"] * DURATION
+    cpu_per_login_ms = (cpu1 - cpu0) / logins * 1000 if logins else float("nan")
+
+    rss_after = rss_mib(trellis.proc.pid)
+    for s in (poem, openapi):
+        s.stop()
+
+    log("authenticated read with 1,000,000 users vs 1,000")
+    me_small = []
+    seed_users(str(data / "trellis.db"), 999 - 2)  # ~1,000 accounts
+    for _ in range(ROUNDS):
+        me_small.append(wrk(trellis.url("/api/v1/users/me"), auth)["rps"])
+    trellis.stop()
+    total = seed_users(str(data / "trellis.db"), 1_000_000 - 1_000)
+    trellis = start_trellis(18181, data, work)
+    token = token_for(trellis, "bench@example.com")
+    auth = [f"Authorization: Bearer {token}"]
+    me_large = []
+    for _ in range(ROUNDS):
+        me_large.append(wrk(trellis.url("/api/v1/users/me"), auth)["rps"])
+    trellis.stop()
+    load_after = loadavg()
+
+    write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, total,
+                  load_before, load_after, started)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"results written to {RESULTS}")
+
+
+def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, users,
+                  load_before, load_after, started):
+    def rps(scenario, server):
+        return [r["rps"] for r in results[(scenario, server)]]
+
+    def p99(scenario, server):
+        return [r["p99_ms"] for r in results[(scenario, server)]]
+
+    def ratio(a, b):
+        return statistics.median(a) / statistics.median(b)
+
+    health_vs_poem = ratio(rps("healthz", "trellis"), rps("healthz", "bare poem"))
+    me_vs_poem = ratio(rps("me", "trellis"), rps("me", "bare poem"))
+    me_vs_openapi = ratio(rps("me", "trellis"), rps("me", "bare poem-openapi"))
+    p99_vs_poem = ratio(p99("healthz", "trellis"), p99("healthz", "bare poem"))
+    me_p99_vs_poem = ratio(p99("me", "trellis"), p99("me", "bare poem"))
+    large_vs_small = statistics.median(me_large) / statistics.median(me_small)
+    startup_ms = statistics.median(startup)
+
+    def verdict(ok):
+        return "met" if ok else "**missed**"
+
+    lines = [
+        "# Trellis benchmark results",
+        "",
+        f"Run {started} on `{os.uname().nodename}` ({os.cpu_count()} CPUs); load average before "
+        f"{' '.join(load_before)}, after {' '.join(load_after)}. Servers pinned to CPU 0, wrk to CPU 1 "
+        f"(2 threads, 64 connections, {DURATION} s per run), {ROUNDS} rounds alternating "
+        "Trellis, bare poem, bare poem-openapi. Medians with min–max. Trellis runs its embedded "
+        "default (SQLite, in-process cache, info-level logs with one access line per request).",
+        "",
+        "## Targets",
+        "",
+        "| figure | target | measured | verdict |",
+        "|---|---|---|---|",
+        f"| `GET /healthz`, req/s vs bare poem | ≥ 0.90 × | {health_vs_poem:.2f} × | {verdict(health_vs_poem >= 0.9)} |",
+        f"| authenticated `GET /api/v1/users/me`, req/s vs bare poem | ≥ 0.70 × | {me_vs_poem:.2f} × | {verdict(me_vs_poem >= 0.7)} |",
+        f"| authenticated `GET /api/v1/users/me`, req/s vs bare poem-openapi | ≥ 0.90 × | {me_vs_openapi:.2f} × | {verdict(me_vs_openapi >= 0.9)} |",
+        f"| p99 latency at 64 connections, `/healthz` vs bare poem | ≤ 1.5 × | {p99_vs_poem:.2f} × | {verdict(p99_vs_poem <= 1.5)} |",
+        f"| p99 latency at 64 connections, `/api/v1/users/me` vs bare poem | ≤ 1.5 × | {me_p99_vs_poem:.2f} × | {verdict(me_p99_vs_poem <= 1.5)} |",
+        "| BI ingest, events/s accepted (embedded default) | ≥ 250,000 | not measured: the `bi` module does not exist yet | pending |",
+        f"| start to first 200, embedded default | ≤ 100 ms | {fmt(startup, 1)} ms | {verdict(startup_ms <= 100)} |",
+        f"| RSS idle / after the load | ≤ 32 MB / ≤ 96 MB | {rss_idle:.1f} MiB / {rss_after:.1f} MiB | {verdict(rss_idle <= 32 and rss_after <= 96)} |",
+        f"| authenticated read, {users:,} users vs ~1,000 | ≥ 0.9 × | {large_vs_small:.2f} × | {verdict(large_vs_small >= 0.9)} |",
+        "",
+        "## Throughput and latency",
+        "",
+        "| scenario | server | req/s | p99 ms |",
+        "|---|---|---|---|",
+    ]
+    for (scenario, server), runs in results.items():
+        lines.append(f"| {scenario} | {server} | {fmt([r['rps'] for r in runs])} | "
+                     f"{fmt([r['p99_ms'] for r in runs], 2)} |")
+    lines += [
+        "",
+        "## Login (argon2id-bound, no ratio target)",
+        "",
+        f"{login['rps']:,.1f} logins/s on one core; {cpu_per_login_ms:.1f} ms of server CPU per login "
+        f"(p99 {login['p99_ms']:.0f} ms at 64 connections).",
+        "",
+        "## Authenticated read and table size",
+        "",
+        f"`GET /api/v1/users/me` with ~1,000 users: {fmt(me_small)} req/s; with {users:,} users: "
+        f"{fmt(me_large)} req/s.",
+        "",
+        "## Commands",
+        "",
+        "```",
+        "tests/bench/run.sh",
+        *dict.fromkeys(commands),
+        "```",
+        "",
+    ]
+    RESULTS.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
