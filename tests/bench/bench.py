@@ -152,8 +152,8 @@ def seed_users(db_path, count):
     conn = sqlite3.connect(db_path)
     (hash_,) = conn.execute("SELECT password_hash FROM users LIMIT 1").fetchone()
     now = int(time.time() * 1000)
-    rows = ((str(uuid.uuid4()), f"seed{i:07d}@example.com", hash_, "Seed", "User", now, now)
-            for i in range(count))
+    rows = ((str(uuid.uuid4()), f"seed-{uuid.uuid4().hex}@example.com", hash_, "Seed", "User", now, now)
+            for _ in range(count))
     conn.executemany("INSERT INTO users (id, email, password_hash, first_name, last_name, created_at, updated_at) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     conn.commit()

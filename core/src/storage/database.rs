@@ -63,6 +63,9 @@ impl Database {
             .max_connections(config.max_connections)
             .min_connections(config.min_connections)
             .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+            // A local SQLite file cannot drop a connection; a network database can, so its
+            // connections are checked before use (a broken one is replaced, not handed out).
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     let setup = match backend {

@@ -1,7 +1,15 @@
 //! Password hashing: argon2id with at least OWASP's parameters (m = 19 MiB, t = 2, p = 1),
-//! always on the blocking pool, never on the async runtime's workers.
+//! always on the blocking pool, never on the async runtime's workers, and at most one
+//! hash per CPU at a time: each needs 19 MiB, and a login flood must queue, not exhaust
+//! memory.
 
 use std::sync::LazyLock;
+
+use tokio::sync::Semaphore;
+
+static HASHING: LazyLock<Semaphore> = LazyLock::new(|| {
+    Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZero::get))
+});
 
 use argon2::{
     Algorithm, Argon2, Params, Version,
@@ -27,6 +35,7 @@ static DECOY: LazyLock<String> = LazyLock::new(|| {
 
 /// Hashes a new password.
 pub async fn hash(password: Password) -> anyhow::Result<String> {
+    let _permit = HASHING.acquire().await?;
     tokio::task::spawn_blocking(move || {
         argon2()
             .hash_password(password.expose().as_bytes())
@@ -39,6 +48,9 @@ pub async fn hash(password: Password) -> anyhow::Result<String> {
 /// Checks `password` against `stored`; with no stored hash, checks against the decoy and
 /// answers false.
 pub async fn verify(password: String, stored: Option<String>) -> bool {
+    let Ok(_permit) = HASHING.acquire().await else {
+        return false;
+    };
     tokio::task::spawn_blocking(move || {
         let exists = stored.is_some();
         let hash = stored.unwrap_or_else(|| DECOY.clone());
