@@ -5,51 +5,34 @@ use trellis_core::storage::{DbError, Migration, ModuleDb};
 
 use crate::domain::{Details, UserChanges};
 
+const SCHEMA: &str = "
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            first_name TEXT NOT NULL,
+            last_name TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            deleted_at BIGINT
+        );
+        CREATE UNIQUE INDEX users_email_active ON users (email) WHERE deleted_at IS NULL;
+        CREATE TABLE user_details (
+            user_id TEXT PRIMARY KEY REFERENCES users (id),
+            utm_source TEXT,
+            utm_campaign TEXT,
+            utm_medium TEXT,
+            utm_content TEXT,
+            updated_at BIGINT NOT NULL
+        );";
+
 /// `users` and `user_details`. E-mails are unique among active accounts only, so an
 /// address frees up when its account is deleted.
 pub static MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "create users and user_details",
-    sqlite: "
-        CREATE TABLE users (
-            id TEXT PRIMARY KEY,
-            email TEXT NOT NULL,
-            password_hash TEXT NOT NULL,
-            first_name TEXT NOT NULL,
-            last_name TEXT NOT NULL,
-            created_at BIGINT NOT NULL,
-            updated_at BIGINT NOT NULL,
-            deleted_at BIGINT
-        );
-        CREATE UNIQUE INDEX users_email_active ON users (email) WHERE deleted_at IS NULL;
-        CREATE TABLE user_details (
-            user_id TEXT PRIMARY KEY REFERENCES users (id),
-            utm_source TEXT,
-            utm_campaign TEXT,
-            utm_medium TEXT,
-            utm_content TEXT,
-            updated_at BIGINT NOT NULL
-        );",
-    postgres: "
-        CREATE TABLE users (
-            id TEXT PRIMARY KEY,
-            email TEXT NOT NULL,
-            password_hash TEXT NOT NULL,
-            first_name TEXT NOT NULL,
-            last_name TEXT NOT NULL,
-            created_at BIGINT NOT NULL,
-            updated_at BIGINT NOT NULL,
-            deleted_at BIGINT
-        );
-        CREATE UNIQUE INDEX users_email_active ON users (email) WHERE deleted_at IS NULL;
-        CREATE TABLE user_details (
-            user_id TEXT PRIMARY KEY REFERENCES users (id),
-            utm_source TEXT,
-            utm_campaign TEXT,
-            utm_medium TEXT,
-            utm_content TEXT,
-            updated_at BIGINT NOT NULL
-        );",
+    sqlite: SCHEMA,
+    postgres: SCHEMA,
 }];
 
 /// A stored account (without its password hash).
