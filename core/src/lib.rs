@@ -17,6 +17,7 @@ mod assembly;
 pub mod auth;
 mod builder;
 pub mod bus;
+pub mod clock;
 pub mod config;
 mod context;
 pub mod contracts;

@@ -1,11 +1,10 @@
 //! HTTP surface of the auth module.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use poem::Request;
 use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
 use trellis_core::{
     auth::BearerAuth,
+    clock::from_millis,
     payload::JsonBody,
     problem::{ProblemError, ProblemJson},
 };
@@ -117,8 +116,7 @@ pub struct UserRoles {
 }
 
 fn rfc3339(millis: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or_default());
-    humantime::format_rfc3339_seconds(at).to_string()
+    humantime::format_rfc3339_seconds(from_millis(millis)).to_string()
 }
 
 /// Errors of the auth operations.

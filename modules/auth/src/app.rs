@@ -1,12 +1,13 @@
 //! The auth module's rules. No HTTP types here.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use trellis_core::{
     AppContext, ModuleContext,
     auth::{AuthError, Principal, SUDO},
     bus::Bus,
+    clock::now_millis,
     contracts::{
         EnsureUser, FindUser, LoginFailed, SessionRevoked, UserLoggedIn, VerifyCredentials,
     },
@@ -46,16 +47,6 @@ pub struct Auth {
     bus: Bus,
     signer: Signer,
     config: AuthConfig,
-}
-
-fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
-fn now_millis() -> i64 {
-    i64::try_from(now().as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Auth {
@@ -216,7 +207,7 @@ impl Auth {
         self.repo
             .insert_refresh(&digest(&refresh_token), session_id, now_ms)
             .await?;
-        let iat = now().as_secs();
+        let iat = u64::try_from(now_millis() / 1000).unwrap_or_default();
         let access_token = self.signer.sign(&Claims {
             sub: user_id.to_owned(),
             sid: session_id.to_owned(),

@@ -1,7 +1,5 @@
 //! HTTP surface of the user module: parse into domain types, call the service, map results.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use poem_openapi::{
     ApiResponse, Object, OpenApi,
     param::{Path, Query},
@@ -9,6 +7,7 @@ use poem_openapi::{
 };
 use trellis_core::{
     auth::BearerAuth,
+    clock::from_millis,
     payload::JsonBody,
     problem::{ProblemError, ProblemJson},
 };
@@ -131,8 +130,7 @@ pub struct UserPage {
 }
 
 fn rfc3339(millis: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or_default());
-    humantime::format_rfc3339_millis(at).to_string()
+    humantime::format_rfc3339_millis(from_millis(millis)).to_string()
 }
 
 impl From<UserRow> for User {

@@ -3,13 +3,12 @@
 //! Access: a user reads and changes only themself unless they hold `users:manage`; any
 //! other id answers "not found", so ids cannot be probed for existence.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use trellis_core::{
     ModuleContext,
     auth::Principal,
     bus::Bus,
+    clock::now_millis,
     contracts::{
         EnsureUser, RevokeUserSessions, UserDeleted, UserIdentity, UserRegistered, UserUpdated,
     },
@@ -41,13 +40,6 @@ pub struct Users {
     repo: UserRepo,
     bus: Bus,
     config: UserConfig,
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
 }
 
 impl Users {
