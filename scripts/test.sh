@@ -28,6 +28,7 @@ subsets=(
   "common|common|common"
   "common-user|common,user|common,user"
   "common-user-auth|common,user,auth|auth,common,user"
+  "bi|bi|bi"
 )
 for subset in "${subsets[@]}"; do
   IFS='|' read -r name features _ <<<"$subset"

@@ -110,7 +110,7 @@ pub fn assemble(
     }
 
     ctx.bus().start(bus);
-    ctx.event_handlers().start(events);
+    ctx.events().start(events);
     ctx.readiness().start(checks);
     Ok(assembly)
 }
@@ -217,7 +217,11 @@ mod tests {
     async fn context(modules: &[&'static dyn Module], config: LoadedConfig) -> AppContext {
         let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
         let storage = Storage::ephemeral().await.expect("storage");
-        AppContext::new(config, infos, BuildInfo::unknown(), storage)
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        let mut mq = crate::config::MqConfig::default();
+        mq.file.directory = dir;
+        let queue = crate::mq::MessageQueue::connect(&mq).await.expect("queue");
+        AppContext::new(config, infos, BuildInfo::unknown(), storage, queue)
     }
 
     #[tokio::test]

@@ -3,12 +3,17 @@
 //! bus. With no module answering (auth compiled out), protected operations answer 401.
 //!
 //! Put [`BearerAuth`] in an operation's parameters: that both enforces authentication and
-//! documents the operation's security requirement.
+//! documents the operation's security requirement. [`OptionalAuth`] is for operations open
+//! to anonymous callers that still want to know who calls: no `Authorization` header is
+//! anonymous, a bad token is still 401.
 
 use std::collections::BTreeSet;
 
-use poem::{IntoResponse as _, Request, http::StatusCode};
-use poem_openapi::{SecurityScheme, auth::Bearer};
+use poem::{IntoResponse as _, Request, RequestBody, http::StatusCode};
+use poem_openapi::{
+    ApiExtractor, ApiExtractorType, ExtractParamOptions, SecurityScheme, auth::Bearer,
+    registry::Registry,
+};
 
 use crate::{
     bus::Bus,
@@ -118,4 +123,45 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal> 
     outcome.map_err(|error| {
         poem::Error::from_response(ProblemJson::from_error(&error).into_response())
     })
+}
+
+/// The principal when the request carries a bearer token, `None` when it carries no
+/// `Authorization` header. A token that is present but not accepted is answered 401 (or
+/// 503) as with [`BearerAuth`]. Documented as "bearer, or none".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionalAuth(pub Option<Principal>);
+
+impl<'a> ApiExtractor<'a> for OptionalAuth {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::SecurityScheme];
+
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        <BearerAuth as ApiExtractor>::register(registry);
+    }
+
+    fn security_schemes() -> Vec<&'static str> {
+        <BearerAuth as ApiExtractor>::security_schemes()
+    }
+
+    fn has_security_fallback() -> bool {
+        true
+    }
+
+    async fn from_request(
+        req: &'a Request,
+        body: &mut RequestBody,
+        param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        if !req
+            .headers()
+            .contains_key(poem::http::header::AUTHORIZATION)
+        {
+            return Ok(Self(None));
+        }
+        let BearerAuth(principal) =
+            <BearerAuth as ApiExtractor>::from_request(req, body, param_opts).await?;
+        Ok(Self(Some(principal)))
+    }
 }

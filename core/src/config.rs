@@ -39,6 +39,10 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// The cache.
     pub cache: CacheConfig,
+    /// The event dispatcher.
+    pub events: EventsConfig,
+    /// The message queue events are forwarded to.
+    pub mq: MqConfig,
     /// One section per module, `[modules.<name>]`.
     pub modules: BTreeMap<String, figment::value::Value>,
 }
@@ -279,6 +283,149 @@ impl Default for CacheConfig {
     }
 }
 
+/// `[events]`: the event dispatcher (a bounded queue and a pool of workers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events accepted but not yet handled (queued or being handled), at most.
+    pub queue_capacity: usize,
+    /// Worker tasks calling the handlers.
+    pub workers: usize,
+    /// What a full queue does to a new event: wait for room (up to `wait_timeout_ms`),
+    /// or reject at once. A rejection is answered 503 with `Retry-After`.
+    pub full_policy: FullPolicy,
+    /// How long `wait` waits for room before rejecting.
+    pub wait_timeout_ms: u64,
+    /// Attempts per handler and event (the first included) before it counts as failed.
+    pub max_attempts: u32,
+    /// Backoff before the first retry; doubles with each attempt.
+    pub retry_backoff_ms: u64,
+    /// The longest backoff between two attempts.
+    pub retry_backoff_max_ms: u64,
+    /// At shutdown, how long handling the accepted events may take.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 100_000,
+            workers: 4,
+            full_policy: FullPolicy::Wait,
+            wait_timeout_ms: 250,
+            max_attempts: 5,
+            retry_backoff_ms: 100,
+            retry_backoff_max_ms: 10_000,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// What a full event queue does to a new event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Wait for room, up to `events.wait_timeout_ms`, then reject.
+    Wait,
+    /// Reject at once.
+    Reject,
+}
+
+/// `[mq]`: where events are forwarded. The embedded `file` backend needs no service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqConfig {
+    /// `file` (newline-delimited JSON under `mq.file.directory`) or `sqs`.
+    pub backend: MqBackend,
+    /// Messages buffered in memory in front of the backend; when full, publishing waits
+    /// (and the event dispatcher's full-queue policy applies upstream).
+    pub buffer: usize,
+    /// Batches being sent at once.
+    pub concurrency: usize,
+    /// Backoff before the first resend of a failed batch; doubles with each attempt,
+    /// with jitter.
+    pub retry_backoff_ms: u64,
+    /// The longest backoff between two sends.
+    pub retry_backoff_max_ms: u64,
+    /// At shutdown, how long delivering the buffered messages may take.
+    pub drain_timeout_ms: u64,
+    /// The `file` backend.
+    pub file: FileMqConfig,
+    /// The `sqs` backend.
+    pub sqs: SqsConfig,
+}
+
+impl Default for MqConfig {
+    fn default() -> Self {
+        Self {
+            backend: MqBackend::File,
+            buffer: 100_000,
+            concurrency: 4,
+            retry_backoff_ms: 100,
+            retry_backoff_max_ms: 5_000,
+            drain_timeout_ms: 30_000,
+            file: FileMqConfig::default(),
+            sqs: SqsConfig::default(),
+        }
+    }
+}
+
+/// The message-queue backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqBackend {
+    /// Newline-delimited JSON appended to files (embedded; no service).
+    File,
+    /// Amazon SQS or a compatible server.
+    Sqs,
+}
+
+/// `[mq.file]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileMqConfig {
+    /// The folder; the live file is `events.ndjson`.
+    pub directory: PathBuf,
+    /// Size at which the live file is closed and renamed `events-<UTC time>.ndjson`
+    /// (checked before each batch, so a file may pass it by one batch). Rotated files
+    /// are kept.
+    pub max_file_bytes: u64,
+}
+
+impl Default for FileMqConfig {
+    fn default() -> Self {
+        Self {
+            directory: PathBuf::from("data/events"),
+            max_file_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[mq.sqs]`. Credentials come from the usual AWS sources (environment, profile, role).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqsConfig {
+    /// The queue URL (required with `backend = "sqs"`).
+    pub queue_url: String,
+    /// The region; empty takes it from the environment (`AWS_REGION`).
+    pub region: String,
+    /// An endpoint override (an SQS-compatible server); empty for AWS.
+    pub endpoint_url: String,
+    /// How long one SQS call may take before it counts as failed.
+    pub timeout_ms: u64,
+}
+
+impl Default for SqsConfig {
+    fn default() -> Self {
+        Self {
+            queue_url: String::new(),
+            region: String::new(),
+            endpoint_url: String::new(),
+            timeout_ms: 5_000,
+        }
+    }
+}
+
 /// Where configuration comes from. [`ConfigSources::from_env`] reads the usual places.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigSources {
@@ -457,6 +604,28 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     if cache.timeout_ms == 0 || cache.max_connections == 0 {
         problems
             .push("`cache.timeout_ms` and `cache.max_connections`: must be greater than 0".into());
+    }
+    let events = &config.events;
+    if events.queue_capacity == 0 || events.queue_capacity > 1 << 28 || events.workers == 0 {
+        problems.push(
+            "`events.queue_capacity` and `events.workers`: must be greater than 0 (capacity at most 268435456)"
+                .into(),
+        );
+    }
+    if events.max_attempts == 0 {
+        problems.push("`events.max_attempts`: must be at least 1".into());
+    }
+    let mq = &config.mq;
+    if mq.buffer == 0 || mq.concurrency == 0 {
+        problems.push("`mq.buffer` and `mq.concurrency`: must be greater than 0".into());
+    }
+    if mq.backend == MqBackend::Sqs && mq.sqs.queue_url.is_empty() {
+        problems.push("`mq.sqs.queue_url`: required when `mq.backend` is `sqs`".into());
+    }
+    if mq.sqs.timeout_ms == 0 || mq.file.max_file_bytes == 0 {
+        problems.push(
+            "`mq.sqs.timeout_ms` and `mq.file.max_file_bytes`: must be greater than 0".into(),
+        );
     }
     let buckets = &config.metrics.latency_buckets;
     if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) {

@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 use crate::{
     bus::Bus,
     config::{Config, ConfigError, LoadedConfig},
-    events::EventHandlers,
+    events::EventDispatcher,
     module::ModuleInfo,
+    mq::MessageQueue,
     readiness::Readiness,
     storage::{Database, ModuleCache, ModuleDb, Storage},
 };
@@ -51,7 +52,8 @@ struct Inner {
     config: LoadedConfig,
     bus: Bus,
     readiness: Readiness,
-    events: EventHandlers,
+    events: EventDispatcher,
+    queue: MessageQueue,
     modules: Vec<ModuleInfo>,
     build: BuildInfo,
     storage: Storage,
@@ -74,20 +76,22 @@ impl std::fmt::Debug for AppContext {
 }
 
 impl AppContext {
-    /// A context for `modules`, whose bus, readiness and event tables are started by
-    /// [`assemble`](crate::assemble).
+    /// A context for `modules`, whose bus, readiness checks and event dispatcher are
+    /// started by [`assemble`](crate::assemble).
     pub fn new(
         config: LoadedConfig,
         modules: Vec<ModuleInfo>,
         build: BuildInfo,
         storage: Storage,
+        queue: MessageQueue,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                events: EventDispatcher::new(&config.config.events),
+                queue,
                 config,
                 bus: Bus::new(),
                 readiness: Readiness::default(),
-                events: EventHandlers::default(),
                 modules,
                 build,
                 storage,
@@ -117,9 +121,14 @@ impl AppContext {
         &self.inner.readiness
     }
 
-    /// The event handlers, by event type.
-    pub fn event_handlers(&self) -> &EventHandlers {
+    /// The event dispatcher.
+    pub fn events(&self) -> &EventDispatcher {
         &self.inner.events
+    }
+
+    /// The message queue.
+    pub fn queue(&self) -> &MessageQueue {
+        &self.inner.queue
     }
 
     /// The compiled-in modules, in start-up order.
@@ -189,6 +198,16 @@ impl<'a> ModuleContext<'a> {
     /// The module's database handle (queries timed and labelled with the module).
     pub fn database(&self) -> ModuleDb {
         self.app.inner.storage.database.for_module(self.module)
+    }
+
+    /// The event dispatcher (to emit events).
+    pub fn events(&self) -> &'a EventDispatcher {
+        self.app.events()
+    }
+
+    /// The message queue (to publish messages).
+    pub fn queue(&self) -> &'a MessageQueue {
+        self.app.queue()
     }
 
     /// The module's cache namespace.

@@ -6,8 +6,8 @@
 //!   [`contracts`] modules share, and [`auth`], the authentication extension point;
 //! - [`config`] (figment layers), [`telemetry`] (tracing) and [`metrics`] (Prometheus);
 //! - [`problem`]: `application/problem+json` errors; [`payload`]: strict JSON bodies;
-//! - [`readiness`] checks, [`events`] handler tables and [`storage`] (database, migrations,
-//!   cache).
+//! - [`readiness`] checks, [`storage`] (database, migrations, cache), the [`events`]
+//!   dispatcher (bounded queue, worker pool) and the message queue [`mq`] (file or SQS).
 //!
 //! Core depends on no module. Modules depend on core only, never on each other.
 
@@ -24,6 +24,7 @@ pub mod contracts;
 pub mod events;
 pub mod metrics;
 mod module;
+pub mod mq;
 pub mod payload;
 pub mod problem;
 pub mod readiness;

@@ -29,6 +29,34 @@ pub const CACHE_MISSES_TOTAL: &str = "cache_misses_total";
 pub const CACHE_ERRORS_TOTAL: &str = "cache_errors_total";
 /// 1 while the cache answers, 0 during an outage.
 pub const CACHE_UP: &str = "cache_up";
+/// Events accepted and not yet handled.
+pub const EVENTS_QUEUE_DEPTH: &str = "events_queue_depth";
+/// Events accepted by the dispatcher, by event.
+pub const EVENTS_ACCEPTED_TOTAL: &str = "events_accepted_total";
+/// Events whose handlers all ran, by event.
+pub const EVENTS_HANDLED_TOTAL: &str = "events_handled_total";
+/// Handler attempts that failed and were retried, by event and module.
+pub const EVENTS_RETRIED_TOTAL: &str = "events_retried_total";
+/// Handlers that failed every attempt, by event and module.
+pub const EVENTS_FAILED_TOTAL: &str = "events_failed_total";
+/// Events not accepted, by event and reason.
+pub const EVENTS_REJECTED_TOTAL: &str = "events_rejected_total";
+/// Handler duration histogram, by event and module.
+pub const EVENT_HANDLER_DURATION_SECONDS: &str = "event_handler_duration_seconds";
+/// Messages buffered in front of the queue backend (waiting or being sent).
+pub const MQ_BUFFERED: &str = "mq_buffered_messages";
+/// Messages the backend accepted.
+pub const MQ_SENT_TOTAL: &str = "mq_messages_sent_total";
+/// Messages sent again after a failed attempt.
+pub const MQ_RETRIED_TOTAL: &str = "mq_messages_retried_total";
+/// Messages the backend refused for good (logged with their body).
+pub const MQ_FAILED_TOTAL: &str = "mq_messages_failed_total";
+/// Failed send attempts (whole batches), by kind.
+pub const MQ_SEND_ERRORS_TOTAL: &str = "mq_send_errors_total";
+/// Send duration histogram (one batch).
+pub const MQ_SEND_DURATION_SECONDS: &str = "mq_send_duration_seconds";
+/// 1 while the last send succeeded, 0 while the backend fails.
+pub const MQ_UP: &str = "mq_up";
 /// Always 1; labels carry the build facts.
 pub const BUILD_INFO: &str = "trellis_build_info";
 
@@ -48,6 +76,18 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(DB_QUERY_DURATION_SECONDS.into()),
+                        &config.latency_buckets,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(EVENT_HANDLER_DURATION_SECONDS.into()),
+                        &config.latency_buckets,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(MQ_SEND_DURATION_SECONDS.into()),
                         &config.latency_buckets,
                     )
                 })
@@ -103,6 +143,64 @@ fn describe() {
         "Cache operations that failed, by operation."
     );
     describe_gauge!(CACHE_UP, "1 while the cache answers, 0 during an outage.");
+    describe_gauge!(
+        EVENTS_QUEUE_DEPTH,
+        "Events accepted by the dispatcher and not yet handled (queued or in a handler)."
+    );
+    describe_counter!(
+        EVENTS_ACCEPTED_TOTAL,
+        "Events accepted by the dispatcher, by event."
+    );
+    describe_counter!(
+        EVENTS_HANDLED_TOTAL,
+        "Events whose handlers have all run, by event."
+    );
+    describe_counter!(
+        EVENTS_RETRIED_TOTAL,
+        "Event handler attempts that failed and were retried, by event and module."
+    );
+    describe_counter!(
+        EVENTS_FAILED_TOTAL,
+        "Event handlers that failed every attempt, by event and module."
+    );
+    describe_counter!(
+        EVENTS_REJECTED_TOTAL,
+        "Events not accepted (full queue, shutting down), by event and reason."
+    );
+    describe_histogram!(
+        EVENT_HANDLER_DURATION_SECONDS,
+        Unit::Seconds,
+        "Event handler duration, by event and module."
+    );
+    describe_gauge!(
+        MQ_BUFFERED,
+        "Messages buffered in front of the queue backend, waiting or being sent, by backend."
+    );
+    describe_counter!(
+        MQ_SENT_TOTAL,
+        "Messages the queue backend accepted, by backend."
+    );
+    describe_counter!(
+        MQ_RETRIED_TOTAL,
+        "Messages sent again after a failed attempt, by backend."
+    );
+    describe_counter!(
+        MQ_FAILED_TOTAL,
+        "Messages the queue backend refused for good (logged with their body), by backend."
+    );
+    describe_counter!(
+        MQ_SEND_ERRORS_TOTAL,
+        "Failed send attempts of whole batches, by backend."
+    );
+    describe_histogram!(
+        MQ_SEND_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of one batch send, by backend."
+    );
+    describe_gauge!(
+        MQ_UP,
+        "1 while the queue backend accepts messages, 0 while sends fail, by backend."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the labels carry the version, commit and build number."

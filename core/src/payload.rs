@@ -179,6 +179,40 @@ pub fn check_against<T: Type + 'static>(value: &Value) -> Vec<FieldViolation> {
     checker.out
 }
 
+/// Whether `value` matches the schema's `pattern` (compiled once per pattern). A pattern
+/// that does not compile is left to poem-openapi's own validator.
+fn matches_pattern(pattern: &str, value: &str) -> bool {
+    static COMPILED: LazyLock<RwLock<HashMap<String, Option<regex::Regex>>>> =
+        LazyLock::new(Default::default);
+    if let Some(compiled) = COMPILED
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(pattern)
+    {
+        return compiled.as_ref().is_none_or(|r| r.is_match(value));
+    }
+    let compiled = regex::Regex::new(pattern).ok();
+    let matches = compiled.as_ref().is_none_or(|r| r.is_match(value));
+    COMPILED
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(pattern.to_owned(), compiled);
+    matches
+}
+
+/// The schema type a JSON value has (`integer` for whole numbers).
+fn kind_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
 const MAX_DEPTH: usize = 64;
 const MAX_VIOLATIONS: usize = 100;
 
@@ -222,8 +256,18 @@ impl Checker<'_> {
                 probe.check(value, alt, &mut pointer.clone(), depth + 1);
                 probe.out.is_empty()
             });
-            if !fits {
-                self.push(pointer, "matches none of the allowed shapes");
+            if fits {
+                return;
+            }
+            // When exactly one shape has the value's JSON type (an object, or an array of
+            // them), its own violations say best what is wrong.
+            let same_kind: Vec<_> = alternatives
+                .iter()
+                .filter(|alt| resolve(self.registry, alt).is_some_and(|s| s.ty == kind_type(value)))
+                .collect();
+            match same_kind.as_slice() {
+                [only] => self.check(value, only, pointer, depth + 1),
+                _ => self.push(pointer, "matches none of the allowed shapes"),
             }
             return;
         }
@@ -307,6 +351,11 @@ impl Checker<'_> {
                     schema.max_length,
                     "characters",
                 );
+                if let Some(pattern) = &schema.pattern
+                    && !matches_pattern(pattern, s)
+                {
+                    self.push(pointer, format!("does not match the pattern `{pattern}`"));
+                }
             }
             ("integer", Value::Number(n)) => match integer_range(schema.format) {
                 Some((min, max)) => match n.as_i128() {

@@ -148,6 +148,59 @@ pub trait ProblemError: std::error::Error + Send + Sync + 'static {
     }
 }
 
+/// Declares an operation's documented error responses, one `ProblemJson` variant per
+/// status, and converts module errors into it by their [`ProblemError::status`]; a status
+/// not listed lands in the `_` variant (the 500 one).
+///
+/// ```ignore
+/// trellis_core::problem_responses! {
+///     /// Errors of the ingest operation.
+///     pub enum IngestFailure from BiError {
+///         /// Invalid token.
+///         401 => Unauthorized,
+///         /// A field breaks a rule.
+///         422 => Invalid,
+///         /// An unexpected failure.
+///         500 => Internal,
+///         _ => Internal,
+///     }
+/// }
+/// ```
+/// The calling crate depends on `poem-openapi` (the derive names it).
+#[macro_export]
+macro_rules! problem_responses {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident from $($error:ty),+ {
+            $( $(#[$doc:meta])* $status:literal => $variant:ident, )+
+            _ => $fallback:ident $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, poem_openapi::ApiResponse)]
+        $vis enum $name {
+            $( $(#[$doc])* #[oai(status = $status)] $variant($crate::problem::ProblemJson), )+
+        }
+
+        impl From<$crate::problem::ProblemJson> for $name {
+            fn from(body: $crate::problem::ProblemJson) -> Self {
+                match body.problem.status {
+                    $( $status => Self::$variant(body), )+
+                    _ => Self::$fallback(body),
+                }
+            }
+        }
+
+        $(
+            impl From<$error> for $name {
+                fn from(error: $error) -> Self {
+                    $crate::problem::ProblemJson::from_error(&error).into()
+                }
+            }
+        )+
+    };
+}
+
 /// The full text of a server-side failure, carried in the response extensions so that the
 /// access-log middleware logs it once inside the request span.
 #[derive(Debug, Clone)]

@@ -310,6 +310,17 @@ pub fn finish_document(spec: &str) -> String {
             }
         }
     }
+    // poem-openapi types every union `object`, even one with a non-object alternative
+    // (one event or an array of them); the alternatives carry the types.
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        for schema in schemas.values_mut() {
+            if schema.get("oneOf").is_some()
+                && let Some(object) = schema.as_object_mut()
+            {
+                object.remove("type");
+            }
+        }
+    }
     let mut closed = std::collections::BTreeSet::new();
     while let Some(name) = pending.pop() {
         if !closed.insert(name.clone()) {

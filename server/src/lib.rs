@@ -3,7 +3,8 @@
 //! [`Application::build`] does everything up to binding the listener (port 0 allowed) and
 //! exposes the port; [`Application::run_until_stopped`] serves until SIGINT, SIGTERM or
 //! [`ShutdownHandle::shutdown`], lets in-flight requests finish within
-//! `server.shutdown_timeout_ms`, then shuts the modules down in reverse order.
+//! `server.shutdown_timeout_ms`, handles every accepted event, shuts the modules down in
+//! reverse order, and delivers what is left in the message queue.
 //!
 //! The server never names a module: it finds them through the registry
 //! ([`trellis_core::registered_modules`]); `modules.rs` only makes sure the crates the
@@ -28,6 +29,7 @@ use trellis_core::{
     AppContext, Assembly, BuildInfo, ModuleInfo, assemble,
     config::LoadedConfig,
     metrics,
+    mq::MessageQueue,
     readiness::NamedCheck,
     registered_modules,
     storage::{Storage, migrate},
@@ -93,8 +95,10 @@ impl Application {
             cache = storage.cache.kind(),
             "storage connected"
         );
-        let core_checks = storage_checks(&storage);
-        let ctx = AppContext::new(config, infos, build.clone(), storage);
+        let queue = MessageQueue::connect(&config.config.mq).await?;
+        tracing::info!(backend = queue.backend(), "message queue connected");
+        let core_checks = core_checks(&storage, &queue);
+        let ctx = AppContext::new(config, infos, build.clone(), storage, queue);
         let mut assembly = assemble(&modules, &ctx, core_checks)?;
         migrate(ctx.database(), &assembly.migrations).await?;
         assembly.init(&ctx).await?;
@@ -240,7 +244,11 @@ impl Application {
             .run_with_graceful_shutdown(endpoint, signal, Some(grace))
             .await
             .context("the server stopped with an error")?;
+        // Accepted events are handled before the modules stop, and what their handlers
+        // published is delivered before the process exits.
+        ctx.events().drain().await;
         assembly.shutdown(&ctx, grace).await;
+        ctx.queue().close().await;
         ctx.database().close().await;
         tracing::info!("trellis stopped");
         Ok(())
@@ -256,11 +264,13 @@ fn static_text(content_type: &'static str, body: String) -> impl poem::Endpoint<
     })
 }
 
-/// Core's readiness checks: the database (down when unreachable) and the cache
-/// (degraded when unreachable: requests fall back to the database).
-fn storage_checks(storage: &Storage) -> Vec<NamedCheck> {
+/// Core's readiness checks: the database (down when unreachable), the cache (degraded
+/// when unreachable: requests fall back to the database) and the message queue (degraded
+/// when unreachable: messages wait in its buffer).
+fn core_checks(storage: &Storage, queue: &MessageQueue) -> Vec<NamedCheck> {
     let database = storage.database.clone();
     let cache = storage.cache.clone();
+    let queue = queue.clone();
     vec![
         NamedCheck {
             owner: "core",
@@ -276,6 +286,14 @@ fn storage_checks(storage: &Storage) -> Vec<NamedCheck> {
             check: Arc::new(move || {
                 let cache = cache.clone();
                 async move { cache.ping().await }
+            }),
+        },
+        NamedCheck {
+            owner: "core",
+            name: "queue",
+            check: Arc::new(move || {
+                let queue = queue.clone();
+                async move { queue.check().await }
             }),
         },
     ]

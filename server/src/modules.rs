@@ -4,6 +4,8 @@
 
 #[cfg(feature = "auth")]
 use trellis_auth as _;
+#[cfg(feature = "bi")]
+use trellis_bi as _;
 #[cfg(feature = "common")]
 use trellis_common as _;
 #[cfg(feature = "user")]

@@ -26,7 +26,10 @@ async fn readyz_reports_every_check_with_latency() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(names, ["core.database", "core.cache", "probe.flag"]);
+    assert_eq!(
+        names,
+        ["core.database", "core.cache", "core.queue", "probe.flag"]
+    );
     for check in body["checks"].as_array().expect("checks") {
         assert_eq!(check["status"], "up", "{check}");
         assert!(check["latency_ms"].as_f64().is_some(), "{body}");
@@ -84,6 +87,6 @@ async fn modules_lists_every_linked_module_in_start_order() {
         .filter_map(|m| m["name"].as_str())
         .collect();
     // `probe` requires `common`, so it starts after it.
-    assert_eq!(names, ["common", "probe", "user", "auth"]);
-    assert_eq!(body["modules"][1]["requires"], json!(["common"]));
+    assert_eq!(names, ["bi", "common", "probe", "user", "auth"]);
+    assert_eq!(body["modules"][2]["requires"], json!(["common"]));
 }

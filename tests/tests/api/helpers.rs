@@ -33,8 +33,8 @@ pub fn test_config() -> LoadedConfig {
     .expect("the test profile loads")
 }
 
-/// Isolated storage for one test: a SQLite file in its own folder and the in-process
-/// cache, or, when `TEST_POSTGRES_URL` / `TEST_REDIS_URL` name servers (scripts/test.sh
+/// Isolated storage for one test: a SQLite file and the event files in its own folder,
+/// the in-process cache, or, when `TEST_POSTGRES_URL` / `TEST_REDIS_URL` name servers (scripts/test.sh
 /// starts them), a fresh PostgreSQL database and a Redis key prefix of its own.
 pub struct TestStorage {
     _dir: tempfile::TempDir,
@@ -50,7 +50,8 @@ impl TestStorage {
             Ok(admin) => create_postgres_database(&admin, &format!("t_{id}")).await,
             Err(_) => format!("sqlite://{}/trellis.db", dir.path().display()),
         };
-        let mut settings = vec![("database.url", database)];
+        let events = dir.path().join("events").display().to_string();
+        let mut settings = vec![("database.url", database), ("mq.file.directory", events)];
         if let Ok(redis) = std::env::var("TEST_REDIS_URL") {
             settings.push(("cache.url", redis));
             settings.push(("cache.prefix", format!("t-{id}")));

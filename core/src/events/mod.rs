@@ -1,14 +1,18 @@
-//! Event handlers: what the event dispatcher calls, asynchronously, for each event type.
+//! Events: handled asynchronously, after the request that raised them was answered.
 //!
 //! Modules declare handlers with [`ModuleBuilder::on_event`](crate::ModuleBuilder::on_event);
-//! several handlers per event type are allowed. The table is frozen at start-up and shared
-//! through the context.
+//! several handlers per event type are allowed. The [`EventDispatcher`] queues what modules
+//! emit and calls the handlers from a pool of workers.
+
+mod dispatcher;
 
 use std::{
     any::{Any, TypeId},
     collections::HashMap,
-    sync::{Arc, OnceLock},
+    sync::Arc,
 };
+
+pub use dispatcher::{DispatchError, EventDispatcher};
 
 use futures_util::future::BoxFuture;
 
@@ -16,6 +20,11 @@ use futures_util::future::BoxFuture;
 pub trait Event: Send + Sync + 'static {
     /// A stable name, used in logs and metrics labels.
     const NAME: &'static str;
+
+    /// The event's own id, when it has one; logged with a failure.
+    fn id(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A handler, erased to its event type.
@@ -72,32 +81,6 @@ impl EventHandlerTable {
     }
 }
 
-/// The frozen handler table, shared through the context.
-#[derive(Clone, Default)]
-pub struct EventHandlers {
-    table: Arc<OnceLock<EventHandlerTable>>,
-}
-
-impl std::fmt::Debug for EventHandlers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventHandlers")
-            .field("started", &self.table.get().is_some())
-            .finish()
-    }
-}
-
-impl EventHandlers {
-    /// Freezes the table (later calls are ignored; returns false).
-    pub fn start(&self, table: EventHandlerTable) -> bool {
-        self.table.set(table).is_ok()
-    }
-
-    /// The handlers for `E`.
-    pub fn get<E: Event>(&self) -> &[EventHandlerEntry<E>] {
-        self.table.get().map(|t| t.get::<E>()).unwrap_or_default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,9 +95,7 @@ mod tests {
         let mut table = EventHandlerTable::default();
         table.add("a", |_: Arc<Pinged>| async { Ok(()) });
         table.add("b", |_: Arc<Pinged>| async { anyhow::bail!("b fails") });
-        let handlers = EventHandlers::default();
-        handlers.start(table);
-        let entries = handlers.get::<Pinged>();
+        let entries = table.get::<Pinged>();
         assert_eq!(
             entries.iter().map(|e| e.module).collect::<Vec<_>>(),
             ["a", "b"]

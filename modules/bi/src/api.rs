@@ -1,0 +1,166 @@
+//! HTTP surface of the bi module: `POST /api/v1/bi/events`.
+
+use std::collections::BTreeMap;
+
+use poem_openapi::{ApiResponse, Object, OpenApi, Union, payload::Json};
+use trellis_core::{
+    auth::OptionalAuth, payload::JsonBody, problem::RequestScope, problem_responses,
+};
+
+use crate::{
+    app::{Ingest, Submission},
+    domain::{ClientEvent, Origin, Utm},
+    error::BiError,
+};
+
+/// The most events one request may carry.
+pub const MAX_BATCH: usize = 500;
+
+/// One event from a client.
+#[derive(Debug, Object)]
+#[oai(rename = "BiEventInput")]
+pub struct EventInput {
+    /// What happened: lower-case words of letters, digits and `_`, joined by `.`
+    /// (`checkout.completed`), at most 64 characters.
+    #[oai(validator(max_length = 64, pattern = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"))]
+    pub name: String,
+    /// When it happened, by the client's clock: RFC 3339 in UTC (`2026-11-24T10:00:00Z`).
+    #[oai(validator(max_length = 40))]
+    pub timestamp: Option<String>,
+    /// Free-form properties: a JSON object, at most `modules.bi.max_properties_bytes`
+    /// (16 KiB by default) as compact JSON.
+    pub properties: Option<BTreeMap<String, serde_json::Value>>,
+    /// UTM attribution.
+    pub utm: Option<UtmInput>,
+}
+
+/// UTM attribution of an event.
+#[derive(Debug, Object)]
+#[oai(rename = "BiUtm")]
+pub struct UtmInput {
+    /// `utm_source`.
+    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
+    pub source: Option<String>,
+    /// `utm_medium`.
+    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
+    pub medium: Option<String>,
+    /// `utm_campaign`.
+    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
+    pub campaign: Option<String>,
+    /// `utm_term`.
+    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
+    pub term: Option<String>,
+    /// `utm_content`.
+    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
+    pub content: Option<String>,
+}
+
+/// One event, or a batch of up to 500 (accepted whole or not at all).
+#[derive(Debug, Union)]
+#[oai(one_of, rename = "BiEventsRequest")]
+pub enum EventsRequest {
+    /// One event.
+    Single(EventInput),
+    /// A batch.
+    Batch(Vec<EventInput>),
+}
+
+/// Events accepted for delivery.
+#[derive(Debug, Object)]
+#[oai(rename = "BiAccepted")]
+pub struct Accepted {
+    /// How many events were accepted.
+    pub accepted: u32,
+    /// Their ids, in request order; each message on the queue carries its id.
+    pub ids: Vec<String>,
+}
+
+/// Success of the ingest operation.
+#[derive(Debug, ApiResponse)]
+pub enum IngestResponse {
+    /// Every event was accepted and will be forwarded to the message queue.
+    #[oai(status = 202)]
+    Accepted(Json<Accepted>),
+}
+
+problem_responses! {
+    /// Errors of the ingest operation.
+    pub enum IngestFailure from BiError {
+        /// The bearer token is invalid or its session ended (sending none is fine).
+        401 => Unauthorized,
+        /// An event breaks a rule (`errors` names the event's index and field); nothing
+        /// of the request was accepted.
+        422 => Invalid,
+        /// An unexpected failure.
+        500 => Internal,
+        /// The event queue is full or the server is shutting down; nothing was accepted.
+        /// Retry after `Retry-After` seconds.
+        503 => Unavailable,
+        _ => Internal,
+    }
+}
+
+impl From<EventInput> for ClientEvent {
+    fn from(input: EventInput) -> Self {
+        Self {
+            name: input.name,
+            timestamp: input.timestamp,
+            properties: input.properties.unwrap_or_default(),
+            utm: input.utm.map(|u| Utm {
+                source: u.source,
+                medium: u.medium,
+                campaign: u.campaign,
+                term: u.term,
+                content: u.content,
+            }),
+        }
+    }
+}
+
+/// The bi module's API.
+pub struct BiApi {
+    ingest: Ingest,
+}
+
+impl BiApi {
+    pub fn new(ingest: Ingest) -> Self {
+        Self { ingest }
+    }
+}
+
+#[OpenApi(prefix_path = "/api/v1/bi")]
+impl BiApi {
+    /// Record events
+    ///
+    /// Takes one event or a batch of up to 500. Each is given an id and the time it was
+    /// received, with the request id and the caller (when a bearer token is sent), and is
+    /// forwarded to the message queue asynchronously. A batch is accepted whole or not at
+    /// all.
+    #[oai(path = "/events", method = "post", operation_id = "recordBiEvents")]
+    async fn record(
+        &self,
+        auth: OptionalAuth,
+        body: JsonBody<EventsRequest>,
+    ) -> Result<IngestResponse, IngestFailure> {
+        let submission = match body.0 {
+            EventsRequest::Single(event) => Submission {
+                events: vec![event.into()],
+                batch: false,
+            },
+            EventsRequest::Batch(events) => Submission {
+                events: events.into_iter().map(Into::into).collect(),
+                batch: true,
+            },
+        };
+        let origin = Origin {
+            request_id: RequestScope::current_id().map(|id| id.to_string()),
+            user_id: auth.0.as_ref().map(|p| p.user_id.clone()),
+            session_id: auth.0.map(|p| p.session_id),
+        };
+        let ids = self.ingest.accept(submission, origin).await?;
+        Ok(IngestResponse::Accepted(Json(Accepted {
+            accepted: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+            ids,
+        })))
+    }
+}

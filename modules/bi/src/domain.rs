@@ -1,0 +1,235 @@
+//! BI events as they leave the server, and the rules every event obeys.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use serde::Serialize;
+use serde_json::Value;
+use trellis_core::{
+    contracts::{
+        LoginFailed, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
+    },
+    events::Event,
+};
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// `POST /api/v1/bi/events`.
+    Client,
+    /// A domain event of another module.
+    Server,
+}
+
+/// UTM attribution.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Utm {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub medium: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub term: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// An event as a client sent it (shape already checked by the api layer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientEvent {
+    pub name: String,
+    pub timestamp: Option<String>,
+    pub properties: BTreeMap<String, Value>,
+    pub utm: Option<Utm>,
+}
+
+/// A BI event, enriched: the body of its message-queue message, as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BiEvent {
+    /// A UUIDv7, unique per event.
+    pub id: String,
+    pub name: String,
+    pub source: Source,
+    /// The client's clock, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// The server's clock when the event was accepted, RFC 3339 with milliseconds.
+    pub received_at: String,
+    /// The request that carried (or caused) the event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The authenticated caller (client events) or the user concerned (server events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The caller's session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    pub properties: BTreeMap<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utm: Option<Utm>,
+}
+
+impl Event for BiEvent {
+    const NAME: &'static str = "bi_event";
+
+    fn id(&self) -> Option<&str> {
+        Some(&self.id)
+    }
+}
+
+/// Who sent a request, and which request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub request_id: Option<String>,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+}
+
+impl BiEvent {
+    /// A fresh id and the time of acceptance.
+    pub fn enrich(
+        name: String,
+        source: Source,
+        timestamp: Option<String>,
+        properties: BTreeMap<String, Value>,
+        utm: Option<Utm>,
+        origin: Origin,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            name,
+            source,
+            timestamp,
+            received_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: origin.request_id,
+            user_id: origin.user_id,
+            session_id: origin.session_id,
+            properties,
+            utm,
+        }
+    }
+}
+
+/// Whether `timestamp` is an RFC 3339 time in UTC (`2026-11-24T10:00:00Z`, fractions allowed).
+pub fn check_timestamp(timestamp: &str) -> Result<(), String> {
+    humantime::parse_rfc3339(timestamp)
+        .map(|_| ())
+        .map_err(|e| format!("must be an RFC 3339 time in UTC, e.g. `2026-11-24T10:00:00Z` ({e})"))
+}
+
+/// The size of `properties` as compact JSON, when it exceeds `max` bytes.
+pub fn oversized(properties: &BTreeMap<String, Value>, max: usize) -> Option<usize> {
+    let size = serde_json::to_vec(properties).map_or(usize::MAX, |b| b.len());
+    (size > max).then_some(size)
+}
+
+/// A domain event of another module that becomes a BI event.
+pub trait Internal: trellis_core::bus::Message {
+    /// The BI event's name.
+    const NAME: &'static str;
+    /// The user concerned, if known.
+    fn user_id(&self) -> Option<&str>;
+    /// Properties (never personal data such as e-mail addresses).
+    fn properties(&self) -> BTreeMap<String, Value> {
+        BTreeMap::new()
+    }
+}
+
+fn one(key: &str, value: impl Into<Value>) -> BTreeMap<String, Value> {
+    BTreeMap::from([(key.to_owned(), value.into())])
+}
+
+impl Internal for UserRegistered {
+    const NAME: &'static str = "user.registered";
+    fn user_id(&self) -> Option<&str> {
+        Some(&self.user_id)
+    }
+}
+
+impl Internal for UserUpdated {
+    const NAME: &'static str = "user.updated";
+    fn user_id(&self) -> Option<&str> {
+        Some(&self.user_id)
+    }
+    fn properties(&self) -> BTreeMap<String, Value> {
+        one("fields", self.fields.clone())
+    }
+}
+
+impl Internal for UserDeleted {
+    const NAME: &'static str = "user.deleted";
+    fn user_id(&self) -> Option<&str> {
+        Some(&self.user_id)
+    }
+}
+
+impl Internal for UserLoggedIn {
+    const NAME: &'static str = "auth.logged_in";
+    fn user_id(&self) -> Option<&str> {
+        Some(&self.user_id)
+    }
+}
+
+impl Internal for LoginFailed {
+    const NAME: &'static str = "auth.login_failed";
+    fn user_id(&self) -> Option<&str> {
+        None
+    }
+    fn properties(&self) -> BTreeMap<String, Value> {
+        one("reason", self.reason)
+    }
+}
+
+impl Internal for SessionRevoked {
+    const NAME: &'static str = "auth.session_revoked";
+    fn user_id(&self) -> Option<&str> {
+        Some(&self.user_id)
+    }
+    fn properties(&self) -> BTreeMap<String, Value> {
+        one("reason", self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_must_be_utc_rfc3339() {
+        assert!(check_timestamp("2026-11-24T10:00:00Z").is_ok());
+        assert!(check_timestamp("2026-11-24T10:00:00.123Z").is_ok());
+        for bad in ["yesterday", "2026-11-24", "2026-13-01T00:00:00Z", ""] {
+            assert!(check_timestamp(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn properties_size_is_measured_as_compact_json() {
+        let props = one("k", "v"); // {"k":"v"} = 9 bytes
+        assert_eq!(oversized(&props, 9), None);
+        assert_eq!(oversized(&props, 8), Some(9));
+    }
+
+    #[test]
+    fn the_message_body_carries_the_id_and_leaves_out_what_is_unknown() {
+        let event = BiEvent::enrich(
+            "page.view".into(),
+            Source::Client,
+            None,
+            one("path", "/"),
+            None,
+            Origin {
+                request_id: Some("r1".into()),
+                ..Origin::default()
+            },
+        );
+        let body = serde_json::to_value(&event).expect("serialises");
+        assert_eq!(body["id"], event.id.as_str());
+        assert_eq!(body["source"], "client");
+        assert_eq!(body["request_id"], "r1");
+        assert!(body.get("user_id").is_none() && body.get("utm").is_none());
+        assert_eq!(Event::id(&event), Some(event.id.as_str()));
+    }
+}

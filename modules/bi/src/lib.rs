@@ -1,0 +1,100 @@
+//! The `bi` module: business-intelligence events.
+//!
+//! - `POST /api/v1/bi/events` takes one event or a batch from clients, checks every event
+//!   (a batch is accepted whole or not at all), enriches it (id, received-at, request id,
+//!   the caller when authenticated) and hands it to the event dispatcher: 202 with the ids.
+//! - Domain events on the bus (`UserRegistered`, `UserLoggedIn`, …) become BI events too.
+//! - Its event handler forwards each BI event to the message queue, one JSON message per
+//!   event.
+//!
+//! Layers: `api` (HTTP types) -> `app` (rules, enrichment, dispatch) -> `repo` (the
+//! message queue).
+
+mod api;
+mod app;
+mod domain;
+mod error;
+mod repo;
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use trellis_core::{
+    Module, ModuleBuilder, ModuleRegistration,
+    contracts::{
+        LoginFailed, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
+    },
+};
+
+use crate::{app::Ingest, domain::BiEvent, repo::Forwarder};
+
+/// `[modules.bi]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BiConfig {
+    /// Most events in one request (the document's bound is 500).
+    pub max_batch: usize,
+    /// Largest `properties` object of one event, in bytes of compact JSON.
+    pub max_properties_bytes: usize,
+    /// Whether domain events (registrations, logins, …) become BI events.
+    pub internal_events: bool,
+}
+
+impl Default for BiConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: api::MAX_BATCH,
+            max_properties_bytes: 16 * 1024,
+            internal_events: true,
+        }
+    }
+}
+
+/// The module.
+pub struct BiModule;
+
+impl Module for BiModule {
+    fn name(&self) -> &'static str {
+        "bi"
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn description(&self) -> &'static str {
+        "Business-intelligence events: ingestion, enrichment, forwarding to the message queue."
+    }
+
+    fn build(&self, module: &mut ModuleBuilder) {
+        module
+            .config::<BiConfig>()
+            .api(|ctx| Ok(api::BiApi::new(Ingest::from_context(ctx)?)))
+            .on_event(|ctx| {
+                let forwarder = Forwarder::new(ctx.queue().clone());
+                Ok(move |event: Arc<BiEvent>| {
+                    let forwarder = forwarder.clone();
+                    async move { forwarder.forward(&event).await }
+                })
+            });
+        subscribe::<UserRegistered>(module);
+        subscribe::<UserUpdated>(module);
+        subscribe::<UserDeleted>(module);
+        subscribe::<UserLoggedIn>(module);
+        subscribe::<LoginFailed>(module);
+        subscribe::<SessionRevoked>(module);
+    }
+}
+
+/// Turns the published message `M` into a BI event (unless `internal_events` is off).
+fn subscribe<M: domain::Internal>(module: &mut ModuleBuilder) {
+    module.subscribe(|ctx| {
+        let ingest = Ingest::from_context(ctx)?;
+        Ok(move |message: M| {
+            let ingest = ingest.clone();
+            async move { ingest.record_internal(&message).await }
+        })
+    });
+}
+
+trellis_core::inventory::submit! { ModuleRegistration::of(&BiModule) }
