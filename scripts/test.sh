@@ -39,7 +39,7 @@ done
 step "cargo test (workspace, all features)"
 cargo test --workspace --all-features
 
-step "PostgreSQL 15 + Redis 7: install and start"
+step "PostgreSQL 15, Redis 7, moto (SQS): install and start"
 scripts/services.sh install
 services_env=$(scripts/services.sh start)
 trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
@@ -52,6 +52,10 @@ pg_redis cargo test -p trellis-tests --test api
 step "fault tests: Redis outage and PostgreSQL restart under load"
 pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" \
   cargo test -p trellis-tests --test api faults -- --ignored --test-threads=1 --nocapture
+
+step "BI events through SQS (moto): exactly once, outage, SIGTERM, hostile input"
+pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" \
+  cargo test -p trellis-tests --test api sqs -- --ignored --test-threads=1 --nocapture
 
 step "feature subsets: each binary serves and documents exactly its modules"
 for subset in "${subsets[@]}"; do

@@ -98,7 +98,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                tracing::error!(error = %format!("{error:#}"), "trellis could not start");
+                tracing::error!(error = %format!("{error:#}"), "trellis failed");
                 eprintln!("trellis: {error:#}");
                 ExitCode::FAILURE
             }

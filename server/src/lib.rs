@@ -246,10 +246,16 @@ impl Application {
             .context("the server stopped with an error")?;
         // Accepted events are handled before the modules stop, and what their handlers
         // published is delivered before the process exits.
-        ctx.events().drain().await;
+        let unhandled = ctx.events().drain().await;
         assembly.shutdown(&ctx, grace).await;
-        ctx.queue().close().await;
+        let undelivered = ctx.queue().close().await;
         ctx.database().close().await;
+        if unhandled + undelivered > 0 {
+            anyhow::bail!(
+                "stopped with {unhandled} accepted events unhandled and {undelivered} messages \
+                 undelivered (`events.drain_timeout_ms`, `mq.drain_timeout_ms`)"
+            );
+        }
         tracing::info!("trellis stopped");
         Ok(())
     }

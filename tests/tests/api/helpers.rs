@@ -62,6 +62,27 @@ impl TestStorage {
         }
     }
 
+    /// Where the embedded message-queue backend writes events.
+    pub fn events_dir(&self) -> PathBuf {
+        self._dir.path().join("events")
+    }
+
+    /// Every event the embedded backend wrote, from all its files.
+    pub fn written_events(&self) -> Vec<Value> {
+        let Ok(files) = std::fs::read_dir(self.events_dir()) else {
+            return Vec::new();
+        };
+        let mut events = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(file.expect("entry").path()).expect("readable");
+            events.extend(
+                text.lines()
+                    .map(|line| serde_json::from_str::<Value>(line).expect("one JSON per line")),
+            );
+        }
+        events
+    }
+
     /// The settings as `TRELLIS_*` environment variables, for a server process.
     pub fn env(&self) -> Vec<(String, String)> {
         self.settings

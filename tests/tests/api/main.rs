@@ -4,6 +4,7 @@ mod helpers;
 
 mod accounts;
 mod auth;
+mod bi;
 mod cache;
 mod common;
 mod errors;
@@ -11,4 +12,5 @@ mod faults;
 mod middleware;
 mod openapi;
 mod process;
+mod sqs;
 mod storage;

@@ -12,14 +12,14 @@ use crate::helpers::{TestStorage, workspace};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-test-server");
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
 }
 
-fn server(port: u16, storage: &TestStorage) -> Command {
+pub(crate) fn server(port: u16, storage: &TestStorage) -> Command {
     let mut command = Command::new(BIN);
     command
         .current_dir(workspace())
@@ -47,7 +47,7 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-async fn wait_healthy(port: u16) {
+pub(crate) async fn wait_healthy(port: u16) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -64,7 +64,7 @@ async fn wait_healthy(port: u16) {
     panic!("the server did not become healthy on port {port}");
 }
 
-fn terminate(child: &Child) {
+pub(crate) fn terminate(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -72,7 +72,7 @@ fn terminate(child: &Child) {
     assert!(status.success());
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
