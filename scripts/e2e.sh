@@ -23,7 +23,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 start() { # start NAME BINARY PORT [ENV...]
   local name=$1 bin=$2 port=$3; shift 3
   env TRELLIS_PROFILE=test TRELLIS_SERVER__PORT="$port" \
-    TRELLIS_DATABASE__URL="sqlite://$work/$name.db" "$@" "$bin" >"$work/$name.log" 2>&1 &
+    TRELLIS_DATABASE__URL="sqlite://$work/$name.db" TRELLIS_MQ__FILE__DIRECTORY="$work/$name-events" \
+    "$@" "$bin" >"$work/$name.log" 2>&1 &
   pids+=("$!")
   for _ in $(seq 1 200); do
     curl -fsS -o /dev/null "http://127.0.0.1:$port/healthz" 2>/dev/null && return 0
@@ -58,9 +59,19 @@ echo "e2e: /healthz and /readyz"
 curl -fsS "$base/healthz" && echo
 curl -fsS "$base/readyz" && echo
 
-echo "e2e: promtool check metrics"
+echo "e2e: promtool check metrics (HTTP, storage, event dispatcher, message queue)"
 curl -fsS "$base/healthz" >/dev/null
-curl -fsS "$base/metrics" | promtool check metrics
+curl -fsS "$base/api/v1/bi/events" -H 'content-type: application/json' \
+  -d '[{"name":"e2e.check"},{"name":"e2e.check","properties":{"n":2}}]' && echo
+sleep 0.5
+metrics="$work/metrics.txt"
+curl -fsS "$base/metrics" >"$metrics"
+promtool check metrics <"$metrics"
+for name in events_queue_depth events_accepted_total events_handled_total \
+  event_handler_duration_seconds mq_buffered_messages mq_messages_sent_total mq_up; do
+  grep -q "^$name" "$metrics" || { echo "e2e: /metrics lacks $name"; exit 1; }
+done
+grep -c '"name":"e2e.check"' "$work/default-events/events.ndjson"
 
 echo "e2e: Swagger UI renders in headless Chromium"
 dom="$work/docs.html"

@@ -237,8 +237,17 @@ impl Checker<'_> {
             return;
         };
         if value.is_null() {
-            if !schema.nullable && !schema.ty.is_empty() {
-                self.push(pointer, format!("must be {}, not null", expected(schema)));
+            // An optional nested object is `allOf: [$ref]`: its part carries the type.
+            let typed = std::iter::once(schema)
+                .chain(
+                    schema
+                        .all_of
+                        .iter()
+                        .filter_map(|p| resolve(self.registry, p)),
+                )
+                .find(|s| !s.ty.is_empty() && !s.nullable);
+            if let Some(typed) = typed.filter(|_| !schema.nullable) {
+                self.push(pointer, format!("must be {}, not null", expected(typed)));
             }
             return;
         }
@@ -296,7 +305,11 @@ impl Checker<'_> {
                     }
                 }
                 for (name, property) in &schema.properties {
-                    if let Some(v) = map.get(*name) {
+                    // A required field that is null was reported above.
+                    if let Some(v) = map
+                        .get(*name)
+                        .filter(|v| !(v.is_null() && schema.required.contains(name)))
+                    {
                         let len = pointer.len();
                         push_segment(pointer, name);
                         self.check(v, property, pointer, depth + 1);
@@ -355,6 +368,18 @@ impl Checker<'_> {
                     && !matches_pattern(pattern, s)
                 {
                     self.push(pointer, format!("does not match the pattern `{pattern}`"));
+                }
+                if schema.format == Some("date-time")
+                    && time::OffsetDateTime::parse(
+                        s,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .is_err()
+                {
+                    self.push(
+                        pointer,
+                        "must be an RFC 3339 date-time, e.g. `2026-11-24T10:00:00Z`",
+                    );
                 }
             }
             ("integer", Value::Number(n)) => match integer_range(schema.format) {
@@ -548,6 +573,45 @@ mod tests {
             .into_iter()
             .map(|v| (v.field, v.message))
             .collect()
+    }
+
+    #[derive(Debug, Object)]
+    struct Stamped {
+        #[oai(validator(pattern = "^[a-z]+$"))]
+        word: String,
+        at: Option<time::OffsetDateTime>,
+    }
+
+    #[derive(Debug, poem_openapi::Union)]
+    #[oai(one_of)]
+    enum OneOrMany {
+        One(Stamped),
+        Many(Vec<Stamped>),
+    }
+
+    #[test]
+    fn patterns_and_date_times_are_checked_and_a_union_reports_its_matching_shape() {
+        let found: Vec<(String, String)> = check_against::<OneOrMany>(&json!([
+            {"word": "fine", "at": "2026-11-24T10:00:00+01:00"},
+            {"word": "Not Fine", "at": "yesterday"}
+        ]))
+        .into_iter()
+        .map(|v| (v.field, v.message))
+        .collect();
+        let pointers: Vec<&str> = found.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(pointers, ["/1/word", "/1/at"], "{found:?}");
+        assert!(found[0].1.contains("pattern"), "{found:?}");
+        assert!(found[1].1.contains("RFC 3339"), "{found:?}");
+        let nulls = check_against::<Outer>(&json!({
+            "name": "a", "count": 1, "score": 1.0, "inner": null, "items": [], "tags": null
+        }));
+        let pointers: Vec<&str> = nulls.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(pointers, ["/inner", "/tags"], "{nulls:?}");
+        let single = check_against::<OneOrMany>(&json!({"word": "x", "extra": 1}));
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].field, "/extra");
+        let neither = check_against::<OneOrMany>(&json!("text"));
+        assert_eq!(neither[0].message, "matches none of the allowed shapes");
     }
 
     #[test]

@@ -89,6 +89,14 @@ impl Application {
         check_conflicts(&compiled_apis())?;
         let infos: Vec<ModuleInfo> = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
         let build = build_info();
+        // Installed first, so that what storage, the queue and the modules record while
+        // starting is kept.
+        let metrics = config
+            .config
+            .metrics
+            .enabled
+            .then(|| metrics::install(&config.config.metrics))
+            .transpose()?;
         let storage = Storage::connect(&config.config).await?;
         tracing::info!(
             database = storage.database.backend().as_str(),
@@ -121,8 +129,7 @@ impl Application {
                 RecordRoute::new("/openapi.yaml", static_text("application/yaml", yaml)),
             )
             .nest("/docs", RecordRoute::new("/docs", service.swagger_ui()));
-        if ctx.config().metrics.enabled {
-            let handle = metrics::install(&ctx.config().metrics)?;
+        if let Some(handle) = metrics {
             ::metrics::gauge!(
                 metrics::BUILD_INFO,
                 "version" => build.version,

@@ -2,12 +2,7 @@
 
 use poem::Request;
 use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
-use trellis_core::{
-    auth::BearerAuth,
-    clock::from_millis,
-    payload::JsonBody,
-    problem::{ProblemError, ProblemJson},
-};
+use trellis_core::{auth::BearerAuth, clock::from_millis, payload::JsonBody};
 
 use crate::{
     app::{Auth, Client, TokenPair},
@@ -119,41 +114,22 @@ fn rfc3339(millis: i64) -> String {
     humantime::format_rfc3339_seconds(from_millis(millis)).to_string()
 }
 
-/// Errors of the auth operations.
-#[derive(Debug, ApiResponse)]
-pub enum AuthFailure {
-    /// Invalid credentials, refresh token or bearer token.
-    #[oai(status = 401)]
-    Unauthorized(ProblemJson),
-    /// The caller lacks the permission.
-    #[oai(status = 403)]
-    Forbidden(ProblemJson),
-    /// No such user or role.
-    #[oai(status = 404)]
-    NotFound(ProblemJson),
-    /// Too many login attempts; see `Retry-After`.
-    #[oai(status = 429)]
-    TooManyRequests(ProblemJson),
-    /// An unexpected failure.
-    #[oai(status = 500)]
-    Internal(ProblemJson),
-    /// The database is unavailable; retry later.
-    #[oai(status = 503)]
-    Unavailable(ProblemJson),
-}
-
-impl From<AuthModuleError> for AuthFailure {
-    fn from(error: AuthModuleError) -> Self {
-        let status = error.status().as_u16();
-        let body = ProblemJson::from_error(&error);
-        match status {
-            401 => Self::Unauthorized(body),
-            403 => Self::Forbidden(body),
-            404 => Self::NotFound(body),
-            429 => Self::TooManyRequests(body),
-            503 => Self::Unavailable(body),
-            _ => Self::Internal(body),
-        }
+trellis_core::problem_responses! {
+    /// Errors of the auth operations.
+    pub enum AuthFailure from AuthModuleError {
+        /// Invalid credentials, refresh token or bearer token.
+        401 => Unauthorized,
+        /// The caller lacks the permission.
+        403 => Forbidden,
+        /// No such user or role.
+        404 => NotFound,
+        /// Too many login attempts; see `Retry-After`.
+        429 => TooManyRequests,
+        /// An unexpected failure.
+        500 => Internal,
+        /// The database is unavailable; retry later.
+        503 => Unavailable,
+        _ => Internal,
     }
 }
 

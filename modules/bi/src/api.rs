@@ -3,9 +3,7 @@
 use std::collections::BTreeMap;
 
 use poem_openapi::{ApiResponse, Object, OpenApi, Union, payload::Json};
-use trellis_core::{
-    auth::OptionalAuth, payload::JsonBody, problem::RequestScope, problem_responses,
-};
+use trellis_core::{auth::OptionalAuth, payload::JsonBody, problem::RequestScope};
 
 use crate::{
     app::{Ingest, Submission},
@@ -24,9 +22,8 @@ pub struct EventInput {
     /// (`checkout.completed`), at most 64 characters.
     #[oai(validator(max_length = 64, pattern = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"))]
     pub name: String,
-    /// When it happened, by the client's clock: RFC 3339 in UTC (`2026-11-24T10:00:00Z`).
-    #[oai(validator(max_length = 40))]
-    pub timestamp: Option<String>,
+    /// When it happened, by the client's clock (RFC 3339; written out in UTC).
+    pub timestamp: Option<time::OffsetDateTime>,
     /// Free-form properties: a JSON object, at most `modules.bi.max_properties_bytes`
     /// (16 KiB by default) as compact JSON.
     pub properties: Option<BTreeMap<String, serde_json::Value>>,
@@ -83,7 +80,7 @@ pub enum IngestResponse {
     Accepted(Json<Accepted>),
 }
 
-problem_responses! {
+trellis_core::problem_responses! {
     /// Errors of the ingest operation.
     pub enum IngestFailure from BiError {
         /// The bearer token is invalid or its session ended (sending none is fine).

@@ -7,7 +7,7 @@ use trellis_core::{ModuleContext, events::EventDispatcher, problem::FieldViolati
 
 use crate::{
     BiConfig,
-    domain::{BiEvent, ClientEvent, Internal, Origin, Source, check_timestamp, oversized},
+    domain::{BiEvent, ClientEvent, Internal, Origin, Source, oversized, utc_rfc3339},
     error::BiError,
 };
 
@@ -51,7 +51,7 @@ impl Ingest {
                 BiEvent::enrich(
                     e.name,
                     Source::Client,
-                    e.timestamp,
+                    e.timestamp.map(utc_rfc3339),
                     e.properties,
                     e.utm,
                     origin.clone(),
@@ -66,13 +66,6 @@ impl Ingest {
     fn check(&self, submission: &Submission) -> Vec<FieldViolation> {
         let mut violations = Vec::new();
         let count = submission.events.len();
-        if submission.batch && count == 0 {
-            violations.push(FieldViolation::new(
-                "body",
-                "",
-                "a batch needs at least one event",
-            ));
-        }
         if count > self.config.max_batch {
             violations.push(FieldViolation::new(
                 "body",
@@ -89,9 +82,6 @@ impl Ingest {
                 true => format!("/{index}/{name}"),
                 false => format!("/{name}"),
             };
-            if let Some(Err(message)) = event.timestamp.as_deref().map(check_timestamp) {
-                violations.push(FieldViolation::new("body", field("timestamp"), message));
-            }
             if let Some(size) = oversized(&event.properties, self.config.max_properties_bytes) {
                 violations.push(FieldViolation::new(
                     "body",

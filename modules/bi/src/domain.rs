@@ -4,6 +4,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 
 use serde::Serialize;
 use serde_json::Value;
+use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 use trellis_core::{
     contracts::{
         LoginFailed, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
@@ -40,7 +41,7 @@ pub struct Utm {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientEvent {
     pub name: String,
-    pub timestamp: Option<String>,
+    pub timestamp: Option<OffsetDateTime>,
     pub properties: BTreeMap<String, Value>,
     pub utm: Option<Utm>,
 }
@@ -112,11 +113,11 @@ impl BiEvent {
     }
 }
 
-/// Whether `timestamp` is an RFC 3339 time in UTC (`2026-11-24T10:00:00Z`, fractions allowed).
-pub fn check_timestamp(timestamp: &str) -> Result<(), String> {
-    humantime::parse_rfc3339(timestamp)
-        .map(|_| ())
-        .map_err(|e| format!("must be an RFC 3339 time in UTC, e.g. `2026-11-24T10:00:00Z` ({e})"))
+/// `time` in UTC, RFC 3339 (`2026-11-24T10:00:00.25Z`); kept in its own offset when UTC
+/// is out of range.
+pub fn utc_rfc3339(time: OffsetDateTime) -> String {
+    let time = time.checked_to_offset(UtcOffset::UTC).unwrap_or(time);
+    time.format(&Rfc3339).unwrap_or_default()
 }
 
 /// The size of `properties` as compact JSON, when it exceeds `max` bytes.
@@ -197,12 +198,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timestamps_must_be_utc_rfc3339() {
-        assert!(check_timestamp("2026-11-24T10:00:00Z").is_ok());
-        assert!(check_timestamp("2026-11-24T10:00:00.123Z").is_ok());
-        for bad in ["yesterday", "2026-11-24", "2026-13-01T00:00:00Z", ""] {
-            assert!(check_timestamp(bad).is_err(), "{bad}");
-        }
+    fn client_times_are_written_in_utc() {
+        let time =
+            OffsetDateTime::parse("2026-11-24T11:00:00.250+01:00", &Rfc3339).expect("parses");
+        assert_eq!(utc_rfc3339(time), "2026-11-24T10:00:00.25Z");
+        let edge = OffsetDateTime::parse("9999-12-31T23:59:59-01:00", &Rfc3339).expect("parses");
+        assert_eq!(utc_rfc3339(edge), "9999-12-31T23:59:59-01:00");
     }
 
     #[test]

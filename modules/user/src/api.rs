@@ -5,12 +5,7 @@ use poem_openapi::{
     param::{Path, Query},
     payload::Json,
 };
-use trellis_core::{
-    auth::BearerAuth,
-    clock::from_millis,
-    payload::JsonBody,
-    problem::{ProblemError, ProblemJson},
-};
+use trellis_core::{auth::BearerAuth, clock::from_millis, payload::JsonBody};
 
 use crate::{
     app::{Page, Users},
@@ -224,75 +219,39 @@ impl TryFrom<UserDetailsRequest> for Details {
     }
 }
 
-/// Errors of the public operation (registration).
-#[derive(Debug, ApiResponse)]
-pub enum PublicFailure {
-    /// The e-mail is already registered.
-    #[oai(status = 409)]
-    Conflict(ProblemJson),
-    /// A field breaks a rule; `errors` names each.
-    #[oai(status = 422)]
-    Invalid(ProblemJson),
-    /// An unexpected failure.
-    #[oai(status = 500)]
-    Internal(ProblemJson),
-    /// The database is unavailable; retry later.
-    #[oai(status = 503)]
-    Unavailable(ProblemJson),
-}
-
-/// Errors of the authenticated operations.
-#[derive(Debug, ApiResponse)]
-pub enum UserFailure {
-    /// Missing, invalid or expired token, or ended session.
-    #[oai(status = 401)]
-    Unauthorized(ProblemJson),
-    /// The caller lacks the permission.
-    #[oai(status = 403)]
-    Forbidden(ProblemJson),
-    /// No such user (or not one the caller may see).
-    #[oai(status = 404)]
-    NotFound(ProblemJson),
-    /// The new e-mail is already registered.
-    #[oai(status = 409)]
-    Conflict(ProblemJson),
-    /// A field breaks a rule; `errors` names each.
-    #[oai(status = 422)]
-    Invalid(ProblemJson),
-    /// An unexpected failure.
-    #[oai(status = 500)]
-    Internal(ProblemJson),
-    /// The database is unavailable; retry later.
-    #[oai(status = 503)]
-    Unavailable(ProblemJson),
-}
-
-impl From<UserError> for PublicFailure {
-    fn from(error: UserError) -> Self {
-        let status = error.status().as_u16();
-        let body = ProblemJson::from_error(&error);
-        match status {
-            409 => Self::Conflict(body),
-            422 => Self::Invalid(body),
-            503 => Self::Unavailable(body),
-            _ => Self::Internal(body),
-        }
+trellis_core::problem_responses! {
+    /// Errors of the public operation (registration).
+    pub enum PublicFailure from UserError {
+        /// The e-mail is already registered.
+        409 => Conflict,
+        /// A field breaks a rule; `errors` names each.
+        422 => Invalid,
+        /// An unexpected failure.
+        500 => Internal,
+        /// The database is unavailable; retry later.
+        503 => Unavailable,
+        _ => Internal,
     }
 }
 
-impl From<UserError> for UserFailure {
-    fn from(error: UserError) -> Self {
-        let status = error.status().as_u16();
-        let body = ProblemJson::from_error(&error);
-        match status {
-            401 => Self::Unauthorized(body),
-            403 => Self::Forbidden(body),
-            404 => Self::NotFound(body),
-            409 => Self::Conflict(body),
-            422 => Self::Invalid(body),
-            503 => Self::Unavailable(body),
-            _ => Self::Internal(body),
-        }
+trellis_core::problem_responses! {
+    /// Errors of the authenticated operations.
+    pub enum UserFailure from UserError {
+        /// Missing, invalid or expired token, or ended session.
+        401 => Unauthorized,
+        /// The caller lacks the permission.
+        403 => Forbidden,
+        /// No such user (or not one the caller may see).
+        404 => NotFound,
+        /// The new e-mail is already registered.
+        409 => Conflict,
+        /// A field breaks a rule; `errors` names each.
+        422 => Invalid,
+        /// An unexpected failure.
+        500 => Internal,
+        /// The database is unavailable; retry later.
+        503 => Unavailable,
+        _ => Internal,
     }
 }
 
