@@ -28,6 +28,7 @@ DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "tests" / "bench" / "RESULTS.md"))
 WRK = ["taskset", "-c", "1", "wrk", "-t2", "-c64", f"-d{DURATION}s", "--latency"]
 PASSWORD = "benchmark password"
+BI_BATCH = 100
 commands = []
 
 
@@ -97,7 +98,10 @@ def wrk(url, headers=(), script=None):
     p99 = parse_latency(re.search(r"99%\s+([\d.]+\w+)", out).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "p99_ms": p99, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = int(non2xx.group(1)) if non2xx else 0
+    return {"rps": rps, "p99_ms": p99, "non2xx": non2xx, "requests": requests,
+            "ok_rps": rps * (requests - non2xx) / requests if requests else 0.0,
             "socket_errors": errors.group(1) if errors else ""}
 
 
@@ -196,7 +200,14 @@ def main():
     token = token_for(trellis, "bench@example.com")
     auth = [f"Authorization: Bearer {token}"]
 
+    bi_lua = work / "bi.lua"
+    events = [{"name": "bench.page_view", "properties": {"path": f"/products/{i}", "position": i},
+               "utm": {"source": "bench", "campaign": "load"}} for i in range(BI_BATCH)]
+    bi_lua.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = [=[{json.dumps(events)}]=]\n")
+
     results = {}
+    bi_runs = []
     for round_ in range(ROUNDS):
         for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
             for server in (trellis, poem, openapi):
@@ -205,6 +216,11 @@ def main():
                 if r["non2xx"] or r["socket_errors"]:
                     log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
                 results.setdefault((scenario, server.name), []).append(r)
+        log(f"round {round_ + 1}/{ROUNDS}: BI ingest, batches of {BI_BATCH}, on trellis")
+        r = wrk(trellis.url("/api/v1/bi/events"), script=bi_lua)
+        if r["non2xx"] or r["socket_errors"]:
+            log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
+        bi_runs.append(r)
 
     log("login rate and CPU per login")
     login_lua = work / "login.lua"
@@ -236,14 +252,20 @@ def main():
     trellis.stop()
     load_after = loadavg()
 
+    bi_events = count_events(work / "data" / "events")
     write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, total,
-                  load_before, load_after, started)
+                  bi_runs, bi_events, load_before, load_after, started)
     shutil.rmtree(work, ignore_errors=True)
     log(f"results written to {RESULTS}")
 
 
+def count_events(directory):
+    """Lines in the embedded message-queue files: every accepted BI event, once."""
+    return sum(sum(1 for _ in f.open()) for f in directory.glob("*.ndjson"))
+
+
 def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, users,
-                  load_before, load_after, started):
+                  bi_runs, bi_events, load_before, load_after, started):
     def rps(scenario, server):
         return [r["rps"] for r in results[(scenario, server)]]
 
@@ -260,6 +282,9 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
     me_p99_vs_poem = ratio(p99("me", "trellis"), p99("me", "bare poem"))
     large_vs_small = statistics.median(me_large) / statistics.median(me_small)
     startup_ms = statistics.median(startup)
+    bi_rates = [r["ok_rps"] * BI_BATCH for r in bi_runs]
+    bi_accepted = sum(round(r["ok_rps"] * DURATION) * BI_BATCH for r in bi_runs)
+    bi_rate = statistics.median(bi_rates)
 
     def verdict(ok):
         return "met" if ok else "**missed**"
@@ -282,7 +307,7 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"| authenticated `GET /api/v1/users/me`, req/s vs bare poem-openapi | ≥ 0.90 × | {me_vs_openapi:.2f} × | {verdict(me_vs_openapi >= 0.9)} |",
         f"| p99 latency at 64 connections, `/healthz` vs bare poem | ≤ 1.5 × | {p99_vs_poem:.2f} × | {verdict(p99_vs_poem <= 1.5)} |",
         f"| p99 latency at 64 connections, `/api/v1/users/me` vs bare poem | ≤ 1.5 × | {me_p99_vs_poem:.2f} × | {verdict(me_p99_vs_poem <= 1.5)} |",
-        "| BI ingest, events/s accepted (embedded default) | ≥ 250,000 | not measured: the `bi` module does not exist yet | pending |",
+        f"| BI ingest, events/s accepted (embedded default, batches of {BI_BATCH}) | ≥ 250,000 | {fmt(bi_rates)} | {verdict(bi_rate >= 250_000)} |",
         f"| start to first 200, embedded default | ≤ 100 ms | {fmt(startup, 1)} ms | {verdict(startup_ms <= 100)} |",
         f"| RSS idle / after the load | ≤ 32 MB / ≤ 96 MB | {rss_idle:.1f} MiB / {rss_after:.1f} MiB | {verdict(rss_idle <= 32 and rss_after <= 96)} |",
         f"| authenticated read, {users:,} users vs ~1,000 | ≥ 0.9 × | {large_vs_small:.2f} × | {verdict(large_vs_small >= 0.9)} |",
@@ -301,6 +326,12 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         "",
         f"{login['rps']:,.1f} logins/s on one core; {cpu_per_login_ms:.1f} ms of server CPU per login "
         f"(p99 {login['p99_ms']:.0f} ms at 64 connections).",
+        "",
+        "## BI ingest",
+        "",
+        f"`POST /api/v1/bi/events` with {BI_BATCH} events per request: {fmt(bi_rates)} events/s accepted "
+        f"(202), p99 {fmt([r['p99_ms'] for r in bi_runs], 1)} ms. About {bi_accepted:,} events were "
+        f"accepted in all; the event files hold {bi_events:,} after the server stopped.",
         "",
         "## Authenticated read and table size",
         "",
