@@ -217,9 +217,9 @@ mod tests {
     async fn context(modules: &[&'static dyn Module], config: LoadedConfig) -> AppContext {
         let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
         let storage = Storage::ephemeral().await.expect("storage");
-        let dir = tempfile::tempdir().expect("tempdir").keep();
         let mut mq = crate::config::MqConfig::default();
-        mq.file.directory = dir;
+        // These tests emit no event; the folder stays empty.
+        mq.file.directory = std::env::temp_dir().join("trellis-core-assembly-tests");
         let queue = crate::mq::MessageQueue::connect(&mq).await.expect("queue");
         AppContext::new(config, infos, BuildInfo::unknown(), storage, queue)
     }
