@@ -3,7 +3,11 @@
 use std::collections::BTreeMap;
 
 use poem_openapi::{ApiResponse, Object, OpenApi, Union, payload::Json};
-use trellis_core::{auth::OptionalAuth, payload::JsonBody, problem::RequestScope};
+use trellis_core::{
+    auth::OptionalAuth,
+    payload::{JsonBody, Matching, StringRule},
+    problem::RequestScope,
+};
 
 use crate::{
     app::{Ingest, Submission},
@@ -14,14 +18,29 @@ use crate::{
 /// The most events one request may carry.
 pub const MAX_BATCH: usize = 500;
 
+/// An event name.
+pub struct EventName;
+
+impl StringRule for EventName {
+    const PATTERN: &'static str = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$";
+    const MAX_CHARS: usize = 64;
+}
+
+/// A UTM value: no control characters, at most 200 characters.
+pub struct UtmText;
+
+impl StringRule for UtmText {
+    const PATTERN: &'static str = r"^[^\x00-\x1f\x7f-\x9f]*$";
+    const MAX_CHARS: usize = 200;
+}
+
 /// One event from a client.
 #[derive(Debug, Object)]
 #[oai(rename = "BiEventInput")]
 pub struct EventInput {
     /// What happened: lower-case words of letters, digits and `_`, joined by `.`
     /// (`checkout.completed`), at most 64 characters.
-    #[oai(validator(max_length = 64, pattern = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"))]
-    pub name: String,
+    pub name: Matching<EventName>,
     /// When it happened, by the client's clock (RFC 3339; written out in UTC).
     pub timestamp: Option<time::OffsetDateTime>,
     /// Free-form properties: a JSON object, at most `modules.bi.max_properties_bytes`
@@ -36,20 +55,15 @@ pub struct EventInput {
 #[oai(rename = "BiUtm")]
 pub struct UtmInput {
     /// `utm_source`.
-    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
-    pub source: Option<String>,
+    pub source: Option<Matching<UtmText>>,
     /// `utm_medium`.
-    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
-    pub medium: Option<String>,
+    pub medium: Option<Matching<UtmText>>,
     /// `utm_campaign`.
-    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
-    pub campaign: Option<String>,
+    pub campaign: Option<Matching<UtmText>>,
     /// `utm_term`.
-    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
-    pub term: Option<String>,
+    pub term: Option<Matching<UtmText>>,
     /// `utm_content`.
-    #[oai(validator(max_length = 200, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"))]
-    pub content: Option<String>,
+    pub content: Option<Matching<UtmText>>,
 }
 
 /// One event, or a batch of up to 500 (accepted whole or not at all).
@@ -100,15 +114,15 @@ trellis_core::problem_responses! {
 impl From<EventInput> for ClientEvent {
     fn from(input: EventInput) -> Self {
         Self {
-            name: input.name,
+            name: input.name.into_inner(),
             timestamp: input.timestamp,
             properties: input.properties.unwrap_or_default(),
             utm: input.utm.map(|u| Utm {
-                source: u.source,
-                medium: u.medium,
-                campaign: u.campaign,
-                term: u.term,
-                content: u.content,
+                source: u.source.map(Matching::into_inner),
+                medium: u.medium.map(Matching::into_inner),
+                campaign: u.campaign.map(Matching::into_inner),
+                term: u.term.map(Matching::into_inner),
+                content: u.content.map(Matching::into_inner),
             }),
         }
     }
