@@ -309,7 +309,7 @@ pub struct EventsConfig {
 impl Default for EventsConfig {
     fn default() -> Self {
         Self {
-            queue_capacity: 100_000,
+            queue_capacity: 10_000,
             workers: 4,
             full_policy: FullPolicy::Wait,
             wait_timeout_ms: 250,
@@ -359,7 +359,7 @@ impl Default for MqConfig {
     fn default() -> Self {
         Self {
             backend: MqBackend::File,
-            buffer: 100_000,
+            buffer: 10_000,
             concurrency: 4,
             retry_backoff_ms: 100,
             retry_backoff_max_ms: 5_000,

@@ -1,5 +1,10 @@
 //! `trellis`: the server binary with the modules the cargo features selected.
 
+// mimalloc: glibc's allocator spent about 45% of the CPU of a BI ingest load in malloc and
+// free and kept hundreds of MiB of fragmented arenas after it (tests/bench/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     trellis_server::cli::main()
 }

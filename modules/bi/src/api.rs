@@ -1,8 +1,14 @@
 //! HTTP surface of the bi module: `POST /api/v1/bi/events`.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
-use poem_openapi::{ApiResponse, Object, OpenApi, Union, payload::Json};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi,
+    payload::Json,
+    registry::{MetaSchema, MetaSchemaRef, Registry},
+    types::{ParseError, ParseFromJSON, ParseResult, Type},
+};
+use serde_json::Value;
 use trellis_core::{
     auth::OptionalAuth,
     payload::{JsonBody, Matching, StringRule},
@@ -45,7 +51,7 @@ pub struct EventInput {
     pub timestamp: Option<time::OffsetDateTime>,
     /// Free-form properties: a JSON object, at most `modules.bi.max_properties_bytes`
     /// (16 KiB by default) as compact JSON.
-    pub properties: Option<BTreeMap<String, serde_json::Value>>,
+    pub properties: Option<BTreeMap<String, Value>>,
     /// UTM attribution.
     pub utm: Option<UtmInput>,
 }
@@ -66,14 +72,65 @@ pub struct UtmInput {
     pub content: Option<Matching<UtmText>>,
 }
 
-/// One event, or a batch of up to 500 (accepted whole or not at all).
-#[derive(Debug, Union)]
-#[oai(one_of, rename = "BiEventsRequest")]
+/// One event, or a batch of up to 500 (accepted whole or not at all). Written by hand:
+/// poem-openapi's derived `oneOf` parses a copy of the body with every alternative; this
+/// picks the one the JSON type calls for.
+#[derive(Debug)]
 pub enum EventsRequest {
     /// One event.
     Single(EventInput),
     /// A batch.
     Batch(Vec<EventInput>),
+}
+
+const EVENTS_REQUEST: &str = "BiEventsRequest";
+
+impl Type for EventsRequest {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        EVENTS_REQUEST.into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Reference(EVENTS_REQUEST.into())
+    }
+
+    fn register(registry: &mut Registry) {
+        registry.create_schema::<Self, _>(EVENTS_REQUEST.into(), |registry| {
+            <Vec<EventInput>>::register(registry);
+            MetaSchema {
+                description: Some(
+                    "One event, or a batch of up to 500 (accepted whole or not at all).",
+                ),
+                one_of: vec![EventInput::schema_ref(), <Vec<EventInput>>::schema_ref()],
+                ..MetaSchema::ANY
+            }
+        });
+    }
+
+    fn as_raw_value(&self) -> Option<&Self> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+impl ParseFromJSON for EventsRequest {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::Array(items) => <Vec<EventInput>>::parse_from_json(Some(Value::Array(items)))
+                .map(Self::Batch)
+                .map_err(ParseError::propagate),
+            other => EventInput::parse_from_json(Some(other))
+                .map(Self::Single)
+                .map_err(ParseError::propagate),
+        }
+    }
 }
 
 /// Events accepted for delivery.
