@@ -15,6 +15,7 @@
 
 mod assembly;
 pub mod auth;
+mod backoff;
 mod builder;
 pub mod bus;
 pub mod clock;

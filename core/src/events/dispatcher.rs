@@ -158,13 +158,11 @@ async fn run_handler<E: Event>(
 
 /// `retry_backoff_ms × 2^(attempt-1)`, at most `retry_backoff_max_ms`.
 fn backoff(config: &EventsConfig, attempt: u32) -> Duration {
-    let factor = 1u64 << (attempt - 1).min(20);
-    Duration::from_millis(
-        config
-            .retry_backoff_ms
-            .saturating_mul(factor)
-            .min(config.retry_backoff_max_ms),
-    )
+    Duration::from_millis(crate::backoff::exponential_ms(
+        config.retry_backoff_ms,
+        config.retry_backoff_max_ms,
+        attempt,
+    ))
 }
 
 type Job = Box<dyn Envelope>;

@@ -283,13 +283,12 @@ impl Inner {
     /// `retry_backoff_ms × 2^(attempt-1)` capped at `retry_backoff_max_ms`, then a random
     /// point in its upper half.
     fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u64 << (attempt.max(1) - 1).min(20);
-        let ceiling = self
-            .config
-            .retry_backoff_ms
-            .saturating_mul(factor)
-            .min(self.config.retry_backoff_max_ms)
-            .max(1);
+        let ceiling = crate::backoff::exponential_ms(
+            self.config.retry_backoff_ms,
+            self.config.retry_backoff_max_ms,
+            attempt,
+        )
+        .max(1);
         Duration::from_millis(rand::rng().random_range(ceiling.div_ceil(2)..=ceiling))
     }
 }

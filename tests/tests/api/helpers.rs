@@ -87,14 +87,14 @@ impl TestStorage {
     pub fn env(&self) -> Vec<(String, String)> {
         self.settings
             .iter()
-            .map(|(key, value)| {
-                (
-                    format!("TRELLIS_{}", key.replace('.', "__").to_uppercase()),
-                    value.clone(),
-                )
-            })
+            .map(|(key, value)| (env_name(key), value.clone()))
             .collect()
     }
+}
+
+/// The environment variable that sets the dotted configuration `key`.
+pub fn env_name(key: &str) -> String {
+    format!("TRELLIS_{}", key.replace('.', "__").to_uppercase())
 }
 
 async fn create_postgres_database(admin: &str, name: &str) -> String {

@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     bi::{accepted_ids, batch, refuse_hostile_requests},
-    helpers::{TestStorage, assert_problem, spawn_app_with},
+    helpers::{TestStorage, assert_problem, env_name, spawn_app_with},
     process::{free_port, server, terminate, wait_exit, wait_healthy},
 };
 
@@ -314,11 +314,10 @@ async fn sigterm_during_a_load_loses_no_accepted_event() {
     let port = free_port();
     let mut command = server(port, &storage);
     for (key, value) in sqs.settings() {
-        let key = format!("TRELLIS_{}", key.replace('.', "__").to_uppercase());
         let value = value
             .as_str()
             .map_or_else(|| value.to_string(), str::to_owned);
-        command.env(key, value);
+        command.env(env_name(key), value);
     }
     for key in [
         "AWS_ACCESS_KEY_ID",
