@@ -13,8 +13,11 @@ ST="$TOOLS/venv/bin/schemathesis"
 work=$(mktemp -d "$RUN/e2e.XXXXXX")
 pids=()
 cleanup() {
+  local status=$?
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # Logs and reports stay for a failed run only.
+  [ "$status" -ne 0 ] || rm -rf "$work"
 }
 trap cleanup EXIT
 

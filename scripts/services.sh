@@ -5,7 +5,7 @@
 #
 #   scripts/services.sh install                  install what is missing
 #   scripts/services.sh start [pg|redis|sqs]     start (all by default); prints the settings
-#   scripts/services.sh stop  [pg|redis|sqs]     stop
+#   scripts/services.sh stop  [pg|redis|sqs]     stop (all: also removes PostgreSQL's data)
 #   scripts/services.sh restart pg|redis|sqs     stop, then start
 #   scripts/services.sh pause|resume sqs         freeze / thaw the SQS server (SIGSTOP/SIGCONT)
 #
@@ -83,6 +83,13 @@ pg_stop() {
   as_postgres "$PGBIN/pg_ctl" -D "$data" -m fast -w -t 30 stop >/dev/null
 }
 
+# The data is scratch for tests: a full stop removes it, so runs leave nothing under /tmp.
+pg_remove() {
+  [ -f "$STATE/pgdata.path" ] || return 0
+  rm -rf "$(dirname "$(cat "$STATE/pgdata.path")")"
+  rm -f "$STATE/pgdata.path"
+}
+
 redis_start() {
   redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && return 0
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --save '' \
@@ -156,7 +163,7 @@ case "${1:-}" in
   stop)
     case $what in
       pg) pg_stop ;; redis) redis_stop ;; sqs) sqs_stop ;;
-      all) sqs_stop; redis_stop; pg_stop ;;
+      all) sqs_stop; redis_stop; pg_stop; pg_remove ;;
     esac ;;
   restart)
     case $what in pg) pg_stop; pg_start ;; redis) redis_stop; redis_start ;; sqs) sqs_stop; sqs_start ;; esac ;;
