@@ -365,9 +365,10 @@ impl RequestScope {
             .flatten()
     }
 
-    /// Runs `fut` with this scope as the current request.
-    pub async fn run<F: Future>(self, fut: F) -> F::Output {
-        REQUEST_SCOPE.scope(self, fut).await
+    /// Runs `fut` with this scope as the current request. A plain function, not an
+    /// `async fn`: that would hold `fut` twice (argument and awaited future) in its state.
+    pub fn run<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
+        REQUEST_SCOPE.scope(self, fut)
     }
 
     /// The current request's scope, if called inside one.

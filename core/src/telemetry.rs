@@ -6,6 +6,7 @@
 //! through symlink swaps (editors, Kubernetes config maps), and costs one `stat` per file.
 
 use std::{
+    io::IsTerminal as _,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -36,6 +37,12 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// The log writer's thread takes every line waiting, then flushes: through a buffer
+/// that is one `write` per batch rather than one per line.
+fn batched<W: std::io::Write>(writer: W) -> std::io::BufWriter<W> {
+    std::io::BufWriter::with_capacity(64 * 1024, writer)
+}
+
 /// Installs the global subscriber described by `config`. Call once, first thing in `main`.
 pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(&config.level)
@@ -43,7 +50,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     let (filter_layer, filter_handle) = reload::Layer::new(filter);
 
     let (writer, guard) = match config.output {
-        LogOutput::Console => tracing_appender::non_blocking(std::io::stdout()),
+        LogOutput::Console => tracing_appender::non_blocking(batched(std::io::stdout())),
         LogOutput::File => {
             let file = &config.file;
             std::fs::create_dir_all(&file.directory).with_context(|| {
@@ -66,10 +73,12 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
             let appender = builder
                 .build(&file.directory)
                 .context("`telemetry.file`: cannot open the log file")?;
-            tracing_appender::non_blocking(appender)
+            tracing_appender::non_blocking(batched(appender))
         }
     };
-    let ansi = config.output == LogOutput::Console;
+    // Colours only for a person at a terminal: escape codes are noise in a pipe or a file,
+    // and writing them was 7% of the CPU of a `/healthz` load (tests/bench/RESULTS.md).
+    let ansi = config.output == LogOutput::Console && std::io::stdout().is_terminal();
 
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)

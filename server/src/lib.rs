@@ -20,9 +20,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use poem::{
     EndpointExt as _, Response, Route,
-    endpoint::make_sync,
+    endpoint::{EitherEndpoint, make_sync},
     listener::{Acceptor as _, TcpAcceptor},
-    middleware::{CatchPanic, Cors},
+    middleware::Cors,
 };
 use tokio::sync::watch;
 use trellis_core::{
@@ -152,34 +152,37 @@ impl Application {
                 ),
             );
         }
-        // The bus rides along with each request so that the bearer-token checker in core
-        // can ask the module that authenticates.
-        let app = app.nest("/", service).data(ctx.bus().clone());
+        let app = app.nest("/", service);
 
         let cors = &server.cors;
-        let cors_enabled = !cors.allowed_origins.is_empty();
-        let cors_layer = cors_enabled.then(|| build_cors(cors)).transpose()?;
+        let cors_layer = (!cors.allowed_origins.is_empty())
+            .then(|| build_cors(cors))
+            .transpose()?;
 
-        let inner = middleware::Problems {
-            inner: app,
-            routes: routes.clone(),
+        // Without CORS the stack turns router errors into problems itself; with it, they
+        // become problems inside the CORS layer, so that they carry its headers too. That
+        // branch is boxed: a future is as large as its largest branch.
+        let inner = match cors_layer {
+            None => EitherEndpoint::A(app),
+            Some(cors) => EitherEndpoint::B(
+                middleware::Problems {
+                    inner: app,
+                    routes: routes.clone(),
+                }
+                .with(cors)
+                .boxed(),
+            ),
         };
-        let inner = inner.with_if(cors_enabled, cors_layer.unwrap_or_default());
-        let inner = middleware::Timeout {
+        let endpoint = middleware::Stack {
             inner,
+            routes,
+            bus: ctx.bus().clone(),
+            access_log: ctx.config().telemetry.access_log,
+            body_limit: server.body_limit_bytes,
             timeout: Duration::from_millis(server.request_timeout_ms),
-        };
-        let inner = middleware::BodyLimit {
-            inner,
-            limit: server.body_limit_bytes,
-        };
-        let inner = inner.with(CatchPanic::new().with_handler(middleware::panic_response));
-        let inner = middleware::HttpMetrics { inner };
-        let inner = middleware::AccessLog {
-            inner,
-            enabled: ctx.config().telemetry.access_log,
-        };
-        let endpoint = middleware::RequestId { inner, routes }.boxed();
+            metrics: middleware::RequestMetrics::new(),
+        }
+        .boxed();
 
         let bind = format!("{}:{}", server.host, server.port);
         let listener = tokio::net::TcpListener::bind(&bind)

@@ -1,33 +1,42 @@
-//! The middleware stack every request passes, outermost first:
+//! The middleware every request passes, in this order:
 //!
-//! 1. [`RequestId`]: reuse a sane incoming `X-Request-Id` or generate one, open the
-//!    [`RequestScope`], echo the id; anything still an error becomes problem+json here.
-//! 2. [`AccessLog`]: one span and one access-log line per request; logs server-side
-//!    failure causes carried by problem responses.
-//! 3. [`HttpMetrics`]: in-flight gauge, request counter and duration histogram by method,
-//!    route template and status.
-//! 4. panic -> 500 problem (poem's `CatchPanic` with our handler).
-//! 5. [`BodyLimit`]: 413 beyond `server.body_limit_bytes`, announced or streamed.
-//! 6. [`Timeout`]: 503 beyond `server.request_timeout_ms`.
-//! 7. CORS (poem's `Cors`), when origins are configured.
+//! 0. the bus rides along with each request, so that the bearer-token checker in core
+//!    can ask the module that authenticates;
+//! 1. request id: reuse a sane incoming `X-Request-Id` or generate one, open the
+//!    [`RequestScope`], echo the id;
+//! 2. access log: one span and one access-log line per request; server-side failure causes
+//!    carried by problem responses are logged inside the span;
+//! 3. metrics: in-flight gauge, request counter and duration histogram by method, route
+//!    template and status;
+//! 4. panic -> 500 problem, the panic message logged;
+//! 5. body limit: 413 beyond `server.body_limit_bytes`, announced or streamed;
+//! 6. timeout: 503 beyond `server.request_timeout_ms`;
+//! 7. CORS (poem's `Cors`), when origins are configured;
 //! 8. [`Problems`]: router errors (no route, wrong method with its `Allow` header,
 //!    unparsable input) become problem+json.
 //!
-//! Each layer is a plain generic endpoint: no boxing, no allocation beyond the request id.
+//! Steps 1 to 6 are one endpoint, [`Stack`], with a function per step. Each `async` layer
+//! keeps its own copy of the request (472 bytes) and the whole future of the layers inside
+//! it, and the server boxes the outermost future per request: as six nested endpoints the
+//! stack was a 21 KiB future, copied on every request (10% of the CPU of a `/healthz` load,
+//! tests/bench/RESULTS.md).
 
 use std::{
-    sync::{Arc, LazyLock},
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::{Arc, LazyLock, RwLock},
     time::{Duration, Instant},
 };
 
-use futures_util::StreamExt as _;
-use metrics::{SharedString, counter, gauge, histogram};
+use futures_util::{FutureExt as _, StreamExt as _};
+use metrics::{Counter, Gauge, Histogram, SharedString, counter, gauge, histogram};
 use poem::{
     Body, Endpoint, IntoResponse, Request, Response,
-    http::{HeaderValue, Method, header::HeaderName},
+    http::{HeaderValue, Method, StatusCode, header::HeaderName},
 };
 use tracing::Instrument as _;
 use trellis_core::{
+    bus::Bus,
     metrics::{HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_IN_FLIGHT, HTTP_REQUESTS_TOTAL},
     problem::{InternalError, ProblemJson, RequestScope},
 };
@@ -40,10 +49,15 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 const UNMATCHED: &str = "unmatched";
 
-/// Layer 1: request id and request scope.
-pub struct RequestId<E> {
+/// Steps 1 to 6 around `inner`.
+pub struct Stack<E> {
     pub(crate) inner: E,
     pub(crate) routes: Arc<RouteIndex>,
+    pub(crate) bus: Bus,
+    pub(crate) access_log: bool,
+    pub(crate) body_limit: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) metrics: RequestMetrics,
 }
 
 /// An incoming id is reused when it is 1 to 128 visible ASCII characters from a safe set,
@@ -57,24 +71,19 @@ fn sane_request_id(value: &HeaderValue) -> Option<&str> {
     if ok { value.to_str().ok() } else { None }
 }
 
-impl<E: Endpoint> Endpoint for RequestId<E> {
+impl<E: Endpoint> Endpoint for Stack<E> {
     type Output = Response;
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
+    /// Steps 0 and 1: the bus, the request id and the request scope.
+    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+        req.set_data(self.bus.clone());
         let id: Arc<str> = match req.headers().get(&X_REQUEST_ID).and_then(sane_request_id) {
             Some(id) => Arc::from(id),
             None => Arc::from(uuid::Uuid::new_v4().simple().to_string()),
         };
         let header = HeaderValue::from_str(&id).ok();
-        let scope = RequestScope::new(id, req.uri().clone());
-        let mut resp = scope
-            .run(async {
-                match self.inner.call(req).await {
-                    Ok(output) => output.into_response(),
-                    Err(error) => problem_response(error, &self.routes),
-                }
-            })
-            .await;
+        let scope = RequestScope::new(id.clone(), req.uri().clone());
+        let mut resp = scope.run(self.observe(req, &id)).await;
         if let Some(header) = header {
             resp.headers_mut().insert(X_REQUEST_ID.clone(), header);
         }
@@ -82,56 +91,103 @@ impl<E: Endpoint> Endpoint for RequestId<E> {
     }
 }
 
-/// Layer 2: one span and one access-log line per request.
-pub struct AccessLog<E> {
-    pub(crate) inner: E,
-    pub(crate) enabled: bool,
-}
-
-impl<E: Endpoint> Endpoint for AccessLog<E> {
-    type Output = Response;
-
-    async fn call(&self, req: Request) -> poem::Result<Response> {
+impl<E: Endpoint> Stack<E> {
+    /// Steps 2 and 3: the span, the access-log line and the request metrics.
+    async fn observe(&self, req: Request, id: &str) -> Response {
         let started = Instant::now();
+        let method = req.method().clone();
         let span = tracing::info_span!(
             "request",
-            request_id = %RequestScope::current_id().as_deref().unwrap_or_default(),
-            method = %req.method(),
+            request_id = %id,
+            method = %method,
             path = %req.uri().path(),
         );
-        let method = req.method().clone();
-        let result = self
-            .inner
-            .call(req)
-            .instrument(span.clone())
-            .await
-            .map(IntoResponse::into_response);
+        let in_flight = self.metrics.in_flight();
+        let resp = self.guard(req).instrument(span.clone()).await;
+        drop(in_flight);
+        let elapsed = started.elapsed();
+        let status = resp.status();
+        let route = RequestScope::current_route().filter(|_| resp.data::<Unmatched>().is_none());
+        self.metrics.record(&method, route.clone(), status, elapsed);
+
         let _entered = span.enter();
-        let (status, internal) = match &result {
-            Ok(resp) => (resp.status(), resp.data::<InternalError>().cloned()),
-            Err(error) => (error.status(), None),
-        };
-        if let Some(InternalError(cause)) = internal {
+        if let Some(InternalError(cause)) = resp.data::<InternalError>() {
             tracing::error!(status = status.as_u16(), cause = %cause, "request failed");
         }
-        if self.enabled {
-            let route = RequestScope::current_route();
+        if self.access_log {
             tracing::info!(
                 target: "trellis::access",
                 method = %method,
                 route = route.as_deref().unwrap_or(UNMATCHED),
                 status = status.as_u16(),
-                latency_ms = started.elapsed().as_secs_f64() * 1_000.0,
+                latency_ms = elapsed.as_secs_f64() * 1_000.0,
                 "request"
             );
         }
-        result
+        resp
     }
-}
 
-/// Layer 3: Prometheus request metrics.
-pub struct HttpMetrics<E> {
-    pub(crate) inner: E,
+    /// Steps 4 to 6 and the conversion of any error into problem+json.
+    async fn guard(&self, mut req: Request) -> Response {
+        if let Err(too_large) = self.limit_body(&mut req).await {
+            return too_large;
+        }
+        let call = tokio::time::timeout(self.timeout, self.inner.call(req));
+        match AssertUnwindSafe(call).catch_unwind().await {
+            Ok(Ok(Ok(output))) => output.into_response(),
+            Ok(Ok(Err(error))) => problem_response(error, &self.routes),
+            Ok(Err(_elapsed)) => {
+                let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+                ProblemJson::from_error(&RequestTimedOut { timeout_ms })
+                    .with_header(
+                        poem::http::header::RETRY_AFTER,
+                        HeaderValue::from_static("1"),
+                    )
+                    .into_response()
+            }
+            Err(panic) => panic_response(panic),
+        }
+    }
+
+    /// Step 5: a `Content-Length` over the limit is refused before reading; a body without
+    /// one (chunked) is read up to the limit and refused beyond it.
+    async fn limit_body(&self, req: &mut Request) -> Result<(), Response> {
+        let too_large = || {
+            ProblemJson::from_error(&BodyTooLarge {
+                limit: self.body_limit,
+            })
+            .into_response()
+        };
+        let declared = req
+            .headers()
+            .get(poem::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match declared {
+            Some(length) if length > self.body_limit as u64 => Err(too_large()),
+            Some(_) => Ok(()),
+            None if req.method() == Method::GET || req.method() == Method::HEAD => Ok(()),
+            None => {
+                let mut stream = req.take_body().into_bytes_stream();
+                let mut buffered = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = match chunk {
+                        Ok(chunk) => chunk,
+                        Err(e) => {
+                            let error = poem::Error::from(poem::error::ReadBodyError::Io(e));
+                            return Err(problem_response(error, &self.routes));
+                        }
+                    };
+                    if buffered.len() + chunk.len() > self.body_limit {
+                        return Err(too_large());
+                    }
+                    buffered.extend_from_slice(&chunk);
+                }
+                req.set_body(Body::from_vec(buffered));
+                Ok(())
+            }
+        }
+    }
 }
 
 static STATUS_LABELS: LazyLock<Vec<SharedString>> = LazyLock::new(|| {
@@ -140,8 +196,8 @@ static STATUS_LABELS: LazyLock<Vec<SharedString>> = LazyLock::new(|| {
         .collect()
 });
 
-fn method_label(method: &Method) -> SharedString {
-    let known = match *method {
+fn method_label(method: &Method) -> &'static str {
+    match *method {
         Method::GET => "GET",
         Method::POST => "POST",
         Method::PUT => "PUT",
@@ -153,56 +209,87 @@ fn method_label(method: &Method) -> SharedString {
         Method::CONNECT => "CONNECT",
         // Arbitrary methods would let clients create unbounded label values.
         _ => "OTHER",
-    };
-    SharedString::const_str(known)
-}
-
-struct InFlight;
-
-impl InFlight {
-    fn start() -> Self {
-        gauge!(HTTP_REQUESTS_IN_FLIGHT).increment(1.0);
-        Self
     }
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        gauge!(HTTP_REQUESTS_IN_FLIGHT).decrement(1.0);
-    }
+type MetricKey = (&'static str, Option<Arc<str>>, u16);
+
+/// Step 3's metric handles. Looking a labelled metric up in the recorder allocates its
+/// key and hashes every label; here each (method, route, status) is looked up there once,
+/// and its handles are kept. Routes are templates and methods a fixed set, so the map
+/// stays small.
+pub struct RequestMetrics {
+    in_flight: Gauge,
+    handles: RwLock<HashMap<MetricKey, (Counter, Histogram), foldhash::fast::RandomState>>,
 }
 
-impl<E: Endpoint> Endpoint for HttpMetrics<E> {
-    type Output = Response;
+impl RequestMetrics {
+    /// Handles from the installed recorder (no-ops when metrics are off).
+    pub fn new() -> Self {
+        Self {
+            in_flight: gauge!(HTTP_REQUESTS_IN_FLIGHT),
+            handles: RwLock::default(),
+        }
+    }
 
-    async fn call(&self, req: Request) -> poem::Result<Response> {
-        let started = Instant::now();
-        let method = method_label(req.method());
-        let in_flight = InFlight::start();
-        let result = self.inner.call(req).await.map(IntoResponse::into_response);
-        drop(in_flight);
-        let (status, unmatched) = match &result {
-            Ok(resp) => (resp.status(), resp.data::<Unmatched>().is_some()),
-            Err(error) => (error.status(), false),
+    fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.increment(1.0);
+        InFlight(&self.in_flight)
+    }
+
+    fn record(&self, method: &Method, route: Option<Arc<str>>, status: StatusCode, took: Duration) {
+        let key = (method_label(method), route, status.as_u16());
+        let cached = self
+            .handles
+            .read()
+            .ok()
+            .and_then(|handles| handles.get(&key).cloned());
+        let (requests, duration) = match cached {
+            Some(handles) => handles,
+            None => {
+                let handles = Self::register(&key);
+                if let Ok(mut map) = self.handles.write() {
+                    map.insert(key, handles.clone());
+                }
+                handles
+            }
         };
-        let route: SharedString = match RequestScope::current_route() {
-            Some(template) if !unmatched => SharedString::from(template),
-            _ => SharedString::const_str(UNMATCHED),
+        requests.increment(1);
+        duration.record(took.as_secs_f64());
+    }
+
+    fn register((method, route, status): &MetricKey) -> (Counter, Histogram) {
+        let route = match route {
+            Some(template) => SharedString::from(template.clone()),
+            None => SharedString::const_str(UNMATCHED),
         };
         let status = STATUS_LABELS
-            .get(usize::from(status.as_u16()))
+            .get(usize::from(*status))
             .cloned()
             .unwrap_or_else(|| SharedString::const_str("other"));
-        let labels = [("method", method), ("route", route), ("status", status)];
-        let labels = labels.map(|(k, v)| metrics::Label::new(k, v));
-        counter!(HTTP_REQUESTS_TOTAL, labels.iter()).increment(1);
-        histogram!(HTTP_REQUEST_DURATION_SECONDS, labels.iter())
-            .record(started.elapsed().as_secs_f64());
-        result
+        let labels = [
+            ("method", SharedString::const_str(method)),
+            ("route", route),
+            ("status", status),
+        ]
+        .map(|(k, v)| metrics::Label::new(k, v));
+        (
+            counter!(HTTP_REQUESTS_TOTAL, labels.iter()),
+            histogram!(HTTP_REQUEST_DURATION_SECONDS, labels.iter()),
+        )
     }
 }
 
-/// Layer 4's handler: a panic becomes an opaque 500 problem; the panic message is logged.
+/// One request in flight, until dropped.
+struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Step 4's answer: a panic becomes an opaque 500 problem; the panic message is logged.
 pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let message = panic
         .downcast_ref::<&str>()
@@ -212,73 +299,7 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
     ProblemJson::internal(&format!("handler panicked: {message}")).into_response()
 }
 
-/// Layer 5: the body-size limit. A `Content-Length` over the limit is refused before
-/// reading; a body without one (chunked) is read up to the limit and refused beyond it.
-pub struct BodyLimit<E> {
-    pub(crate) inner: E,
-    pub(crate) limit: usize,
-}
-
-impl<E: Endpoint> Endpoint for BodyLimit<E> {
-    type Output = Response;
-
-    async fn call(&self, mut req: Request) -> poem::Result<Response> {
-        let too_large = || ProblemJson::from_error(&BodyTooLarge { limit: self.limit });
-        let declared = req
-            .headers()
-            .get(poem::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        match declared {
-            Some(length) if length > self.limit as u64 => {
-                return Ok(too_large().into_response());
-            }
-            Some(_) => {}
-            None if req.method() == Method::GET || req.method() == Method::HEAD => {}
-            None => {
-                let mut stream = req.take_body().into_bytes_stream();
-                let mut buffered = Vec::new();
-                while let Some(chunk) = stream.next().await {
-                    let chunk =
-                        chunk.map_err(|e| poem::Error::from(poem::error::ReadBodyError::Io(e)))?;
-                    if buffered.len() + chunk.len() > self.limit {
-                        return Ok(too_large().into_response());
-                    }
-                    buffered.extend_from_slice(&chunk);
-                }
-                req.set_body(Body::from_vec(buffered));
-            }
-        }
-        self.inner.call(req).await.map(IntoResponse::into_response)
-    }
-}
-
-/// Layer 6: the request timeout.
-pub struct Timeout<E> {
-    pub(crate) inner: E,
-    pub(crate) timeout: Duration,
-}
-
-impl<E: Endpoint> Endpoint for Timeout<E> {
-    type Output = Response;
-
-    async fn call(&self, req: Request) -> poem::Result<Response> {
-        match tokio::time::timeout(self.timeout, self.inner.call(req)).await {
-            Ok(result) => result.map(IntoResponse::into_response),
-            Err(_) => {
-                let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
-                Ok(ProblemJson::from_error(&RequestTimedOut { timeout_ms })
-                    .with_header(
-                        poem::http::header::RETRY_AFTER,
-                        HeaderValue::from_static("1"),
-                    )
-                    .into_response())
-            }
-        }
-    }
-}
-
-/// Layer 8: router errors as problem+json, with `Allow` on 405.
+/// Step 8: router errors as problem+json, with `Allow` on 405.
 pub struct Problems<E> {
     pub(crate) inner: E,
     pub(crate) routes: Arc<RouteIndex>,
@@ -312,7 +333,7 @@ mod tests {
     #[test]
     fn unknown_methods_share_one_label() {
         let custom = Method::from_bytes(b"PURGE").expect("method");
-        assert_eq!(method_label(&custom).as_ref(), "OTHER");
-        assert_eq!(method_label(&Method::GET).as_ref(), "GET");
+        assert_eq!(method_label(&custom), "OTHER");
+        assert_eq!(method_label(&Method::GET), "GET");
     }
 }

@@ -62,6 +62,20 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def settle(pid, timeout=60.0):
+    """Waits until the server is idle (under 5% of a CPU over 250 ms), so that work left
+    from one scenario (queued events, password hashes) does not slow the next one."""
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_seconds(pid)
+        if now - before < 0.0125:
+            return
+        before = now
+    log(f"  warning: the server was still busy after {timeout:.0f} s")
+
+
 def loadavg():
     return Path("/proc/loadavg").read_text().split()[:3]
 
@@ -212,11 +226,13 @@ def main():
         for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
             for server in (trellis, poem, openapi):
                 log(f"round {round_ + 1}/{ROUNDS}: {scenario} on {server.name}")
+                settle(trellis.proc.pid)
                 r = wrk(server.url(path), headers if server is trellis else [])
                 if r["non2xx"] or r["socket_errors"]:
                     log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
                 results.setdefault((scenario, server.name), []).append(r)
         log(f"round {round_ + 1}/{ROUNDS}: BI ingest, batches of {BI_BATCH}, on trellis")
+        settle(trellis.proc.pid)
         r = wrk(trellis.url("/api/v1/bi/events"), script=bi_lua)
         if r["non2xx"] or r["socket_errors"]:
             log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
@@ -226,6 +242,7 @@ def main():
     login_lua = work / "login.lua"
     login_lua.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                          f'wrk.body = \'{{"email":"bench@example.com","password":"{PASSWORD}"}}\'\n')
+    settle(trellis.proc.pid)
     cpu0 = cpu_seconds(trellis.proc.pid)
     login = wrk(trellis.url("/api/v1/auth/login"), script=login_lua)
     cpu1 = cpu_seconds(trellis.proc.pid)
@@ -240,6 +257,7 @@ def main():
     me_small = []
     seed_users(str(data / "trellis.db"), 999 - 2)  # ~1,000 accounts
     for _ in range(ROUNDS):
+        settle(trellis.proc.pid)
         me_small.append(wrk(trellis.url("/api/v1/users/me"), auth)["rps"])
     trellis.stop()
     total = seed_users(str(data / "trellis.db"), 1_000_000 - 1_000)
@@ -248,6 +266,7 @@ def main():
     auth = [f"Authorization: Bearer {token}"]
     me_large = []
     for _ in range(ROUNDS):
+        settle(trellis.proc.pid)
         me_large.append(wrk(trellis.url("/api/v1/users/me"), auth)["rps"])
     trellis.stop()
     load_after = loadavg()

@@ -3,6 +3,8 @@
 //! Access: a user reads and changes only themself unless they hold `users:manage`; any
 //! other id answers "not found", so ids cannot be probed for existence.
 
+use std::time::Duration;
+
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use trellis_core::{
     ModuleContext,
@@ -45,10 +47,15 @@ pub struct Users {
 impl Users {
     /// The service over the module's context.
     pub fn from_context(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
+        let config: UserConfig = ctx.config()?;
         Ok(Self {
-            repo: UserRepo::new(ctx.database()),
+            repo: UserRepo::new(
+                ctx.database(),
+                ctx.cache(),
+                Duration::from_secs(config.cache_secs),
+            ),
             bus: ctx.bus().clone(),
-            config: ctx.config()?,
+            config,
         })
     }
 

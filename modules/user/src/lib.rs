@@ -32,6 +32,8 @@ pub struct UserConfig {
     pub default_page_size: u32,
     /// Largest page size a client may ask for.
     pub max_page_size: u32,
+    /// How long an account is cached in front of the database (seconds).
+    pub cache_secs: u64,
 }
 
 impl Default for UserConfig {
@@ -39,6 +41,7 @@ impl Default for UserConfig {
         Self {
             default_page_size: 20,
             max_page_size: 100,
+            cache_secs: 30,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The user module's SQL: the only code that touches its tables. One statement per
 //! function; `$n` placeholders run on SQLite and PostgreSQL alike.
 
-use trellis_core::storage::{DbError, Migration, ModuleDb};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb};
 
 use crate::domain::{Details, UserChanges};
 
@@ -36,7 +39,7 @@ pub static MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// A stored account (without its password hash).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRow {
     /// Id.
     pub id: String,
@@ -79,15 +82,34 @@ pub struct UserForCreate<'a> {
 
 const COLUMNS: &str = "id, email, first_name, last_name, created_at, updated_at";
 
-/// The repository.
+/// The repository. Active accounts are cached by id in front of the database for
+/// `cache_ttl`; every statement that changes an account removes its entry.
 #[derive(Debug, Clone)]
 pub struct UserRepo {
     db: ModuleDb,
+    cache: ModuleCache,
+    cache_ttl: Duration,
+}
+
+fn user_key(id: &str) -> String {
+    format!("user:{id}")
 }
 
 impl UserRepo {
-    pub fn new(db: ModuleDb) -> Self {
-        Self { db }
+    pub fn new(db: ModuleDb, cache: ModuleCache, cache_ttl: Duration) -> Self {
+        Self {
+            db,
+            cache,
+            cache_ttl,
+        }
+    }
+
+    /// Forgets the cached account, so a change is seen at once. When the cache cannot be
+    /// reached the entry runs out with its TTL.
+    async fn forget(&self, id: &str) {
+        if let Err(error) = self.cache.delete(&user_key(id)).await {
+            tracing::warn!(user_id = %id, %error, "cached account not removed; it expires with its TTL");
+        }
     }
 
     #[tracing::instrument(skip_all)]
@@ -111,7 +133,12 @@ impl UserRepo {
             .map(|_| ())
     }
 
+    /// The active account `id`: from the cache, else the database (then cached).
     pub async fn find_active(&self, id: &str) -> Result<Option<UserRow>, DbError> {
+        let key = user_key(id);
+        if let Some(user) = self.cache.get_json::<UserRow>(&key).await {
+            return Ok(Some(user));
+        }
         let row: Option<Row> = self
             .db
             .run(
@@ -123,7 +150,11 @@ impl UserRepo {
                 .fetch_optional(self.db.pool()),
             )
             .await?;
-        Ok(row.map(UserRow::from))
+        let user = row.map(UserRow::from);
+        if let Some(user) = &user {
+            self.cache.set_json(&key, user, self.cache_ttl).await;
+        }
+        Ok(user)
     }
 
     /// The active account with `email` and its password hash.
@@ -173,6 +204,7 @@ impl UserRepo {
                 .fetch_optional(self.db.pool()),
             )
             .await?;
+        self.forget(id).await;
         Ok(row.map(UserRow::from))
     }
 
@@ -188,6 +220,7 @@ impl UserRepo {
                     .execute(self.db.pool()),
             )
             .await?;
+        self.forget(id).await;
         Ok(done.rows_affected() > 0)
     }
 

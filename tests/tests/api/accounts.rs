@@ -71,6 +71,16 @@ async fn the_whole_account_lifecycle() {
         ),
         (Some("Augusta"), Some("Lovelace"))
     );
+    // The account read above was cached; the change removed it.
+    let me: Value = app
+        .authed(Method::GET, "/api/v1/users/me", token)
+        .send()
+        .await
+        .expect("me")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(me["first_name"], "Augusta");
 
     let details = json!({"utm_source": "newsletter", "utm_campaign": "launch", "utm_medium": "email", "utm_content": "hero"});
     let put = app
