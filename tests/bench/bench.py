@@ -367,7 +367,19 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         "```",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    RESULTS.write_text("\n".join(lines) + kept_history())
+
+
+HISTORY = "## What each optimisation bought"
+
+
+def kept_history():
+    """The hand-written section at the end of the results file, kept across runs."""
+    if not RESULTS.exists():
+        return ""
+    text = RESULTS.read_text()
+    at = text.find(HISTORY)
+    return "\n" + text[at:] if at >= 0 else ""
 
 
 if __name__ == "__main__":
