@@ -45,14 +45,7 @@ async fn the_whole_account_lifecycle() {
 
     let tokens = app.login("ada@EXAMPLE.com", "analytical engine").await;
     let token = tokens["access_token"].as_str().expect("token");
-    let me: Value = app
-        .authed(Method::GET, "/api/v1/users/me", token)
-        .send()
-        .await
-        .expect("me")
-        .json()
-        .await
-        .expect("json");
+    let me: Value = app.get_json_authed("/api/v1/users/me", token).await;
     assert_eq!(me["id"], id.as_str());
 
     let patched: Value = app
@@ -72,14 +65,7 @@ async fn the_whole_account_lifecycle() {
         (Some("Augusta"), Some("Lovelace"))
     );
     // The account read above was cached; the change removed it.
-    let me: Value = app
-        .authed(Method::GET, "/api/v1/users/me", token)
-        .send()
-        .await
-        .expect("me")
-        .json()
-        .await
-        .expect("json");
+    let me: Value = app.get_json_authed("/api/v1/users/me", token).await;
     assert_eq!(me["first_name"], "Augusta");
 
     let details = json!({"utm_source": "newsletter", "utm_campaign": "launch", "utm_medium": "email", "utm_content": "hero"});
@@ -91,13 +77,8 @@ async fn the_whole_account_lifecycle() {
         .expect("put");
     assert_eq!(put.status(), 200);
     let got: Value = app
-        .authed(Method::GET, &format!("{location}/details"), token)
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+        .get_json_authed(&format!("{location}/details"), token)
+        .await;
     assert_eq!(got["utm_campaign"], "launch");
 
     let deleted = app
@@ -181,14 +162,7 @@ async fn listing_needs_the_permission_and_pages_with_a_cursor() {
     let mut seen = Vec::new();
     let mut path = "/api/v1/users?email_prefix=PAGE&limit=2".to_owned();
     loop {
-        let page: Value = app
-            .authed(Method::GET, &path, &admin_token)
-            .send()
-            .await
-            .expect("list")
-            .json()
-            .await
-            .expect("json");
+        let page: Value = app.get_json_authed(&path, &admin_token).await;
         let users = page["users"].as_array().expect("users");
         assert!(users.len() <= 2);
         seen.extend(

@@ -117,14 +117,7 @@ async fn logout_revokes_at_once_and_logout_all_ends_every_session() {
         .expect("t")
         .to_owned();
 
-    let list: Value = app
-        .authed(Method::GET, "/api/v1/auth/sessions", &first)
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let list: Value = app.get_json_authed("/api/v1/auth/sessions", &first).await;
     let sessions = list["sessions"].as_array().expect("sessions");
     assert_eq!(sessions.len(), 3);
     assert_eq!(sessions.iter().filter(|s| s["current"] == true).count(), 1);
@@ -357,14 +350,7 @@ async fn roles_are_granted_by_the_super_administrator_and_apply_at_once() {
     )
     .await;
 
-    let listed: Value = app
-        .authed(Method::GET, "/api/v1/auth/roles", &root)
-        .send()
-        .await
-        .expect("roles")
-        .json()
-        .await
-        .expect("json");
+    let listed: Value = app.get_json_authed("/api/v1/auth/roles", &root).await;
     let names: Vec<&str> = listed["roles"]
         .as_array()
         .expect("roles")

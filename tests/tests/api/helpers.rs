@@ -346,6 +346,17 @@ impl TestApp {
             .bearer_auth(token)
     }
 
+    /// `GET path` with a bearer token, its body as JSON.
+    pub async fn get_json_authed(&self, path: &str, token: &str) -> Value {
+        self.authed(reqwest::Method::GET, path, token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: body is not JSON: {e}"))
+    }
+
     /// A new account, logged in: (id, access token).
     pub async fn signed_up(&self, email: &str) -> (String, String) {
         let id = self.register(email, "correct horse battery").await;
