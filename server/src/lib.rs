@@ -119,7 +119,7 @@ impl Application {
 
         let json = trellis_openapi::finish_document(&service.spec());
         let yaml = trellis_openapi::to_yaml(&json);
-        let mut app = Route::new()
+        let mut own = Route::new()
             .at(
                 "/openapi.json",
                 RecordRoute::new("/openapi.json", static_text("application/json", json)),
@@ -139,7 +139,7 @@ impl Application {
             .set(1.0);
             tokio::spawn(metrics::upkeep(handle.clone(), Duration::from_secs(5)));
             let database = ctx.database().clone();
-            app = app.at(
+            own = own.at(
                 "/metrics",
                 RecordRoute::new(
                     "/metrics",
@@ -152,7 +152,10 @@ impl Application {
                 ),
             );
         }
-        let app = app.nest("/", service);
+        let app = middleware::Front {
+            own: own.boxed(),
+            api: poem::IntoEndpoint::into_endpoint(service),
+        };
 
         let cors = &server.cors;
         let cors_layer = (!cors.allowed_origins.is_empty())

@@ -98,9 +98,9 @@ impl<E: Endpoint> Stack<E> {
         let method = req.method().clone();
         let span = tracing::info_span!(
             "request",
-            request_id = %id,
-            method = %method,
-            path = %req.uri().path(),
+            request_id = id,
+            method = method.as_str(),
+            path = req.uri().path(),
         );
         let in_flight = self.metrics.in_flight();
         let resp = self.guard(req).instrument(span.clone()).await;
@@ -117,10 +117,9 @@ impl<E: Endpoint> Stack<E> {
         if self.access_log {
             tracing::info!(
                 target: "trellis::access",
-                method = %method,
                 route = route.as_deref().unwrap_or(UNMATCHED),
                 status = status.as_u16(),
-                latency_ms = elapsed.as_secs_f64() * 1_000.0,
+                latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
                 "request"
             );
         }
@@ -299,6 +298,33 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
     ProblemJson::internal(&format!("handler panicked: {message}")).into_response()
 }
 
+/// The server's own paths (`/openapi.json`, `/openapi.yaml`, `/docs`, `/metrics`) beside
+/// the modules' API, told apart by path before any router runs. A `Route` nesting the API
+/// at `/` rewrote every request's URI and boxed its future once more.
+pub struct Front {
+    pub(crate) own: poem::endpoint::BoxEndpoint<'static, Response>,
+    pub(crate) api: poem::endpoint::BoxEndpoint<'static, Response>,
+}
+
+fn is_own_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/openapi.json" | "/openapi.yaml" | "/metrics" | "/docs"
+    ) || path.starts_with("/docs/")
+}
+
+impl Endpoint for Front {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if is_own_path(req.uri().path()) {
+            self.own.call(req).await
+        } else {
+            self.api.call(req).await
+        }
+    }
+}
+
 /// Step 8: router errors as problem+json, with `Allow` on 405.
 pub struct Problems<E> {
     pub(crate) inner: E,
@@ -327,6 +353,22 @@ mod tests {
         for bad in ["", "has space", "semi;colon", "quote\"", &"x".repeat(129)] {
             let value = HeaderValue::from_str(bad).expect("header value");
             assert_eq!(sane_request_id(&value), None, "{bad:?} should be replaced");
+        }
+    }
+
+    #[test]
+    fn the_servers_own_paths_are_told_apart_from_the_api() {
+        for own in [
+            "/openapi.json",
+            "/openapi.yaml",
+            "/metrics",
+            "/docs",
+            "/docs/index.css",
+        ] {
+            assert!(is_own_path(own), "{own}");
+        }
+        for api in ["/healthz", "/docsx", "/metrics/x", "/api/v1/users/me", "/"] {
+            assert!(!is_own_path(api), "{api}");
         }
     }
 

@@ -116,7 +116,8 @@ impl Cache {
         ModuleCache {
             cache: self.clone(),
             namespace: Arc::from(format!("{}:{module}:", self.prefix)),
-            module,
+            hits: metrics::counter!(CACHE_HITS_TOTAL, "module" => module),
+            misses: metrics::counter!(CACHE_MISSES_TOTAL, "module" => module),
         }
     }
 
@@ -168,7 +169,8 @@ impl Cache {
 pub struct ModuleCache {
     cache: Cache,
     namespace: Arc<str>,
-    module: &'static str,
+    hits: metrics::Counter,
+    misses: metrics::Counter,
 }
 
 impl ModuleCache {
@@ -184,17 +186,17 @@ impl ModuleCache {
         match self.cache.store.get(&self.key(key)).await {
             Ok(Some(value)) => {
                 self.cache.record_ok();
-                metrics::counter!(CACHE_HITS_TOTAL, "module" => self.module).increment(1);
+                self.hits.increment(1);
                 Some(value)
             }
             Ok(None) => {
                 self.cache.record_ok();
-                metrics::counter!(CACHE_MISSES_TOTAL, "module" => self.module).increment(1);
+                self.misses.increment(1);
                 None
             }
             Err(error) => {
                 self.cache.record_error("get", &error);
-                metrics::counter!(CACHE_MISSES_TOTAL, "module" => self.module).increment(1);
+                self.misses.increment(1);
                 None
             }
         }

@@ -15,6 +15,8 @@ mod error;
 mod repo;
 mod tokens;
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use trellis_core::{
     Module, ModuleBuilder, ModuleRegistration,
@@ -95,7 +97,7 @@ impl Module for AuthModule {
             .migrations(repo::MIGRATIONS)
             .api(|ctx| Ok(api::AuthApi::new(Auth::from_context(ctx)?)))
             .handle(|ctx| {
-                let auth = Auth::from_context(ctx)?;
+                let auth = Arc::new(Auth::from_context(ctx)?);
                 Ok(move |request: Authenticate| {
                     let auth = auth.clone();
                     async move { auth.authenticate(&request.token).await }

@@ -20,6 +20,8 @@ use tracing_subscriber::{
 
 use crate::config::{ConfigSources, LogFormat, LogOutput, LogRotation, TelemetryConfig};
 
+mod line;
+
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
 /// The installed subscriber: keeps the writer alive and lets the level change.
@@ -76,8 +78,9 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
             tracing_appender::non_blocking(batched(appender))
         }
     };
-    // Colours only for a person at a terminal: escape codes are noise in a pipe or a file,
-    // and writing them was 7% of the CPU of a `/healthz` load (tests/bench/RESULTS.md).
+    // Colours (pretty format) only for a person at a terminal: escape codes are noise in a
+    // pipe or a file, and writing them was 7% of the CPU of a `/healthz` load
+    // (tests/bench/RESULTS.md). The compact format never colours.
     let ansi = config.output == LogOutput::Console && std::io::stdout().is_terminal();
 
     let fmt = tracing_subscriber::fmt::layer()
@@ -85,7 +88,10 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
         .with_ansi(ansi);
     let fmt_layer: Box<dyn Layer<_> + Send + Sync> = match config.format {
         LogFormat::Pretty => fmt.pretty().boxed(),
-        LogFormat::Compact => fmt.compact().boxed(),
+        LogFormat::Compact => fmt
+            .event_format(line::LineFormat)
+            .fmt_fields(line::LineFields)
+            .boxed(),
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)

@@ -1,0 +1,292 @@
+//! The `compact` log line: `2026-11-24T06:30:00.123456Z  INFO target: message key=value …`,
+//! then the fields of the spans the event happened in, outermost first.
+//!
+//! tracing-subscriber's own compact formatter styles every field name through
+//! `nu_ansi_term` even with colours off, formats the timestamp field by field and floats
+//! through `Display`: a third of the CPU of a `/healthz` request went into the access line
+//! (tests/bench/RESULTS.md). This one writes the same information with plain string
+//! pushes and formats the date part of the timestamp once per second.
+//!
+//! A string value is written bare only when it cannot be mistaken for structure (no
+//! spaces, quotes, `=`, backslashes or control characters); otherwise it is quoted and
+//! escaped, so a value supplied by a client cannot forge a field or a line.
+
+use std::{
+    cell::RefCell,
+    fmt,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tracing::{
+    Event, Level, Subscriber,
+    field::{Field, Visit},
+};
+use tracing_subscriber::{
+    field::RecordFields,
+    fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, format::Writer},
+    registry::LookupSpan,
+};
+
+/// Formats events as described in the module documentation.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LineFormat;
+
+/// Formats fields as `key=value` pairs separated by spaces; `message` is written bare.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LineFields;
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write_timestamp(&mut writer)?;
+        let meta = event.metadata();
+        writer.write_str(level_label(*meta.level()))?;
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        let mut fields = FieldWriter::new(&mut writer);
+        event.record(&mut fields);
+        fields.result?;
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    writer.write_char(' ')?;
+                    writer.write_str(fields)?;
+                }
+            }
+        }
+        writer.write_char('\n')
+    }
+}
+
+impl<'w> FormatFields<'w> for LineFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = FieldWriter::new(&mut writer);
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+fn level_label(level: Level) -> &'static str {
+    match level {
+        Level::ERROR => " ERROR ",
+        Level::WARN => "  WARN ",
+        Level::INFO => "  INFO ",
+        Level::DEBUG => " DEBUG ",
+        Level::TRACE => " TRACE ",
+    }
+}
+
+thread_local! {
+    /// The second last formatted on this thread, and its text up to the decimal point.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// UTC, RFC 3339 with microseconds.
+fn write_timestamp(writer: &mut Writer<'_>) -> fmt::Result {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let (secs, micros) = (now.as_secs(), now.subsec_micros());
+    SECOND.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            cached.1 = format_second(secs);
+            cached.0 = secs;
+        }
+        writer.write_str(&cached.1)
+    })?;
+    let mut digits = [b'0'; 7];
+    let mut rest = micros;
+    for digit in digits[..6].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    digits[6] = b'Z';
+    writer.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+}
+
+fn format_second(secs: u64) -> String {
+    let at = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}
+
+/// Whether `value` can be written without quotes.
+fn is_bare(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'='))
+}
+
+struct FieldWriter<'a, 'w> {
+    out: &'a mut Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl<'a, 'w> FieldWriter<'a, 'w> {
+    fn new(out: &'a mut Writer<'w>) -> Self {
+        Self {
+            out,
+            first: true,
+            result: Ok(()),
+        }
+    }
+
+    /// Writes the separator and `name=` (nothing but the separator for `message`).
+    fn key(&mut self, field: &Field) -> fmt::Result {
+        if !std::mem::take(&mut self.first) {
+            self.out.write_char(' ')?;
+        }
+        if field.name() != "message" {
+            self.out.write_str(field.name())?;
+            self.out.write_char('=')?;
+        }
+        Ok(())
+    }
+
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|()| value(self.out));
+        }
+    }
+}
+
+impl Visit for FieldWriter<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let bare = field.name() == "message" || is_bare(value);
+        self.field(field, |out| {
+            if bare {
+                out.write_str(value)
+            } else {
+                write!(out, "{value:?}")
+            }
+        });
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.field(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.field(field, |out| write!(out, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.field(field, |out| {
+            out.write_str(if value { "true" } else { "false" })
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.field(field, |out| write!(out, "{value:?}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_values_go_unquoted() {
+        for bare in ["GET", "/api/v1/users/{id}", "abc-123_DEF.4:5", "a@b.c"] {
+            assert!(is_bare(bare), "{bare}");
+        }
+        for quoted in [
+            "",
+            "two words",
+            "a=b",
+            "say \"hi\"",
+            "line\nbreak",
+            "tab\t",
+            "é",
+        ] {
+            assert!(!is_bare(quoted), "{quoted:?}");
+        }
+    }
+
+    #[test]
+    fn seconds_are_utc_rfc3339() {
+        assert_eq!(format_second(0), "1970-01-01T00:00:00.");
+        assert_eq!(format_second(1_795_500_000), "2026-11-24T06:00:00.");
+    }
+
+    #[test]
+    fn lines_carry_fields_and_span_fields_with_hostile_values_quoted() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt as _};
+
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> MakeWriter<'a> for Buffer {
+            type Writer = Self;
+            fn make_writer(&'a self) -> Self {
+                self.clone()
+            }
+        }
+
+        let buffer = Buffer::default();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(buffer.clone())
+                .event_format(LineFormat)
+                .fmt_fields(LineFields),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", request_id = "r-1", path = "/a b");
+            let _entered = span.enter();
+            tracing::info!(
+                target: "trellis::access",
+                status = 200u16,
+                ok = true,
+                who = "x\n  INFO forged: line",
+                "request"
+            );
+        });
+        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf-8");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let (timestamp, rest) = text.split_once(' ').expect("timestamp");
+        assert_eq!(
+            timestamp.len(),
+            "2026-11-24T06:00:00.000000Z".len(),
+            "{text}"
+        );
+        assert!(timestamp.ends_with('Z'));
+        assert_eq!(
+            rest,
+            " INFO trellis::access: request status=200 ok=true \
+             who=\"x\\n  INFO forged: line\" request_id=r-1 path=\"/a b\"\n"
+        );
+    }
+}
