@@ -258,8 +258,8 @@ impl<R: StringRule> poem_openapi::types::ToJSON for Matching<R> {
 /// Whether `value` matches the schema's `pattern` (compiled once per pattern). A pattern
 /// that does not compile is left to poem-openapi's own validator.
 fn matches_pattern(pattern: &str, value: &str) -> bool {
-    static COMPILED: LazyLock<RwLock<HashMap<String, Option<regex::Regex>>>> =
-        LazyLock::new(Default::default);
+    type Compiled = HashMap<String, Option<regex::Regex>, foldhash::fast::RandomState>;
+    static COMPILED: LazyLock<RwLock<Compiled>> = LazyLock::new(Default::default);
     if let Some(compiled) = COMPILED
         .read()
         .unwrap_or_else(|p| p.into_inner())

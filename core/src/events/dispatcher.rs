@@ -22,16 +22,15 @@ use futures_util::{
     FutureExt as _,
     future::{BoxFuture, join_all},
 };
-use metrics::{counter, gauge, histogram};
+use metrics::{Gauge, counter, gauge};
 use poem::http::{HeaderName, HeaderValue, StatusCode, header};
 use tokio::{sync::Semaphore, task::JoinHandle};
 
-use super::{Event, EventHandlerEntry, EventHandlerTable};
+use super::{Event, EventHandlerEntry, EventHandlerTable, EventHandlers};
 use crate::{
     config::{EventsConfig, FullPolicy},
     metrics::{
-        EVENT_HANDLER_DURATION_SECONDS, EVENTS_ACCEPTED_TOTAL, EVENTS_FAILED_TOTAL,
-        EVENTS_HANDLED_TOTAL, EVENTS_QUEUE_DEPTH, EVENTS_REJECTED_TOTAL, EVENTS_RETRIED_TOTAL,
+        EVENTS_FAILED_TOTAL, EVENTS_QUEUE_DEPTH, EVENTS_REJECTED_TOTAL, EVENTS_RETRIED_TOTAL,
     },
     problem::ProblemError,
 };
@@ -95,14 +94,21 @@ struct Typed<E> {
 impl<E: Event> Envelope for Typed<E> {
     fn deliver<'a>(self: Box<Self>, inner: &'a Inner) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let handlers = inner.handlers::<E>();
-            join_all(
-                handlers
-                    .iter()
-                    .map(|entry| run_handler(&inner.config, entry, &self.event)),
-            )
-            .await;
-            counter!(EVENTS_HANDLED_TOTAL, "event" => E::NAME).increment(1);
+            let Some(handlers) = inner.handlers::<E>() else {
+                return;
+            };
+            match handlers.entries.as_slice() {
+                [only] => run_handler(&inner.config, only, &self.event).await,
+                entries => {
+                    join_all(
+                        entries
+                            .iter()
+                            .map(|entry| run_handler(&inner.config, entry, &self.event)),
+                    )
+                    .await;
+                }
+            }
+            handlers.handled.increment(1);
         })
     }
 }
@@ -119,8 +125,7 @@ async fn run_handler<E: Event>(
         let outcome = AssertUnwindSafe((entry.handler)(event.clone()))
             .catch_unwind()
             .await;
-        histogram!(EVENT_HANDLER_DURATION_SECONDS, "event" => E::NAME, "module" => entry.module)
-            .record(started.elapsed());
+        entry.duration.record(started.elapsed());
         let error = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(error)) => format!("{error:#}"),
@@ -176,11 +181,15 @@ struct Inner {
     /// One permit per free place; an event holds its permit until it is handled.
     room: Semaphore,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// `events_queue_depth`.
+    depth: Gauge,
 }
 
 impl Inner {
-    fn handlers<E: Event>(&self) -> &[EventHandlerEntry<E>] {
-        self.table.get().map(|t| t.get::<E>()).unwrap_or_default()
+    fn handlers<E: Event>(&self) -> Option<&EventHandlers<E>> {
+        self.table
+            .get()
+            .and_then(EventHandlerTable::handlers_of::<E>)
     }
 }
 
@@ -211,6 +220,7 @@ impl EventDispatcher {
                 receiver,
                 room: Semaphore::new(config.queue_capacity.min(Semaphore::MAX_PERMITS)),
                 workers: Mutex::new(Vec::new()),
+                depth: gauge!(EVENTS_QUEUE_DEPTH),
             }),
         }
     }
@@ -220,7 +230,7 @@ impl EventDispatcher {
         if self.inner.table.set(table).is_err() {
             return;
         }
-        gauge!(EVENTS_QUEUE_DEPTH).set(0.0);
+        self.inner.depth.set(0.0);
         let mut workers = self.inner.workers.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..self.inner.config.workers.max(1) {
             let inner = self.inner.clone();
@@ -228,7 +238,7 @@ impl EventDispatcher {
                 while let Ok(job) = inner.receiver.recv_async().await {
                     job.deliver(&inner).await;
                     inner.room.add_permits(1);
-                    gauge!(EVENTS_QUEUE_DEPTH).decrement(1.0);
+                    inner.depth.decrement(1.0);
                 }
             }));
         }
@@ -236,7 +246,9 @@ impl EventDispatcher {
 
     /// Whether any module handles `E`.
     pub fn handles<E: Event>(&self) -> bool {
-        !self.inner.handlers::<E>().is_empty()
+        self.inner
+            .handlers::<E>()
+            .is_some_and(|h| !h.entries.is_empty())
     }
 
     /// Queues one event. See [`emit_all`](Self::emit_all).
@@ -249,14 +261,15 @@ impl EventDispatcher {
     /// Events that no module handles are accepted and dropped at once.
     pub async fn emit_all<E: Event>(&self, events: Vec<E>) -> Result<(), DispatchError> {
         let count = events.len();
-        if count == 0 || !self.handles::<E>() {
+        let Some(handlers) = self.inner.handlers::<E>().filter(|h| !h.entries.is_empty()) else {
+            return Ok(());
+        };
+        if count == 0 {
             return Ok(());
         }
         let result = self.enqueue(events).await;
         match &result {
-            Ok(()) => {
-                counter!(EVENTS_ACCEPTED_TOTAL, "event" => E::NAME).increment(count as u64);
-            }
+            Ok(()) => handlers.accepted.increment(count as u64),
             Err(error) => {
                 counter!(EVENTS_REJECTED_TOTAL, "event" => E::NAME, "reason" => error.reason())
                     .increment(count as u64);
@@ -294,7 +307,7 @@ impl EventDispatcher {
         };
         // The permits now travel with the events; workers give them back one by one.
         room.forget();
-        gauge!(EVENTS_QUEUE_DEPTH).increment(count as f64);
+        inner.depth.increment(count as f64);
         for event in events {
             let job: Job = Box::new(Typed {
                 event: Arc::new(event),

@@ -16,6 +16,8 @@ pub use dispatcher::{DispatchError, EventDispatcher};
 
 use futures_util::future::BoxFuture;
 
+use crate::metrics::{EVENT_HANDLER_DURATION_SECONDS, EVENTS_ACCEPTED_TOTAL, EVENTS_HANDLED_TOTAL};
+
 /// An event handled asynchronously (named in the past tense: `UserRegistered`).
 pub trait Event: Send + Sync + 'static {
     /// A stable name, used in logs and metrics labels.
@@ -37,6 +39,8 @@ pub struct EventHandlerEntry<E> {
     pub module: &'static str,
     /// The handler.
     pub handler: ErasedEventHandler<E>,
+    /// Its `event_handler_duration_seconds` series.
+    pub(crate) duration: metrics::Histogram,
 }
 
 impl<E> Clone for EventHandlerEntry<E> {
@@ -44,8 +48,17 @@ impl<E> Clone for EventHandlerEntry<E> {
         Self {
             module: self.module,
             handler: self.handler.clone(),
+            duration: self.duration.clone(),
         }
     }
+}
+
+/// The handlers of one event type, with the type's counters: looked up in the recorder
+/// once, not per event.
+pub(crate) struct EventHandlers<E> {
+    pub(crate) entries: Vec<EventHandlerEntry<E>>,
+    pub(crate) accepted: metrics::Counter,
+    pub(crate) handled: metrics::Counter,
 }
 
 /// Handlers by event type.
@@ -63,21 +76,41 @@ impl EventHandlerTable {
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let handler: ErasedEventHandler<E> = Arc::new(move |event| Box::pin(handler(event)));
+        let duration = metrics::histogram!(
+            EVENT_HANDLER_DURATION_SECONDS,
+            "event" => E::NAME,
+            "module" => module
+        );
         self.handlers
             .entry(TypeId::of::<E>())
-            .or_insert_with(|| Box::new(Vec::<EventHandlerEntry<E>>::new()))
-            .downcast_mut::<Vec<EventHandlerEntry<E>>>()
+            .or_insert_with(|| {
+                Box::new(EventHandlers::<E> {
+                    entries: Vec::new(),
+                    accepted: metrics::counter!(EVENTS_ACCEPTED_TOTAL, "event" => E::NAME),
+                    handled: metrics::counter!(EVENTS_HANDLED_TOTAL, "event" => E::NAME),
+                })
+            })
+            .downcast_mut::<EventHandlers<E>>()
             .expect("handler lists are keyed by their event type")
-            .push(EventHandlerEntry { module, handler });
+            .entries
+            .push(EventHandlerEntry {
+                module,
+                handler,
+                duration,
+            });
     }
 
     /// The handlers for `E`, in module order.
     pub fn get<E: Event>(&self) -> &[EventHandlerEntry<E>] {
+        self.handlers_of::<E>()
+            .map(|h| h.entries.as_slice())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn handlers_of<E: Event>(&self) -> Option<&EventHandlers<E>> {
         self.handlers
             .get(&TypeId::of::<E>())
-            .and_then(|h| h.downcast_ref::<Vec<EventHandlerEntry<E>>>())
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+            .and_then(|h| h.downcast_ref::<EventHandlers<E>>())
     }
 }
 

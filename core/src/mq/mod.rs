@@ -103,6 +103,8 @@ struct Inner {
     pump: Mutex<Option<JoinHandle<()>>>,
     /// Published and not yet delivered (or refused for good).
     buffered: AtomicUsize,
+    /// `mq_buffered_messages`, kept in step with `buffered`.
+    buffered_gauge: metrics::Gauge,
     up: AtomicBool,
 }
 
@@ -135,16 +137,16 @@ impl MessageQueue {
     pub fn with_transport(config: &MqConfig, transport: Arc<dyn Transport>) -> Self {
         let (sender, receiver) = flume::bounded(config.buffer.max(1));
         let inner = Arc::new(Inner {
-            transport,
+            transport: transport.clone(),
             config: config.clone(),
             sender: RwLock::new(Some(sender)),
             pump: Mutex::new(None),
             buffered: AtomicUsize::new(0),
+            buffered_gauge: gauge!(MQ_BUFFERED, "backend" => transport.backend()),
             up: AtomicBool::new(true),
         });
-        let backend = inner.transport.backend();
-        gauge!(MQ_UP, "backend" => backend).set(1.0);
-        gauge!(MQ_BUFFERED, "backend" => backend).set(0.0);
+        gauge!(MQ_UP, "backend" => inner.transport.backend()).set(1.0);
+        inner.buffered_gauge.set(0.0);
         let pump = tokio::spawn(pump(inner.clone(), receiver));
         *inner.pump.lock().unwrap_or_else(|p| p.into_inner()) = Some(pump);
         Self { inner }
@@ -170,7 +172,7 @@ impl MessageQueue {
             .clone()
             .ok_or(QueueClosed)?;
         self.inner.buffered.fetch_add(1, Ordering::Relaxed);
-        gauge!(MQ_BUFFERED, "backend" => self.backend()).increment(1.0);
+        self.inner.buffered_gauge.increment(1.0);
         // Counted before it is sent (the pump may deliver it at once); uncounted if the
         // send fails or the caller gives up waiting.
         let mut counted = Counted(Some(&self.inner));
@@ -261,7 +263,7 @@ impl Drop for Counted<'_> {
 impl Inner {
     fn delivered(&self, count: usize) {
         self.buffered.fetch_sub(count, Ordering::Relaxed);
-        gauge!(MQ_BUFFERED, "backend" => self.transport.backend()).decrement(count as f64);
+        self.buffered_gauge.decrement(count as f64);
     }
 
     fn mark(&self, up: bool, error: &str) {

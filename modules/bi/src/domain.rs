@@ -122,8 +122,23 @@ pub fn utc_rfc3339(time: OffsetDateTime) -> String {
 
 /// The size of `properties` as compact JSON, when it exceeds `max` bytes.
 pub fn oversized(properties: &BTreeMap<String, Value>, max: usize) -> Option<usize> {
-    let size = serde_json::to_vec(properties).map_or(usize::MAX, |b| b.len());
+    let mut count = ByteCount(0);
+    let size = serde_json::to_writer(&mut count, properties).map_or(usize::MAX, |()| count.0);
     (size > max).then_some(size)
+}
+
+/// Counts what is written, keeping nothing.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A domain event of another module that becomes a BI event.
