@@ -55,71 +55,138 @@ impl<T: Type> Payload for JsonBody<T> {
     }
 }
 
+/// Parses `data` into `T` after checking it against `T`'s schema.
+fn parse_checked<T: ParseFromJSON + 'static>(data: &[u8]) -> poem::Result<T> {
+    let value = if data.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(data)
+            .map_err(|e| invalid(format!("the body is not valid JSON: {e}"), Vec::new()))?
+    };
+    let violations = check_against::<T>(&value);
+    if !violations.is_empty() {
+        let detail = match violations.as_slice() {
+            [one] => format!("`{}` {}", display_field(&one.field), one.message),
+            many => format!("{} fields are invalid", many.len()),
+        };
+        return Err(invalid(detail, violations));
+    }
+    T::parse_from_json(Some(value)).map_err(|e| {
+        let message = e.into_message();
+        let violations = violations_in_message(&message);
+        invalid(message, violations)
+    })
+}
+
 impl<T: ParseFromJSON + 'static> ParsePayload for JsonBody<T> {
     const IS_REQUIRED: bool = T::IS_REQUIRED;
 
     async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
         let data = <Vec<u8> as FromRequest>::from_request(request, body).await?;
-        let value = if data.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&data)
-                .map_err(|e| invalid(format!("the body is not valid JSON: {e}"), Vec::new()))?
-        };
-        let violations = check_against::<T>(&value);
-        if !violations.is_empty() {
-            let detail = match violations.as_slice() {
-                [one] => format!("`{}` {}", display_field(&one.field), one.message),
-                many => format!("{} fields are invalid", many.len()),
-            };
-            return Err(invalid(detail, violations));
-        }
-        T::parse_from_json(Some(value)).map(Self).map_err(|e| {
-            let message = e.into_message();
-            let violations = violations_in_message(&message);
-            invalid(message, violations)
-        })
+        parse_checked(&data).map(Self)
     }
 }
 
-impl<'a, T: ParseFromJSON + 'static> ApiExtractor<'a> for JsonBody<T> {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+/// A [`JsonBody`] for high-volume bodies: a valid body is deserialized straight into `T`
+/// with serde, without building a `serde_json::Value`, checking it against the schema and
+/// converting it (three passes that took 40% of the CPU of a BI ingest load,
+/// tests/bench/RESULTS.md). Any body serde refuses goes the [`JsonBody`] way, so the
+/// client gets the same field-by-field report.
+///
+/// Only for types whose `Deserialize` refuses everything their schema refuses: closed
+/// objects (`deny_unknown_fields`), required fields without defaults, [`Matching`]
+/// strings, and no poem-openapi validators (serde does not know them). Test that with
+/// [`typed_accepts_only_schema_valid`] over hostile inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypedJsonBody<T>(pub T);
 
-    type ParamType = ();
-    type ParamRawType = ();
+impl<T: Type> Payload for TypedJsonBody<T> {
+    const CONTENT_TYPE: &'static str = <JsonBody<T> as Payload>::CONTENT_TYPE;
+
+    fn check_content_type(content_type: &str) -> bool {
+        <JsonBody<T> as Payload>::check_content_type(content_type)
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
 
     fn register(registry: &mut Registry) {
-        <Self as Payload>::register(registry);
+        T::register(registry);
     }
+}
 
-    fn request_meta() -> Option<MetaRequest> {
-        Some(MetaRequest {
-            description: None,
-            content: vec![MetaMediaType {
-                content_type: <Self as Payload>::CONTENT_TYPE,
-                schema: <Self as Payload>::schema_ref(),
-            }],
-            required: <Self as ParsePayload>::IS_REQUIRED,
-        })
-    }
+impl<T: ParseFromJSON + serde::de::DeserializeOwned + 'static> ParsePayload for TypedJsonBody<T> {
+    const IS_REQUIRED: bool = T::IS_REQUIRED;
 
-    async fn from_request(
-        request: &'a Request,
-        body: &mut RequestBody,
-        _param_opts: ExtractParamOptions<Self::ParamType>,
-    ) -> poem::Result<Self> {
-        match request.content_type() {
-            Some(content_type) if Self::check_content_type(content_type) => {
-                <Self as ParsePayload>::from_request(request, body).await
-            }
-            Some(content_type) => Err(ContentTypeError::NotSupported {
-                content_type: content_type.to_owned(),
-            }
-            .into()),
-            None => Err(ContentTypeError::ExpectContentType.into()),
+    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
+        let data = <Vec<u8> as FromRequest>::from_request(request, body).await?;
+        match serde_json::from_slice(&data) {
+            Ok(parsed) => Ok(Self(parsed)),
+            Err(_) => parse_checked(&data).map(Self),
         }
     }
 }
+
+/// Whether serde accepts `data` only if the schema path ([`JsonBody`]) accepts it too: the
+/// property a [`TypedJsonBody`] type must have. For its tests. (The converse need not
+/// hold: what serde refuses goes the schema way.)
+pub fn typed_accepts_only_schema_valid<T>(data: &[u8]) -> bool
+where
+    T: ParseFromJSON + serde::de::DeserializeOwned + 'static,
+{
+    serde_json::from_slice::<T>(data).is_err() || parse_checked::<T>(data).is_ok()
+}
+
+/// The extractor both body types share: the content type, then the payload.
+macro_rules! json_extractor {
+    ($body:ident, $($bound:tt)+) => {
+        impl<'a, T: $($bound)+> ApiExtractor<'a> for $body<T> {
+            const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+
+            type ParamType = ();
+            type ParamRawType = ();
+
+            fn register(registry: &mut Registry) {
+                <Self as Payload>::register(registry);
+            }
+
+            fn request_meta() -> Option<MetaRequest> {
+                Some(MetaRequest {
+                    description: None,
+                    content: vec![MetaMediaType {
+                        content_type: <Self as Payload>::CONTENT_TYPE,
+                        schema: <Self as Payload>::schema_ref(),
+                    }],
+                    required: <Self as ParsePayload>::IS_REQUIRED,
+                })
+            }
+
+            async fn from_request(
+                request: &'a Request,
+                body: &mut RequestBody,
+                _param_opts: ExtractParamOptions<Self::ParamType>,
+            ) -> poem::Result<Self> {
+                match request.content_type() {
+                    Some(content_type) if Self::check_content_type(content_type) => {
+                        <Self as ParsePayload>::from_request(request, body).await
+                    }
+                    Some(content_type) => Err(ContentTypeError::NotSupported {
+                        content_type: content_type.to_owned(),
+                    }
+                    .into()),
+                    None => Err(ContentTypeError::ExpectContentType.into()),
+                }
+            }
+        }
+    };
+}
+
+json_extractor!(JsonBody, ParseFromJSON + 'static);
+json_extractor!(
+    TypedJsonBody,
+    ParseFromJSON + serde::de::DeserializeOwned + 'static
+);
 
 fn invalid(detail: String, violations: Vec<FieldViolation>) -> poem::Error {
     let problem = Problem::new(
@@ -245,6 +312,17 @@ impl<R: StringRule> ParseFromJSON for Matching<R> {
                 R::MAX_CHARS
             ))),
             other => Err(poem_openapi::types::ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl<'de, R: StringRule> serde::Deserialize<'de> for Matching<R> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.chars().count() <= R::MAX_CHARS && matches_pattern(R::PATTERN, &text) {
+            Ok(Self(text, std::marker::PhantomData))
+        } else {
+            Err(serde::de::Error::custom("does not match its pattern"))
         }
     }
 }

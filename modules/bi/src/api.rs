@@ -8,16 +8,23 @@ use poem_openapi::{
     registry::{MetaSchema, MetaSchemaRef, Registry},
     types::{ParseError, ParseFromJSON, ParseResult, Type},
 };
+use serde::{
+    Deserialize, Deserializer,
+    de::{
+        MapAccess, SeqAccess, Visitor,
+        value::{MapAccessDeserializer, SeqAccessDeserializer},
+    },
+};
 use serde_json::Value;
 use trellis_core::{
     auth::OptionalAuth,
-    payload::{JsonBody, Matching, StringRule},
+    payload::{Matching, StringRule, TypedJsonBody},
     problem::RequestScope,
 };
 
 use crate::{
     app::{Ingest, Submission},
-    domain::{ClientEvent, Origin, Utm},
+    domain::{ClientEvent, Origin, Utm, received_now},
     error::BiError,
 };
 
@@ -40,36 +47,66 @@ impl StringRule for UtmText {
     const MAX_CHARS: usize = 200;
 }
 
+// Read through `TypedJsonBody`: the serde form must refuse whatever the schema refuses
+// (see the tests), which is why optional fields may be absent but not `null`.
 /// One event from a client.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 #[oai(rename = "BiEventInput")]
+#[serde(deny_unknown_fields)]
 pub struct EventInput {
     /// What happened: lower-case words of letters, digits and `_`, joined by `.`
     /// (`checkout.completed`), at most 64 characters.
     pub name: Matching<EventName>,
     /// When it happened, by the client's clock (RFC 3339; written out in UTC).
+    #[serde(default, deserialize_with = "rfc3339")]
     pub timestamp: Option<time::OffsetDateTime>,
     /// Free-form properties: a JSON object, at most `modules.bi.max_properties_bytes`
     /// (16 KiB by default) as compact JSON.
+    #[serde(default, deserialize_with = "present")]
     pub properties: Option<BTreeMap<String, Value>>,
     /// UTM attribution.
+    #[serde(default, deserialize_with = "present")]
     pub utm: Option<UtmInput>,
 }
 
 /// UTM attribution of an event.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 #[oai(rename = "BiUtm")]
+#[serde(deny_unknown_fields)]
 pub struct UtmInput {
     /// `utm_source`.
+    #[serde(default, deserialize_with = "present")]
     pub source: Option<Matching<UtmText>>,
     /// `utm_medium`.
+    #[serde(default, deserialize_with = "present")]
     pub medium: Option<Matching<UtmText>>,
     /// `utm_campaign`.
+    #[serde(default, deserialize_with = "present")]
     pub campaign: Option<Matching<UtmText>>,
     /// `utm_term`.
+    #[serde(default, deserialize_with = "present")]
     pub term: Option<Matching<UtmText>>,
     /// `utm_content`.
+    #[serde(default, deserialize_with = "present")]
     pub content: Option<Matching<UtmText>>,
+}
+
+/// An optional field: absent is `None`; when present it must be a value, since the
+/// schema allows no `null`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
+}
+
+/// An optional RFC 3339 date-time (no `null`), read as poem-openapi reads one.
+fn rfc3339<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<time::OffsetDateTime>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// One event, or a batch of up to 500 (accepted whole or not at all). Written by hand:
@@ -130,6 +167,30 @@ impl ParseFromJSON for EventsRequest {
                 .map(Self::Single)
                 .map_err(ParseError::propagate),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for EventsRequest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Shape;
+
+        impl<'de> Visitor<'de> for Shape {
+            type Value = EventsRequest;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event or an array of events")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                EventInput::deserialize(MapAccessDeserializer::new(map)).map(EventsRequest::Single)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::deserialize(SeqAccessDeserializer::new(seq)).map(EventsRequest::Batch)
+            }
+        }
+
+        deserializer.deserialize_any(Shape)
     }
 }
 
@@ -208,7 +269,7 @@ impl BiApi {
     async fn record(
         &self,
         auth: OptionalAuth,
-        body: JsonBody<EventsRequest>,
+        body: TypedJsonBody<EventsRequest>,
     ) -> Result<IngestResponse, IngestFailure> {
         let submission = match body.0 {
             EventsRequest::Single(event) => Submission {
@@ -224,11 +285,86 @@ impl BiApi {
             request_id: RequestScope::current_id().map(|id| id.to_string()),
             user_id: auth.0.as_ref().map(|p| p.user_id.clone()),
             session_id: auth.0.map(|p| p.session_id),
+            received_at: received_now(),
         };
         let ids = self.ingest.accept(submission, origin).await?;
         Ok(IngestResponse::Accepted(Json(Accepted {
             accepted: u32::try_from(ids.len()).unwrap_or(u32::MAX),
             ids,
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_core::payload::typed_accepts_only_schema_valid;
+
+    use super::*;
+
+    fn serde_accepts(body: &str) -> bool {
+        serde_json::from_str::<EventsRequest>(body).is_ok()
+    }
+
+    #[test]
+    fn valid_bodies_take_the_typed_path() {
+        for body in [
+            r#"{"name":"a"}"#,
+            r#"{"name":"checkout.completed","timestamp":"2026-11-24T10:00:00+01:00","properties":{"a":1,"b":{"c":[1,null]}},"utm":{"source":"x","campaign":""}}"#,
+            r#"{"name":"a","utm":{}}"#,
+            r#"[{"name":"a"},{"name":"b.c_2","properties":{}}]"#,
+            "[]",
+        ] {
+            assert!(serde_accepts(body), "{body}");
+            assert!(
+                typed_accepts_only_schema_valid::<EventsRequest>(body.as_bytes()),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_typed_path_refuses_whatever_the_schema_refuses() {
+        let long_name = format!(r#"{{"name":"{}"}}"#, "a".repeat(65));
+        let long_utm = format!(r#"{{"name":"a","utm":{{"term":"{}"}}}}"#, "x".repeat(201));
+        let hostile = [
+            "",
+            "null",
+            r#""event""#,
+            "1",
+            "true",
+            "{}",
+            "[1]",
+            r#"[[{"name":"a"}]]"#,
+            r#"{"name":null}"#,
+            r#"{"name":5}"#,
+            r#"{"name":"A"}"#,
+            r#"{"name":"a b"}"#,
+            r#"{"name":"a."}"#,
+            &long_name,
+            r#"{"name":"a","extra":1}"#,
+            r#"{"name":"a","timestamp":null}"#,
+            r#"{"name":"a","properties":null}"#,
+            r#"{"name":"a","utm":null}"#,
+            r#"{"name":"a","utm":{"source":null}}"#,
+            r#"{"name":"a","name":"b"}"#,
+            r#"{"name":"a","timestamp":"yesterday"}"#,
+            r#"{"name":"a","timestamp":5}"#,
+            r#"{"name":"a","properties":[1]}"#,
+            r#"{"name":"a","properties":"p"}"#,
+            r#"{"name":"a","utm":"s"}"#,
+            r#"{"name":"a","utm":{"x":"y"}}"#,
+            r#"{"name":"a","utm":{"source":"\u0001"}}"#,
+            r#"{"name":"a","utm":{"source":"\u007f"}}"#,
+            r#"{"name":"a","utm":{"source":7}}"#,
+            &long_utm,
+            r#"[{"name":"a"},{"name":"B"}]"#,
+            r#"{"name":"a","properties":{"n":1e999}}"#,
+        ];
+        for body in hostile {
+            assert!(!serde_accepts(body), "serde must refuse {body}");
+            assert!(typed_accepts_only_schema_valid::<EventsRequest>(
+                body.as_bytes()
+            ));
+        }
     }
 }

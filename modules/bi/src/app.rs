@@ -7,7 +7,9 @@ use trellis_core::{ModuleContext, events::EventDispatcher, problem::FieldViolati
 
 use crate::{
     BiConfig,
-    domain::{BiEvent, ClientEvent, Internal, Origin, Source, oversized, utc_rfc3339},
+    domain::{
+        BiEvent, ClientEvent, Internal, Origin, Source, oversized, received_now, utc_rfc3339,
+    },
     error::BiError,
 };
 
@@ -106,6 +108,7 @@ impl Ingest {
             request_id: trellis_core::problem::RequestScope::current_id().map(|id| id.to_string()),
             user_id: message.user_id().map(str::to_owned),
             session_id: None,
+            received_at: received_now(),
         };
         let event = BiEvent::enrich(
             M::NAME.to_owned(),

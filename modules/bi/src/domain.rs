@@ -80,12 +80,19 @@ impl Event for BiEvent {
     }
 }
 
-/// Who sent a request, and which request.
+/// Who sent a request, which request, and when it arrived.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Origin {
     pub request_id: Option<String>,
     pub user_id: Option<String>,
     pub session_id: Option<String>,
+    /// RFC 3339 with milliseconds; one instant for every event of a request.
+    pub received_at: String,
+}
+
+/// Now, as [`Origin::received_at`] writes it.
+pub fn received_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 impl BiEvent {
@@ -103,7 +110,7 @@ impl BiEvent {
             name,
             source,
             timestamp,
-            received_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            received_at: origin.received_at,
             request_id: origin.request_id,
             user_id: origin.user_id,
             session_id: origin.session_id,
