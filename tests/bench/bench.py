@@ -29,6 +29,11 @@ RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "tests" / "bench" / "RESUL
 WRK = ["taskset", "-c", "1", "wrk", "-t2", "-c64", f"-d{DURATION}s", "--latency"]
 PASSWORD = "benchmark password"
 BI_BATCH = 100
+# Trellis again, with less logging: what the span and the access line cost, in this run.
+QUIETER = (
+    ("trellis, no access line", {"TRELLIS_TELEMETRY__ACCESS_LOG": "false"}),
+    ("trellis, level warn (no request span or access line)", {"TRELLIS_TELEMETRY__LEVEL": "warn"}),
+)
 commands = []
 
 
@@ -151,8 +156,9 @@ def trellis_env(port, data):
     }
 
 
-def start_trellis(port, data, workdir):
-    return Server("trellis", [str(RELEASE / "trellis")], port, trellis_env(port, data), cwd=workdir)
+def start_trellis(port, data, workdir, name="trellis", extra_env=None):
+    env = dict(trellis_env(port, data), **(extra_env or {}))
+    return Server(name, [str(RELEASE / "trellis")], port, env, cwd=workdir)
 
 
 def token_for(server, email):
@@ -211,6 +217,11 @@ def main():
     rss_idle = rss_mib(trellis.proc.pid)
     poem = Server("bare poem", [str(RELEASE / "bare-poem")], 18182, {"BENCH_ADDR": "127.0.0.1:18182"})
     openapi = Server("bare poem-openapi", [str(RELEASE / "bare-openapi")], 18183, {"BENCH_ADDR": "127.0.0.1:18183"})
+    quieter = []
+    for index, (name, extra_env) in enumerate(QUIETER):
+        quiet_data = work / f"data-quiet-{index}"
+        quiet_data.mkdir()
+        quieter.append(start_trellis(18184 + index, quiet_data, work, name, extra_env))
     token = token_for(trellis, "bench@example.com")
     auth = [f"Authorization: Bearer {token}"]
 
@@ -224,7 +235,8 @@ def main():
     bi_runs = []
     for round_ in range(ROUNDS):
         for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
-            for server in (trellis, poem, openapi):
+            servers = (trellis, poem, openapi, *quieter) if scenario == "healthz" else (trellis, poem, openapi)
+            for server in servers:
                 log(f"round {round_ + 1}/{ROUNDS}: {scenario} on {server.name}")
                 settle(trellis.proc.pid)
                 r = wrk(server.url(path), headers if server is trellis else [])
@@ -250,7 +262,7 @@ def main():
     cpu_per_login_ms = (cpu1 - cpu0) / logins * 1000 if logins else float("nan")
 
     rss_after = rss_mib(trellis.proc.pid)
-    for s in (poem, openapi):
+    for s in (poem, openapi, *quieter):
         s.stop()
 
     log("authenticated read with 1,000,000 users vs 1,000")
@@ -340,6 +352,19 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
     for (scenario, server), runs in results.items():
         lines.append(f"| {scenario} | {server} | {fmt([r['rps'] for r in runs])} | "
                      f"{fmt([r['p99_ms'] for r in runs], 2)} |")
+    poem_health = statistics.median(rps("healthz", "bare poem"))
+    lines += [
+        "",
+        "## What logging costs `/healthz`",
+        "",
+        "The same build, started with less logging, in the same rounds; ratios to bare poem.",
+        "",
+        "| server | req/s | vs bare poem |",
+        "|---|---|---|",
+    ]
+    for server in ("trellis", *(name for name, _ in QUIETER), "bare poem-openapi"):
+        runs = rps("healthz", server)
+        lines.append(f"| {server} | {fmt(runs)} | {statistics.median(runs) / poem_health:.2f} × |")
     lines += [
         "",
         "## Login (argon2id-bound, no ratio target)",
