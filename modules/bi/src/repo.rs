@@ -17,10 +17,7 @@ impl Forwarder {
 
     /// Buffers the event's JSON for delivery (waits while the queue's buffer is full).
     pub async fn forward(&self, event: &BiEvent) -> anyhow::Result<()> {
-        // Sized for a typical event: growing from empty took several copies per event.
-        let mut body = Vec::with_capacity(512);
-        serde_json::to_writer(&mut body, event)?;
-        let body = String::from_utf8(body)?;
+        let body = serde_json::to_string(event)?;
         self.queue
             .publish(OutboundMessage {
                 id: event.id.clone(),
