@@ -261,12 +261,10 @@ impl EventDispatcher {
     /// Events that no module handles are accepted and dropped at once.
     pub async fn emit_all<E: Event>(&self, events: Vec<E>) -> Result<(), DispatchError> {
         let count = events.len();
-        let Some(handlers) = self.inner.handlers::<E>().filter(|h| !h.entries.is_empty()) else {
-            return Ok(());
+        let handlers = match self.inner.handlers::<E>() {
+            Some(handlers) if count > 0 && !handlers.entries.is_empty() => handlers,
+            _ => return Ok(()),
         };
-        if count == 0 {
-            return Ok(());
-        }
         let result = self.enqueue(events).await;
         match &result {
             Ok(()) => handlers.accepted.increment(count as u64),

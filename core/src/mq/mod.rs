@@ -136,16 +136,17 @@ impl MessageQueue {
     /// A queue in front of `transport`; starts sending (call within a Tokio runtime).
     pub fn with_transport(config: &MqConfig, transport: Arc<dyn Transport>) -> Self {
         let (sender, receiver) = flume::bounded(config.buffer.max(1));
+        let backend = transport.backend();
         let inner = Arc::new(Inner {
-            transport: transport.clone(),
+            transport,
             config: config.clone(),
             sender: RwLock::new(Some(sender)),
             pump: Mutex::new(None),
             buffered: AtomicUsize::new(0),
-            buffered_gauge: gauge!(MQ_BUFFERED, "backend" => transport.backend()),
+            buffered_gauge: gauge!(MQ_BUFFERED, "backend" => backend),
             up: AtomicBool::new(true),
         });
-        gauge!(MQ_UP, "backend" => inner.transport.backend()).set(1.0);
+        gauge!(MQ_UP, "backend" => backend).set(1.0);
         inner.buffered_gauge.set(0.0);
         let pump = tokio::spawn(pump(inner.clone(), receiver));
         *inner.pump.lock().unwrap_or_else(|p| p.into_inner()) = Some(pump);
