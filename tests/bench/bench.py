@@ -2,7 +2,8 @@
 """Trellis benchmark harness: Trellis beside bare poem and bare poem-openapi, in one run.
 
 Servers run pinned to CPU 0, wrk to CPU 1 (2 threads, 64 connections). Servers alternate
-A B C for BENCH_ROUNDS rounds (default 3) of BENCH_DURATION seconds (default 10); the
+A B C for BENCH_ROUNDS rounds (default 5: the p99 of one run on a shared machine can
+swing tenfold, and a median of three flipped verdicts) of BENCH_DURATION seconds (default 10); the
 results file reports medians with min-max, the load average, and every command used.
 Run it through tests/bench/run.sh, which builds the release binaries first.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "target" / "release"
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "tests" / "bench" / "RESULTS.md"))
 WRK = ["taskset", "-c", "1", "wrk", "-t2", "-c64", f"-d{DURATION}s", "--latency"]

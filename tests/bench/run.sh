@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks Trellis against bare poem and bare poem-openapi in one run and writes
 # tests/bench/RESULTS.md. Needs 2 CPUs (server on CPU 0, wrk on CPU 1); installs wrk.
-# BENCH_ROUNDS (default 3) and BENCH_DURATION (seconds per run, default 10) tune it.
+# BENCH_ROUNDS (default 5) and BENCH_DURATION (seconds per run, default 10) tune it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v wrk >/dev/null 2>&1; then
