@@ -223,6 +223,30 @@ impl ModuleCache {
         }
     }
 
+    /// The value under `key`, else what `load` finds, which is then cached for `ttl`.
+    /// A failed or undecodable read is a miss; a `load` error is returned and nothing is
+    /// cached. For entries that every change to the underlying row removes.
+    pub async fn read_through<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        load: F,
+    ) -> Result<Option<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        if let Some(hit) = self.get_json(key).await {
+            return Ok(Some(hit));
+        }
+        let loaded = load().await?;
+        if let Some(value) = &loaded {
+            self.set_json(key, value, ttl).await;
+        }
+        Ok(loaded)
+    }
+
     /// Removes the key. The error is returned: a caller invalidating an entry may need to
     /// know that the stale value could not be removed.
     pub async fn delete(&self, key: &str) -> Result<(), CacheError> {

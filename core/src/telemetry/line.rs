@@ -106,14 +106,7 @@ fn write_timestamp(writer: &mut Writer<'_>) -> fmt::Result {
         }
         writer.write_str(&cached.1)
     })?;
-    let mut digits = [b'0'; 7];
-    let mut rest = micros;
-    for digit in digits[..6].iter_mut().rev() {
-        *digit = b'0' + (rest % 10) as u8;
-        rest /= 10;
-    }
-    digits[6] = b'Z';
-    writer.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+    write!(writer, "{micros:06}Z")
 }
 
 fn format_second(secs: u64) -> String {

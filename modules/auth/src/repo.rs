@@ -212,33 +212,31 @@ impl AuthRepo {
 
     /// The live session's principal: from the cache, else the database (then cached).
     pub async fn live_session(&self, id: &str, now: i64) -> Result<Option<LiveSession>, DbError> {
-        let key = session_key(id);
-        if let Some(live) = self.cache.get_json::<LiveSession>(&key).await {
-            return Ok(Some(live));
-        }
-        let user: Option<(String,)> = self
-            .db
-            .run(
-                "find_live_session",
-                sqlx::query_as(
-                    "SELECT user_id FROM auth_sessions WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2",
-                )
-                .bind(id)
-                .bind(now)
-                .fetch_optional(self.db.pool()),
-            )
-            .await?;
-        let Some((user_id,)) = user else {
-            return Ok(None);
-        };
-        let (roles, permissions) = self.grants(&user_id).await?;
-        let live = LiveSession {
-            user_id,
-            roles,
-            permissions,
-        };
-        self.cache.set_json(&key, &live, self.cache_ttl).await;
-        Ok(Some(live))
+        self.cache
+            .read_through(&session_key(id), self.cache_ttl, || async {
+                let user: Option<(String,)> = self
+                    .db
+                    .run(
+                        "find_live_session",
+                        sqlx::query_as(
+                            "SELECT user_id FROM auth_sessions WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2",
+                        )
+                        .bind(id)
+                        .bind(now)
+                        .fetch_optional(self.db.pool()),
+                    )
+                    .await?;
+                let Some((user_id,)) = user else {
+                    return Ok(None);
+                };
+                let (roles, permissions) = self.grants(&user_id).await?;
+                Ok(Some(LiveSession {
+                    user_id,
+                    roles,
+                    permissions,
+                }))
+            })
+            .await
     }
 
     async fn grants(&self, user_id: &str) -> Result<(BTreeSet<String>, BTreeSet<String>), DbError> {

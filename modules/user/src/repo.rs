@@ -135,26 +135,22 @@ impl UserRepo {
 
     /// The active account `id`: from the cache, else the database (then cached).
     pub async fn find_active(&self, id: &str) -> Result<Option<UserRow>, DbError> {
-        let key = user_key(id);
-        if let Some(user) = self.cache.get_json::<UserRow>(&key).await {
-            return Ok(Some(user));
-        }
-        let row: Option<Row> = self
-            .db
-            .run(
-                "find_user",
-                sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM users WHERE id = $1 AND deleted_at IS NULL"
-                )))
-                .bind(id)
-                .fetch_optional(self.db.pool()),
-            )
-            .await?;
-        let user = row.map(UserRow::from);
-        if let Some(user) = &user {
-            self.cache.set_json(&key, user, self.cache_ttl).await;
-        }
-        Ok(user)
+        self.cache
+            .read_through(&user_key(id), self.cache_ttl, || async {
+                let row: Option<Row> = self
+                    .db
+                    .run(
+                        "find_user",
+                        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "SELECT {COLUMNS} FROM users WHERE id = $1 AND deleted_at IS NULL"
+                        )))
+                        .bind(id)
+                        .fetch_optional(self.db.pool()),
+                    )
+                    .await?;
+                Ok(row.map(UserRow::from))
+            })
+            .await
     }
 
     /// The active account with `email` and its password hash.
