@@ -3,7 +3,10 @@
 //! Every declaration that needs the running server is a factory taking the module's
 //! [`ModuleContext`]; the factories run once, at start-up, in module order.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+};
 
 use futures_util::future::BoxFuture;
 use poem::{endpoint::BoxEndpoint, http::Method};
@@ -65,6 +68,44 @@ pub(crate) struct ApiRegistration {
 pub(crate) struct CheckRegistration {
     pub(crate) name: &'static str,
     pub(crate) factory: CheckFactory,
+}
+
+/// A module's service, built once by whichever of the module's factories runs first and
+/// shared by the others (its API, bus handlers and hooks), so that they share its state:
+/// caches, hashing capacity, signing keys. Create one in [`Module::build`](crate::Module::build)
+/// and clone it into each factory.
+pub struct Shared<T>(Arc<OnceLock<T>>);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Self(Arc::new(OnceLock::new()))
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    /// The service, built with `build` on first use.
+    pub fn get_or_build(
+        &self,
+        ctx: &ModuleContext<'_>,
+        build: impl FnOnce(&ModuleContext<'_>) -> FactoryResult<T>,
+    ) -> FactoryResult<T> {
+        if let Some(service) = self.0.get() {
+            return Ok(service.clone());
+        }
+        let built = build(ctx)?;
+        Ok(self.0.get_or_init(|| built).clone())
+    }
+
+    /// The service, once a factory has built it.
+    pub fn get(&self) -> Option<T> {
+        self.0.get().cloned()
+    }
 }
 
 /// Collects one module's declarations.

@@ -1,16 +1,18 @@
 //! Messages that several modules share, so that none imports another: the module that
 //! answers a request and the modules that ask both depend only on core.
 //!
-//! - Identity: `user` answers [`VerifyCredentials`], [`FindUser`] and [`EnsureUser`];
-//!   `auth` asks.
+//! - Identity: `user` answers [`VerifyCredentials`], [`FindUser`] and [`BootstrapAccount`];
+//!   `auth` asks. Account guards: `auth` answers [`GuardAccount`], [`CloseAccount`] and
+//!   [`RevokeUserSessions`]; `user` asks before and while it changes an account.
 //! - Authentication: `auth` answers [`Authenticate`]; every module's API asks, through the
 //!   [`BearerAuth`](crate::auth::BearerAuth) extractor.
-//! - Domain events (published, past tense): `UserRegistered`, `UserUpdated`, `UserDeleted`
-//!   from `user`; `UserLoggedIn`, `LoginFailed`, `SessionRevoked` from `auth`.
+//! - Domain events (published, past tense): `UserRegistered`, `UserUpdated`, `UserDeleted`,
+//!   `PasswordChanged` from `user`; `UserLoggedIn`, `LoginFailed`, `SessionRevoked` from `auth`.
 
 use crate::{
     auth::{AuthError, Principal},
     bus::{Message, Request},
+    storage::Tx,
 };
 
 /// A user as other modules see it.
@@ -20,6 +22,28 @@ pub struct UserIdentity {
     pub id: String,
     /// The e-mail address (lower-case).
     pub email: String,
+}
+
+/// Why an account request was refused or could not be answered. Kept apart from each
+/// module's own errors so that the asking module can answer its client precisely.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    /// The caller may not do this to this account (e.g. an administrator acting on a
+    /// super-administrator).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The change would break a rule (e.g. remove the last super-administrator).
+    #[error("{0}")]
+    Conflict(String),
+    /// A value breaks a rule (bootstrap configuration).
+    #[error("{0}")]
+    Invalid(String),
+    /// Password hashing is at capacity; retry shortly.
+    #[error("too many password checks in progress; retry shortly")]
+    Busy,
+    /// The database (or another dependency) is unavailable.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Checks an e-mail and password. Answers `None` for an unknown e-mail, a wrong password or
@@ -33,7 +57,7 @@ pub struct VerifyCredentials {
 }
 
 impl Request for VerifyCredentials {
-    type Response = Result<Option<UserIdentity>, String>;
+    type Response = Result<Option<UserIdentity>, AccountError>;
 }
 
 /// Finds an active (not deleted) user by id.
@@ -44,25 +68,70 @@ pub struct FindUser {
 }
 
 impl Request for FindUser {
-    type Response = Result<Option<UserIdentity>, String>;
+    type Response = Result<Option<UserIdentity>, AccountError>;
 }
 
-/// Creates the user if the e-mail is not registered yet (used to bootstrap the first
-/// administrator); answers the user either way.
+/// Creates the bootstrap super-administrator's account, or proves that the existing
+/// account with the e-mail is theirs: its password must be the configured one. Safe when
+/// several instances ask at once.
 #[derive(Debug, Clone)]
-pub struct EnsureUser {
+pub struct BootstrapAccount {
     /// E-mail.
     pub email: String,
-    /// Password, used only when the user is created.
+    /// The configured password.
     pub password: String,
-    /// First name.
+    /// First name, for a new account.
     pub first_name: String,
-    /// Last name.
+    /// Last name, for a new account.
     pub last_name: String,
 }
 
-impl Request for EnsureUser {
-    type Response = Result<UserIdentity, String>;
+/// What [`BootstrapAccount`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrapped {
+    /// The account was created with the configured password.
+    Created(UserIdentity),
+    /// The account existed and its password is the configured one.
+    Verified(UserIdentity),
+    /// An account with the e-mail exists and its password is not the configured one:
+    /// somebody else may have registered the address, so nothing may be granted.
+    PasswordMismatch,
+}
+
+impl Request for BootstrapAccount {
+    type Response = Result<Bootstrapped, AccountError>;
+}
+
+/// May `actor` change, or delete, the account `user_id`? Asked before an administrator
+/// acts on somebody else's account; the module keeping roles answers (a super-administrator
+/// outranks an administrator).
+#[derive(Debug, Clone)]
+pub struct GuardAccount {
+    /// Who acts.
+    pub actor: Principal,
+    /// The account acted on.
+    pub user_id: String,
+}
+
+impl Request for GuardAccount {
+    type Response = Result<(), AccountError>;
+}
+
+/// The account `user_id` is being deleted in `tx`: end its sessions and refresh tokens and
+/// remove its grants in the same transaction, or refuse (the last super-administrator, an
+/// outranked actor), which rolls the deletion back.
+#[derive(Debug, Clone)]
+pub struct CloseAccount {
+    /// Who deletes.
+    pub actor: Principal,
+    /// The account.
+    pub user_id: String,
+    /// The deleting transaction.
+    pub tx: Tx,
+}
+
+impl Request for CloseAccount {
+    type Response = Result<(), AccountError>;
 }
 
 /// Turns a bearer token into the principal it authenticates.
@@ -76,15 +145,20 @@ impl Request for Authenticate {
     type Response = Result<Principal, AuthError>;
 }
 
-/// Revokes every session of a user (e.g. when the account is deleted).
+/// Revokes every session of a user but `except` (the caller's own, after a password
+/// change); answers how many.
 #[derive(Debug, Clone)]
 pub struct RevokeUserSessions {
     /// The user id.
     pub user_id: String,
+    /// A session to keep.
+    pub except: Option<String>,
+    /// Why, as recorded in `SessionRevoked`.
+    pub reason: &'static str,
 }
 
 impl Request for RevokeUserSessions {
-    type Response = Result<u64, String>;
+    type Response = Result<u64, AccountError>;
 }
 
 /// A user registered.
@@ -114,6 +188,14 @@ pub struct UserDeleted {
     pub user_id: String,
 }
 impl Message for UserDeleted {}
+
+/// A user changed their password (their other sessions are revoked).
+#[derive(Debug, Clone)]
+pub struct PasswordChanged {
+    /// The user id.
+    pub user_id: String,
+}
+impl Message for PasswordChanged {}
 
 /// A user logged in.
 #[derive(Debug, Clone)]

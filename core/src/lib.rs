@@ -26,6 +26,7 @@ pub mod events;
 pub mod metrics;
 mod module;
 pub mod mq;
+pub mod net;
 pub mod payload;
 pub mod problem;
 pub mod readiness;
@@ -33,7 +34,7 @@ pub mod storage;
 pub mod telemetry;
 
 pub use assembly::{Assembly, MountedApi, assemble, declarations};
-pub use builder::{ApiMeta, FactoryResult, Hook, ModuleBuilder, RouteAdder, RouteTable};
+pub use builder::{ApiMeta, FactoryResult, Hook, ModuleBuilder, RouteAdder, RouteTable, Shared};
 pub use context::{AppContext, BuildInfo, ModuleContext};
 pub use module::{
     Module, ModuleInfo, ModuleRegistration, RegistryError, registered_modules, resolve,

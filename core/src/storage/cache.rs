@@ -270,6 +270,23 @@ impl ModuleCache {
     }
 }
 
+impl ModuleCache {
+    /// Counts one attempt under `key` in a fixed window; `Err(seconds to wait)` once more
+    /// than `limit` were counted. When the cache is down it fails open (the failure is
+    /// logged and counted by the cache): locking every client out would be worse.
+    pub async fn throttle(&self, key: &str, limit: i64, window: Duration) -> Result<(), u64> {
+        match self.incr(key, 1, window).await {
+            Ok(count) if count > limit => Err(window.as_secs().max(1)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The attempts counted under `key` in the current window (0 when the cache is down).
+    pub async fn counted(&self, key: &str, window: Duration) -> i64 {
+        self.incr(key, 0, window).await.unwrap_or(0)
+    }
+}
+
 /// An in-process entry with its own deadline.
 #[derive(Clone)]
 struct Entry {

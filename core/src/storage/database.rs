@@ -3,7 +3,7 @@
 //! placeholders, which both backends accept.
 
 use std::{
-    sync::Once,
+    sync::{Arc, Once},
     time::{Duration, Instant},
 };
 
@@ -214,6 +214,64 @@ impl ModuleDb {
             .increment(1);
         }
         result
+    }
+}
+
+impl ModuleDb {
+    /// Begins a transaction that other modules can join: the handle is cheap to clone and
+    /// can travel in a bus request, so a change and its consequences in another module's
+    /// tables (a deleted account's sessions, say) commit or roll back together.
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        let tx = self.run("begin", self.db.pool.begin()).await?;
+        Ok(Tx {
+            inner: Arc::new(tokio::sync::Mutex::new(Some(tx))),
+            backend: self.db.backend,
+        })
+    }
+}
+
+/// A transaction shared by the modules taking part in one change. Statements run on it
+/// one at a time ([`Tx::conn`]); the module that began it commits it. Dropped without a
+/// commit, it rolls back.
+#[derive(Clone)]
+pub struct Tx {
+    inner: Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Any>>>>,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The transaction's connection, held while one statement runs.
+pub struct TxConn<'a>(tokio::sync::MutexGuard<'a, Option<sqlx::Transaction<'static, sqlx::Any>>>);
+
+impl TxConn<'_> {
+    /// The connection to run a statement on; an error once the transaction has ended.
+    pub fn get(&mut self) -> Result<&mut sqlx::AnyConnection, sqlx::Error> {
+        self.0.as_deref_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+}
+
+impl Tx {
+    /// The backend, for the rare statement that differs.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The connection, for one statement (inside [`ModuleDb::run`]).
+    pub async fn conn(&self) -> TxConn<'_> {
+        TxConn(self.inner.lock().await)
+    }
+
+    /// Commits; an error if it was committed already or the database refused.
+    pub async fn commit(&self) -> Result<(), DbError> {
+        let tx = self.inner.lock().await.take().ok_or(DbError::NotFound)?;
+        tx.commit().await.map_err(DbError::from)
     }
 }
 

@@ -123,11 +123,14 @@ trellis_core::problem_responses! {
         403 => Forbidden,
         /// No such user or role.
         404 => NotFound,
+        /// The change would leave no super-administrator.
+        409 => Conflict,
         /// Too many login attempts; see `Retry-After`.
         429 => TooManyRequests,
         /// An unexpected failure.
         500 => Internal,
-        /// The database is unavailable; retry later.
+        /// The database is unavailable, or password hashing is at capacity; retry after
+        /// `Retry-After`.
         503 => Unavailable,
         _ => Internal,
     }
@@ -182,10 +185,7 @@ impl AuthApi {
 
 fn client(req: &Request) -> Client {
     Client {
-        address: req
-            .remote_addr()
-            .as_socket_addr()
-            .map(|addr| addr.ip().to_string()),
+        address: trellis_core::net::client_ip(req),
         user_agent: req
             .headers()
             .get(poem::http::header::USER_AGENT)
@@ -199,8 +199,9 @@ impl AuthApi {
     /// Log in
     ///
     /// Exchanges e-mail and password for an access token and a refresh token. Unknown
-    /// e-mails and wrong passwords get the same answer. Attempts are limited per account
-    /// and per client address (429 with `Retry-After`).
+    /// e-mails and wrong passwords get the same answer. Failed attempts are limited per
+    /// account and client address, per client address, and per account from addresses
+    /// that never logged into it (429 with `Retry-After`).
     #[oai(path = "/login", method = "post", operation_id = "login")]
     async fn login(
         &self,
@@ -238,7 +239,9 @@ impl AuthApi {
     /// Revokes every session of the caller.
     #[oai(path = "/logout-all", method = "post", operation_id = "logoutAll")]
     async fn logout_all(&self, auth: BearerAuth) -> Result<DoneResponse, AuthFailure> {
-        self.auth.revoke_all(&auth.0.user_id, "logout_all").await?;
+        self.auth
+            .revoke_all(&auth.0.user_id, None, "logout_all")
+            .await?;
         Ok(DoneResponse::Done)
     }
 
@@ -326,7 +329,8 @@ impl AuthApi {
 
     /// Revoke a role
     ///
-    /// Takes a role from a user. Needs `sudo`.
+    /// Takes a role from a user. Needs `sudo`. The last super-administrator cannot lose
+    /// `SUPER_ADMIN` (409).
     #[oai(
         path = "/users/:id/roles/:role",
         method = "delete",

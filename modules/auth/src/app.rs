@@ -3,22 +3,27 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use secrecy::{ExposeSecret as _, SecretString};
 use trellis_core::{
-    AppContext, ModuleContext,
+    ModuleContext,
     auth::{AuthError, Principal, SUDO},
     bus::Bus,
     clock::now_millis,
     contracts::{
-        EnsureUser, FindUser, LoginFailed, SessionRevoked, UserLoggedIn, VerifyCredentials,
+        AccountError, BootstrapAccount, Bootstrapped, CloseAccount, FindUser, LoginFailed,
+        SessionRevoked, UserLoggedIn, VerifyCredentials,
     },
+    net::rate_key,
     storage::DbError,
 };
 
 use crate::{
-    AuthConfig, DEV_SECRET,
+    AuthConfig,
     error::AuthModuleError,
-    repo::{AuthRepo, SessionForCreate, SessionRow},
-    tokens::{Claims, Signer, digest, new_refresh_token},
+    repo::{AuthRepo, SUPER_ADMIN, SessionForCreate, SessionRow},
+    secrets,
+    tokens::{Claims, Key, KeyRing, Signer, digest, new_refresh_token},
 };
 
 /// The permission to list roles.
@@ -36,7 +41,7 @@ pub struct TokenPair {
 /// Where a login comes from.
 #[derive(Debug, Clone, Default)]
 pub struct Client {
-    pub address: Option<String>,
+    pub address: Option<std::net::IpAddr>,
     pub user_agent: Option<String>,
 }
 
@@ -50,20 +55,10 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// The service over the module's context. Refuses the development secret outside the
-    /// `dev` profile, and secrets shorter than 32 bytes anywhere.
+    /// The service over the module's context. Its signing keys are installed by
+    /// [`Auth::load_keys`] once the database is migrated.
     pub fn from_context(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
         let config: AuthConfig = ctx.config()?;
-        let profile = &ctx.app().loaded_config().profile;
-        if config.jwt_secret == DEV_SECRET && profile != "dev" {
-            anyhow::bail!(
-                "`modules.auth.jwt_secret` is the development default; set a secret of your own \
-                 (e.g. TRELLIS_MODULES__AUTH__JWT_SECRET) for the `{profile}` profile"
-            );
-        }
-        if config.jwt_secret.len() < 32 {
-            anyhow::bail!("`modules.auth.jwt_secret` must be at least 32 bytes");
-        }
         Ok(Self {
             repo: AuthRepo::new(
                 ctx.database(),
@@ -71,53 +66,187 @@ impl Auth {
                 Duration::from_secs(config.session_cache_secs),
             ),
             bus: ctx.bus().clone(),
-            signer: Signer::new(config.jwt_secret.as_bytes(), &config.issuer),
+            signer: Signer::new(&config.issuer),
             config,
         })
     }
 
-    /// Init hook: creates the configured super-administrator if missing and grants the role.
-    pub async fn bootstrap_admin(ctx: &AppContext) -> anyhow::Result<()> {
-        let config: AuthConfig = ctx.loaded_config().module_section("auth")?;
-        if config.bootstrap_admin_email.is_empty() {
+    /// Installs the signing keys: the configured secret, or the one generated on first
+    /// start and kept in the database (every instance on the database reads the same),
+    /// plus the previous secrets still accepted. Refuses published and weak secrets.
+    pub async fn load_keys(&self, profile: &str) -> anyhow::Result<()> {
+        let check = |key: &str, secret: &SecretString| match secrets::refusal(
+            key,
+            secret.expose_secret(),
+            profile,
+        ) {
+            Some(refusal) => Err(anyhow::anyhow!(refusal)),
+            None => Ok(Key::new(secret.expose_secret().as_bytes())),
+        };
+        let current = if self.config.jwt_secret.expose_secret().is_empty() {
+            let candidate = STANDARD.encode(rand::random::<[u8; 32]>());
+            let (secret, generated) = self
+                .repo
+                .generated_secret(&candidate, now_millis())
+                .await
+                .context("cannot store or read the generated signing key")?;
+            if generated {
+                tracing::warn!(
+                    "generated a random token signing key and stored it in the database \
+                     (table auth_signing_keys); every instance on this database uses it. \
+                     Set `modules.auth.jwt_secret` to manage keys yourself"
+                );
+            } else {
+                tracing::info!("using the token signing key generated on first start");
+            }
+            Key::new(secret.as_bytes())
+        } else {
+            check("modules.auth.jwt_secret", &self.config.jwt_secret)?
+        };
+        let previous = self
+            .config
+            .jwt_previous_secrets
+            .iter()
+            .enumerate()
+            .map(|(i, secret)| check(&format!("modules.auth.jwt_previous_secrets[{i}]"), secret))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        tracing::info!(
+            key_id = current.id(),
+            previous = previous.len(),
+            "token signing keys loaded"
+        );
+        self.signer.install(KeyRing::new(current, previous));
+        Ok(())
+    }
+
+    /// Init hook: the configured super-administrator. Created with the configured
+    /// password when the e-mail is free; when an account holds the e-mail, the role is
+    /// granted only if its password is the configured one, since whoever registered the
+    /// address first must not become super-administrator at the next restart.
+    pub async fn bootstrap_admin(&self, bus: &Bus) -> anyhow::Result<()> {
+        let email = &self.config.bootstrap_admin_email;
+        if email.is_empty() {
             return Ok(());
         }
-        let user = ctx
-            .bus()
-            .request(EnsureUser {
-                email: config.bootstrap_admin_email.clone(),
-                password: config.bootstrap_admin_password.clone(),
+        let password = self.config.bootstrap_admin_password.expose_secret();
+        if password.is_empty() {
+            tracing::error!(
+                "`modules.auth.bootstrap_admin_email` is set but `modules.auth.bootstrap_admin_password` \
+                 is empty: no super-administrator granted"
+            );
+            return Ok(());
+        }
+        let outcome = bus
+            .request(BootstrapAccount {
+                email: email.clone(),
+                password: password.to_owned(),
                 first_name: "Super".into(),
                 last_name: "Admin".into(),
             })
             .await?
             .map_err(|e| anyhow::anyhow!("`modules.auth.bootstrap_admin_*`: {e}"))?;
-        let repo = AuthRepo::new(
-            ctx.database().for_module("auth"),
-            ctx.storage().cache.for_module("auth"),
-            Duration::from_secs(config.session_cache_secs),
-        );
-        repo.grant(&user.id, "SUPER_ADMIN", now_millis())
+        let user = match outcome {
+            Bootstrapped::Created(user) => user,
+            Bootstrapped::Verified(user) => user,
+            Bootstrapped::PasswordMismatch => {
+                tracing::error!(
+                    "`modules.auth.bootstrap_admin_email` belongs to an account whose password is not \
+                     `modules.auth.bootstrap_admin_password`: SUPER_ADMIN not granted"
+                );
+                return Ok(());
+            }
+        };
+        self.repo
+            .grant(&user.id, SUPER_ADMIN, now_millis())
             .await
             .context("cannot grant SUPER_ADMIN to the bootstrap administrator")?;
         tracing::info!(user_id = %user.id, "super-administrator ensured");
         Ok(())
     }
 
-    async fn limit(&self, key: &str, allowed: i64) -> Result<(), AuthModuleError> {
-        let window = Duration::from_secs(self.config.login_window_secs);
-        match self.repo.cache().incr(key, 1, window).await {
-            Ok(count) if count > allowed => Err(AuthModuleError::RateLimited {
-                retry_after: self.config.login_window_secs,
-            }),
-            Ok(_) => Ok(()),
-            // The cache is down: fail open (logged by the cache) rather than lock everyone out.
-            Err(_) => Ok(()),
+    fn window(&self) -> Duration {
+        Duration::from_secs(self.config.login_window_secs)
+    }
+
+    /// Counts this attempt against the client's own budgets before the password is
+    /// checked; a successful login takes it back ([`Auth::refund`]), so only failures
+    /// count (OWASP Authentication Cheat Sheet: throttle failed attempts, never let
+    /// strangers lock an owner out). Per (account, address) the budget is tight; per
+    /// address over all accounts it stops password spraying.
+    async fn spend(&self, keys: &LoginKeys) -> Result<(), AuthModuleError> {
+        let Some((pair, address)) = &keys.client else {
+            return Ok(());
+        };
+        let cache = self.repo.cache();
+        for (key, limit) in [
+            (pair, self.config.login_failures_per_pair),
+            (address, self.config.login_failures_per_address),
+        ] {
+            if let Err(retry_after) = cache.throttle(key, limit, self.window()).await {
+                let _ = cache.incr(key, -1, self.window()).await;
+                return Err(AuthModuleError::RateLimited { retry_after });
+            }
+        }
+        Ok(())
+    }
+
+    async fn refund(&self, keys: &LoginKeys) {
+        if let Some((pair, address)) = &keys.client {
+            for key in [pair, address] {
+                let _ = self.repo.cache().incr(key, -1, self.window()).await;
+            }
         }
     }
 
-    /// Logs in: rate limits per address and per account, then the same answer for an
-    /// unknown e-mail and a wrong password (the user module spends the same hashing time).
+    /// Past `login_failures_per_account` failures, an account is slowed for addresses
+    /// that never logged into it: each failure makes the next attempt wait twice as long
+    /// (up to `login_delay_max_secs`). A distributed guesser gets a few tries a minute;
+    /// the owner, from an address they logged in from before, is not held up at all.
+    async fn account_wait(&self, keys: &LoginKeys) -> Result<(), AuthModuleError> {
+        if keys.known_address(self).await {
+            return Ok(());
+        }
+        match self.repo.cache().get(&keys.wait).await {
+            Some(until) => {
+                let until = std::str::from_utf8(&until)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .unwrap_or_default();
+                let retry_after = u64::try_from((until - now_millis() + 999) / 1000)
+                    .unwrap_or(1)
+                    .max(1);
+                Err(AuthModuleError::RateLimited { retry_after })
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn record_failure(&self, keys: &LoginKeys) {
+        let cache = self.repo.cache();
+        let failures = cache
+            .incr(&keys.account, 1, self.window())
+            .await
+            .unwrap_or_default();
+        let over = failures - self.config.login_failures_per_account;
+        if over > 0 {
+            let delay = 1u64
+                .checked_shl(u32::try_from(over - 1).unwrap_or(u32::MAX))
+                .unwrap_or(u64::MAX)
+                .min(self.config.login_delay_max_secs);
+            let until = now_millis() + i64::try_from(delay * 1000).unwrap_or(i64::MAX);
+            cache
+                .set(
+                    &keys.wait,
+                    until.to_string().into_bytes(),
+                    Duration::from_secs(delay),
+                )
+                .await;
+        }
+    }
+
+    /// Logs in: throttled per (account, address), per address and per account (see
+    /// [`Auth::spend`] and [`Auth::account_wait`]), then the same answer for an unknown
+    /// e-mail and a wrong password (the user module spends the same hashing time).
     pub async fn login(
         &self,
         email: &str,
@@ -125,22 +254,18 @@ impl Auth {
         client: Client,
     ) -> Result<TokenPair, AuthModuleError> {
         let account = email.trim().to_lowercase();
-        let limited = async {
-            if let Some(address) = &client.address {
-                self.limit(
-                    &format!("login:address:{address}"),
-                    self.config.login_attempts_per_address,
-                )
-                .await?;
-            }
-            self.limit(
-                &format!("login:account:{account}"),
-                self.config.login_attempts_per_account,
-            )
-            .await
-        }
-        .await;
-        if let Err(error) = limited {
+        let keys = LoginKeys::new(&account, client.address.map(rate_key));
+        let allowed = match self.spend(&keys).await {
+            Ok(()) => match self.account_wait(&keys).await {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    self.refund(&keys).await;
+                    Err(error)
+                }
+            },
+            Err(error) => Err(error),
+        };
+        if let Err(error) = allowed {
             self.bus
                 .publish(LoginFailed {
                     email: account,
@@ -156,38 +281,48 @@ impl Auth {
                 password,
             })
             .await
-            .map_err(anyhow::Error::from)?
-            .map_err(DbError::Unavailable)?;
-        let Some(user) = verified else {
-            self.bus
-                .publish(LoginFailed {
-                    email: account,
-                    reason: "invalid_credentials",
-                })
-                .await;
-            return Err(AuthModuleError::InvalidCredentials);
+            .map_err(anyhow::Error::from)?;
+        let user = match verified {
+            Ok(Some(user)) => user,
+            Ok(None) => {
+                self.record_failure(&keys).await;
+                self.bus
+                    .publish(LoginFailed {
+                        email: account,
+                        reason: "invalid_credentials",
+                    })
+                    .await;
+                return Err(AuthModuleError::InvalidCredentials);
+            }
+            Err(error) => {
+                self.refund(&keys).await;
+                return Err(AuthModuleError::from_account_error(error));
+            }
         };
-        let _ = self
-            .repo
-            .cache()
-            .delete(&format!("login:account:{account}"))
-            .await;
+        self.refund(&keys).await;
+        keys.remember_address(self).await;
         let session_id = uuid::Uuid::new_v4().to_string();
         let now_ms = now_millis();
         let expires_at =
             now_ms + i64::try_from(self.config.session_ttl_secs * 1000).unwrap_or(i64::MAX);
-        self.repo
+        let address = client.address.map(|a| a.to_string());
+        let inserted = self
+            .repo
             .insert_session(SessionForCreate {
                 id: &session_id,
                 user_id: &user.id,
                 now: now_ms,
                 expires_at,
                 user_agent: client.user_agent.as_deref(),
-                address: client.address.as_deref(),
+                address: address.as_deref(),
             })
             .await?;
+        if !inserted {
+            // The account was deleted while its password was being checked.
+            return Err(AuthModuleError::InvalidCredentials);
+        }
         let pair = self.issue(&user.id, &session_id, now_ms).await?;
-        tracing::info!(user_id = %user.id, session_id = %session_id, "logged in");
+        tracing::info!(user_id = %user.id, "logged in");
         self.bus
             .publish(UserLoggedIn {
                 user_id: user.id,
@@ -269,13 +404,14 @@ impl Auth {
         Ok(())
     }
 
-    /// Revokes every session of a user; how many.
+    /// Revokes every session of a user but `except`; how many.
     pub async fn revoke_all(
         &self,
         user_id: &str,
+        except: Option<&str>,
         reason: &'static str,
     ) -> Result<u64, AuthModuleError> {
-        let ids = self.repo.revoke_all(user_id, now_millis()).await?;
+        let ids = self.repo.revoke_all(user_id, except, now_millis()).await?;
         for session_id in &ids {
             self.bus
                 .publish(SessionRevoked {
@@ -341,7 +477,7 @@ impl Auth {
     }
 
     /// Grants or revokes a role (super-administrators only); takes effect on the user's
-    /// next request.
+    /// next request. The last super-administrator cannot give the role up.
     pub async fn set_role(
         &self,
         principal: &Principal,
@@ -362,18 +498,128 @@ impl Auth {
             })
             .await
             .map_err(anyhow::Error::from)?
-            .map_err(DbError::Unavailable)?;
+            .map_err(AuthModuleError::from_account_error)?;
         if user.is_none() {
             return Err(AuthModuleError::NotFound("no such user"));
         }
         if granted {
             self.repo.grant(user_id, role, now_millis()).await?;
+        } else if role == SUPER_ADMIN {
+            let tx = self.repo.begin().await?;
+            self.repo.lock_super_admins(&tx).await?;
+            if self.repo.revoke_role_in(&tx, user_id, role).await?
+                && self.repo.other_super_admins(&tx, user_id).await? == 0
+            {
+                return Err(AuthModuleError::LastSuperAdmin);
+            }
+            tx.commit().await?;
         } else {
-            self.repo.revoke_role(user_id, role).await?;
+            let tx = self.repo.begin().await?;
+            self.repo.revoke_role_in(&tx, user_id, role).await?;
+            tx.commit().await?;
         }
         let sessions = self.repo.live_session_ids(user_id, now_millis()).await?;
         self.repo.forget_sessions(&sessions).await;
         tracing::info!(user_id, role, granted, by = %principal.user_id, "role changed");
         Ok(())
+    }
+
+    /// Bus: may `actor` change `user_id`'s account? Only a super-administrator may touch a
+    /// super-administrator's (least privilege: `users:manage` must not reach the accounts
+    /// that hold every permission).
+    pub async fn guard(&self, actor: &Principal, user_id: &str) -> Result<(), AccountError> {
+        if actor.is(user_id) || actor.can(SUDO) {
+            return Ok(());
+        }
+        let roles = self
+            .repo
+            .user_roles(user_id)
+            .await
+            .map_err(|e| AccountError::Unavailable(e.to_string()))?;
+        if roles.iter().any(|role| role == SUPER_ADMIN) {
+            return Err(AccountError::Forbidden(
+                "a super-administrator's account can be changed only by a super-administrator"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bus: the account is being deleted in `request.tx`; ends its sessions, refresh
+    /// tokens and grants in that transaction, or refuses (which rolls the deletion back).
+    pub async fn close_account(&self, request: CloseAccount) -> Result<(), AccountError> {
+        let CloseAccount { actor, user_id, tx } = request;
+        self.guard(&actor, &user_id).await?;
+        let closed = async {
+            self.repo.lock_super_admins(&tx).await?;
+            if self.repo.holds_in(&tx, &user_id, SUPER_ADMIN).await?
+                && self.repo.other_super_admins(&tx, &user_id).await? == 0
+            {
+                return Ok(false);
+            }
+            self.repo.close_account(&tx, &user_id, now_millis()).await?;
+            Ok::<_, DbError>(true)
+        }
+        .await
+        .map_err(|e| AccountError::Unavailable(e.to_string()))?;
+        if closed {
+            Ok(())
+        } else {
+            Err(AccountError::Conflict(
+                AuthModuleError::LastSuperAdmin.to_string(),
+            ))
+        }
+    }
+
+    /// Bus subscriber: after a deletion committed, no cached session of the account may
+    /// still pass as live.
+    pub async fn forget_user_sessions(&self, user_id: &str) {
+        if let Err(error) = self.repo.forget_user_sessions(user_id).await {
+            tracing::error!(user_id, %error, "cached sessions of a deleted account not forgotten; they expire with their TTL");
+        }
+    }
+}
+
+/// The cache keys one login attempt is counted under. The account is keyed by a digest
+/// of its e-mail, so no address sits in the cache in clear.
+struct LoginKeys {
+    /// (account and address, address), when the client's address is known.
+    client: Option<(String, String)>,
+    /// Failures of the account from every address.
+    account: String,
+    /// When the account may next be tried from an unknown address.
+    wait: String,
+    /// The account was logged into from this address before.
+    known: Option<String>,
+}
+
+impl LoginKeys {
+    fn new(account: &str, address: Option<String>) -> Self {
+        let account = digest(account);
+        Self {
+            client: address.as_ref().map(|address| {
+                (
+                    format!("login:pair:{account}:{address}"),
+                    format!("login:address:{address}"),
+                )
+            }),
+            known: address.map(|address| format!("login:known:{account}:{address}")),
+            wait: format!("login:wait:{account}"),
+            account: format!("login:account:{account}"),
+        }
+    }
+
+    async fn known_address(&self, auth: &Auth) -> bool {
+        match &self.known {
+            Some(key) => auth.repo.cache().get(key).await.is_some(),
+            None => false,
+        }
+    }
+
+    async fn remember_address(&self, auth: &Auth) {
+        if let Some(key) = &self.known {
+            let ttl = Duration::from_secs(auth.config.session_ttl_secs);
+            auth.repo.cache().set(key, b"1".to_vec(), ttl).await;
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The auth module's errors and how clients see them.
 
 use poem::http::{HeaderName, HeaderValue, StatusCode, header};
-use trellis_core::{problem::ProblemError, storage::DbError};
+use trellis_core::{contracts::AccountError, problem::ProblemError, storage::DbError};
 
 /// What can go wrong in the auth module.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +25,38 @@ pub enum AuthModuleError {
     /// No such user or role.
     #[error("{0}")]
     NotFound(&'static str),
+    /// The change would leave no super-administrator.
+    #[error("the last super-administrator cannot be removed; make another one first")]
+    LastSuperAdmin,
+    /// Password hashing is at capacity.
+    #[error("too many password checks in progress; retry shortly")]
+    Busy,
     /// The database.
     #[error(transparent)]
     Db(#[from] DbError),
     /// Anything else.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+}
+
+impl AuthModuleError {
+    /// The module's view of another module's account answer.
+    pub fn from_account_error(error: AccountError) -> Self {
+        match error {
+            AccountError::Busy => Self::Busy,
+            AccountError::Unavailable(why) => Self::Db(DbError::Unavailable(why)),
+            other => Self::Unexpected(anyhow::anyhow!(other)),
+        }
+    }
+
+    /// Its answer to another module.
+    pub fn into_account_error(self) -> AccountError {
+        match self {
+            Self::LastSuperAdmin => AccountError::Conflict(self.to_string()),
+            Self::Busy => AccountError::Busy,
+            other => AccountError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl ProblemError for AuthModuleError {
@@ -40,6 +66,8 @@ impl ProblemError for AuthModuleError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::LastSuperAdmin => StatusCode::CONFLICT,
+            Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(e) => e.status(),
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -52,6 +80,8 @@ impl ProblemError for AuthModuleError {
             Self::RateLimited { .. } => "rate-limited",
             Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not-found",
+            Self::LastSuperAdmin => "last-super-admin",
+            Self::Busy => "busy",
             Self::Db(e) => e.slug(),
             Self::Unexpected(_) => "internal",
         }
@@ -64,6 +94,8 @@ impl ProblemError for AuthModuleError {
             Self::RateLimited { .. } => "Too many requests",
             Self::Forbidden(_) => "Forbidden",
             Self::NotFound(_) => "Not found",
+            Self::LastSuperAdmin => "Last super-administrator",
+            Self::Busy => "Server busy",
             Self::Db(e) => e.title(),
             Self::Unexpected(_) => "Internal server error",
         }
@@ -86,6 +118,7 @@ impl ProblemError for AuthModuleError {
             Self::InvalidCredentials | Self::InvalidRefreshToken => {
                 vec![(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))]
             }
+            Self::Busy => vec![(header::RETRY_AFTER, HeaderValue::from_static("1"))],
             Self::Db(e) => e.headers(),
             _ => Vec::new(),
         }

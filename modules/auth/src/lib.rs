@@ -13,27 +13,27 @@ mod api;
 mod app;
 mod error;
 mod repo;
+mod secrets;
 mod tokens;
 
-use std::sync::Arc;
-
+use secrecy::SecretString;
 use serde::Deserialize;
 use trellis_core::{
-    Module, ModuleBuilder, ModuleRegistration,
-    contracts::{Authenticate, RevokeUserSessions},
+    Module, ModuleBuilder, ModuleRegistration, Shared,
+    contracts::{Authenticate, CloseAccount, GuardAccount, RevokeUserSessions, UserDeleted},
 };
 
-use crate::app::Auth;
-
-/// The signing secret shipped for development; the server refuses it in other profiles.
-pub const DEV_SECRET: &str = "dev-only-secret-change-me-before-deploying-trellis";
+use crate::{app::Auth, error::AuthModuleError};
 
 /// `[modules.auth]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HMAC secret for access tokens (HS256), at least 32 bytes.
-    pub jwt_secret: String,
+    /// HMAC secret that signs access tokens (HS256): at least 32 random bytes. Empty: a
+    /// key is generated on first start and kept in the database for every instance.
+    pub jwt_secret: SecretString,
+    /// Earlier secrets, still accepted for tokens they signed (key rotation).
+    pub jwt_previous_secrets: Vec<SecretString>,
     /// The `iss` claim written and required.
     pub issuer: String,
     /// Access token lifetime.
@@ -42,31 +42,39 @@ pub struct AuthConfig {
     pub session_ttl_secs: u64,
     /// How long a live session is remembered in the cache.
     pub session_cache_secs: u64,
-    /// Login attempts allowed per account per window.
-    pub login_attempts_per_account: i64,
-    /// Login attempts allowed per client address per window.
-    pub login_attempts_per_address: i64,
-    /// The rate-limit window.
+    /// Failed logins allowed per (account, client address) per window.
+    pub login_failures_per_pair: i64,
+    /// Failed logins allowed per client address, over all accounts, per window.
+    pub login_failures_per_address: i64,
+    /// Failed logins per account, over all addresses, after which each further attempt
+    /// from an address that never logged into the account waits a doubling delay.
+    pub login_failures_per_account: i64,
+    /// The longest such delay.
+    pub login_delay_max_secs: u64,
+    /// The window the failures are counted in.
     pub login_window_secs: u64,
     /// E-mail of the super-administrator created on first start (empty: none).
     pub bootstrap_admin_email: String,
     /// Its password (set it from the environment: `TRELLIS_MODULES__AUTH__BOOTSTRAP_ADMIN_PASSWORD`).
-    pub bootstrap_admin_password: String,
+    pub bootstrap_admin_password: SecretString,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
-            jwt_secret: DEV_SECRET.into(),
+            jwt_secret: SecretString::default(),
+            jwt_previous_secrets: Vec::new(),
             issuer: "trellis".into(),
             access_ttl_secs: 900,
             session_ttl_secs: 30 * 24 * 3600,
             session_cache_secs: 30,
-            login_attempts_per_account: 10,
-            login_attempts_per_address: 100,
-            login_window_secs: 300,
+            login_failures_per_pair: 5,
+            login_failures_per_address: 50,
+            login_failures_per_account: 20,
+            login_delay_max_secs: 60,
+            login_window_secs: 900,
             bootstrap_admin_email: String::new(),
-            bootstrap_admin_password: String::new(),
+            bootstrap_admin_password: SecretString::default(),
         }
     }
 }
@@ -92,29 +100,65 @@ impl Module for AuthModule {
     }
 
     fn build(&self, module: &mut ModuleBuilder) {
+        // One service for the API, the handlers and the init hook: one signer with one
+        // key ring and one cache of verified tokens.
+        let auth = Shared::<Auth>::default();
+        let [api, authenticate, revoke, guard, close, deleted, init] =
+            std::array::from_fn(|_| auth.clone());
         module
             .config::<AuthConfig>()
             .migrations(repo::MIGRATIONS)
-            .api(|ctx| Ok(api::AuthApi::new(Auth::from_context(ctx)?)))
-            .handle(|ctx| {
-                let auth = Arc::new(Auth::from_context(ctx)?);
+            .api(move |ctx| {
+                Ok(api::AuthApi::new(
+                    api.get_or_build(ctx, Auth::from_context)?,
+                ))
+            })
+            .handle(move |ctx| {
+                let auth = authenticate.get_or_build(ctx, Auth::from_context)?;
                 Ok(move |request: Authenticate| {
                     let auth = auth.clone();
                     async move { auth.authenticate(&request.token).await }
                 })
             })
-            .handle(|ctx| {
-                let auth = Auth::from_context(ctx)?;
+            .handle(move |ctx| {
+                let auth = revoke.get_or_build(ctx, Auth::from_context)?;
                 Ok(move |request: RevokeUserSessions| {
                     let auth = auth.clone();
                     async move {
-                        auth.revoke_all(&request.user_id, "user_deleted")
+                        auth.revoke_all(&request.user_id, request.except.as_deref(), request.reason)
                             .await
-                            .map_err(|e| e.to_string())
+                            .map_err(AuthModuleError::into_account_error)
                     }
                 })
             })
-            .on_init(|ctx| async move { Auth::bootstrap_admin(&ctx).await });
+            .handle(move |ctx| {
+                let auth = guard.get_or_build(ctx, Auth::from_context)?;
+                Ok(move |request: GuardAccount| {
+                    let auth = auth.clone();
+                    async move { auth.guard(&request.actor, &request.user_id).await }
+                })
+            })
+            .handle(move |ctx| {
+                let auth = close.get_or_build(ctx, Auth::from_context)?;
+                Ok(move |request: CloseAccount| {
+                    let auth = auth.clone();
+                    async move { auth.close_account(request).await }
+                })
+            })
+            .subscribe(move |ctx| {
+                let auth = deleted.get_or_build(ctx, Auth::from_context)?;
+                Ok(move |event: UserDeleted| {
+                    let auth = auth.clone();
+                    async move { auth.forget_user_sessions(&event.user_id).await }
+                })
+            })
+            .on_init(move |ctx| async move {
+                let auth = init
+                    .get()
+                    .ok_or_else(|| anyhow::anyhow!("the auth service was not built"))?;
+                auth.load_keys(ctx.loaded_config().profile.as_str()).await?;
+                auth.bootstrap_admin(ctx.bus()).await
+            });
     }
 }
 

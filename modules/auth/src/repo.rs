@@ -3,7 +3,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb};
+use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb, Tx};
 
 const SCHEMA: &str = "
     CREATE TABLE auth_sessions (
@@ -46,13 +46,42 @@ const SCHEMA: &str = "
         ('ADMIN', 'roles:read'),
         ('SUPER_ADMIN', 'sudo');";
 
-/// Sessions, refresh tokens, roles (ADMIN, SUPER_ADMIN with `sudo`) and grants.
-pub static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create sessions, refresh tokens and roles",
-    sqlite: SCHEMA,
-    postgres: SCHEMA,
-}];
+/// Signing keys generated on first start (shared by every instance on the database), and
+/// the accounts closed by a deletion, which no session of theirs may outlive.
+const KEYS_AND_CLOSED_ACCOUNTS: &str = "
+    CREATE TABLE auth_signing_keys (
+        id TEXT PRIMARY KEY,
+        secret TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE auth_closed_accounts (
+        user_id TEXT PRIMARY KEY,
+        closed_at BIGINT NOT NULL
+    );";
+
+/// Sessions, refresh tokens, roles (ADMIN, SUPER_ADMIN with `sudo`) and grants; then
+/// generated signing keys and closed accounts.
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create sessions, refresh tokens and roles",
+        sqlite: SCHEMA,
+        postgres: SCHEMA,
+    },
+    Migration {
+        version: 2,
+        name: "create signing keys and closed accounts",
+        sqlite: KEYS_AND_CLOSED_ACCOUNTS,
+        postgres: KEYS_AND_CLOSED_ACCOUNTS,
+    },
+];
+
+/// The role that holds `sudo`.
+pub const SUPER_ADMIN: &str = "SUPER_ADMIN";
+
+/// A live session's owner, unless the account was closed.
+const LIVE: &str = "revoked_at IS NULL AND expires_at > $2 \
+     AND NOT EXISTS (SELECT 1 FROM auth_closed_accounts c WHERE c.user_id = auth_sessions.user_id)";
 
 /// A session as listed to its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,13 +145,17 @@ impl AuthRepo {
         &self.cache
     }
 
-    pub async fn insert_session(&self, s: SessionForCreate<'_>) -> Result<(), DbError> {
+    /// Inserts the session; false when the account was closed meanwhile.
+    pub async fn insert_session(&self, s: SessionForCreate<'_>) -> Result<bool, DbError> {
         self.db
             .run(
                 "insert_session",
+                // Not for a closed account: a login whose password check raced the
+                // deletion must not leave a session behind.
                 sqlx::query(
                     "INSERT INTO auth_sessions (id, user_id, created_at, last_used_at, expires_at, user_agent, address) \
-                     VALUES ($1, $2, $3, $3, $4, $5, $6)",
+                     SELECT $1, $2, $3, $3, $4, $5, $6 \
+                     WHERE NOT EXISTS (SELECT 1 FROM auth_closed_accounts WHERE user_id = $2)",
                 )
                 .bind(s.id)
                 .bind(s.user_id)
@@ -133,7 +166,7 @@ impl AuthRepo {
                 .execute(self.db.pool()),
             )
             .await
-            .map(|_| ())
+            .map(|done| done.rows_affected() == 1)
     }
 
     pub async fn insert_refresh(
@@ -164,7 +197,9 @@ impl AuthRepo {
             .run(
                 "find_refresh_token",
                 sqlx::query_as(
-                    "SELECT r.session_id, r.used_at, s.user_id, s.revoked_at, s.expires_at \
+                    "SELECT r.session_id, r.used_at, s.user_id, \
+                     COALESCE(s.revoked_at, (SELECT c.closed_at FROM auth_closed_accounts c WHERE c.user_id = s.user_id)), \
+                     s.expires_at \
                      FROM auth_refresh_tokens r JOIN auth_sessions s ON s.id = r.session_id \
                      WHERE r.token_hash = $1",
                 )
@@ -218,9 +253,9 @@ impl AuthRepo {
                     .db
                     .run(
                         "find_live_session",
-                        sqlx::query_as(
-                            "SELECT user_id FROM auth_sessions WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2",
-                        )
+                        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                            "SELECT user_id FROM auth_sessions WHERE id = $1 AND {LIVE}"
+                        )))
                         .bind(id)
                         .bind(now)
                         .fetch_optional(self.db.pool()),
@@ -285,23 +320,192 @@ impl AuthRepo {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Revokes every live session of `user_id`; their ids.
-    pub async fn revoke_all(&self, user_id: &str, now: i64) -> Result<Vec<String>, DbError> {
+    /// Revokes every live session of `user_id` but `except`; their ids.
+    pub async fn revoke_all(
+        &self,
+        user_id: &str,
+        except: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<String>, DbError> {
         let ids: Vec<(String,)> = self
             .db
             .run(
                 "revoke_all_sessions",
                 sqlx::query_as(
-                    "UPDATE auth_sessions SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL RETURNING id",
+                    "UPDATE auth_sessions SET revoked_at = $2 \
+                     WHERE user_id = $1 AND revoked_at IS NULL AND id <> COALESCE($3, '') RETURNING id",
                 )
                 .bind(user_id)
                 .bind(now)
+                .bind(except)
                 .fetch_all(self.db.pool()),
             )
             .await?;
         let ids: Vec<String> = ids.into_iter().map(|(id,)| id).collect();
         self.forget_sessions(&ids).await;
         Ok(ids)
+    }
+
+    /// Closes the account in `tx`, as part of its deletion: its sessions and their
+    /// refresh tokens end and its grants go. Nothing is forgotten from the cache here:
+    /// the caller does that once `tx` has committed ([`AuthRepo::forget_user_sessions`]).
+    pub async fn close_account(&self, tx: &Tx, user_id: &str, now: i64) -> Result<(), DbError> {
+        // (operation, statement, whether it takes the time as $2)
+        let statements: [(&'static str, &str, bool); 4] = [
+            (
+                "close_account",
+                "INSERT INTO auth_closed_accounts (user_id, closed_at) VALUES ($1, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET closed_at = excluded.closed_at",
+                true,
+            ),
+            (
+                "revoke_refresh_tokens",
+                "UPDATE auth_refresh_tokens SET used_at = $2 WHERE used_at IS NULL \
+                 AND session_id IN (SELECT id FROM auth_sessions WHERE user_id = $1)",
+                true,
+            ),
+            (
+                "revoke_all_sessions",
+                "UPDATE auth_sessions SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL",
+                true,
+            ),
+            (
+                "remove_grants",
+                "DELETE FROM auth_user_roles WHERE user_id = $1",
+                false,
+            ),
+        ];
+        for (operation, sql, timed) in statements {
+            self.db
+                .run(operation, async {
+                    let query = sqlx::query(sql).bind(user_id);
+                    let query = if timed { query.bind(now) } else { query };
+                    query.execute(tx.conn().await.get()?).await
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every cached session of the user, live or not: after a deletion has
+    /// committed, a session cached as live a moment before must not outlive it.
+    pub async fn forget_user_sessions(&self, user_id: &str) -> Result<(), DbError> {
+        let ids: Vec<(String,)> = self
+            .db
+            .run(
+                "find_user_sessions",
+                sqlx::query_as("SELECT id FROM auth_sessions WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_all(self.db.pool()),
+            )
+            .await?;
+        let ids: Vec<String> = ids.into_iter().map(|(id,)| id).collect();
+        self.forget_sessions(&ids).await;
+        Ok(())
+    }
+
+    /// Takes the lock that serialises changes to who holds `SUPER_ADMIN` (a write to its
+    /// role row), so that two concurrent revocations or deletions cannot each leave the
+    /// other as the last super-administrator and then both go through.
+    pub async fn lock_super_admins(&self, tx: &Tx) -> Result<(), DbError> {
+        self.db
+            .run("lock_super_admins", async {
+                sqlx::query("UPDATE auth_roles SET description = description WHERE name = $1")
+                    .bind(SUPER_ADMIN)
+                    .execute(tx.conn().await.get()?)
+                    .await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Who else holds `SUPER_ADMIN` (an account not closed), as seen in `tx`.
+    pub async fn other_super_admins(&self, tx: &Tx, user_id: &str) -> Result<i64, DbError> {
+        let (count,): (i64,) = self
+            .db
+            .run("count_super_admins", async {
+                sqlx::query_as(
+                    "SELECT COUNT(*) FROM auth_user_roles ur WHERE ur.role = $1 AND ur.user_id <> $2 \
+                     AND NOT EXISTS (SELECT 1 FROM auth_closed_accounts c WHERE c.user_id = ur.user_id)",
+                )
+                .bind(SUPER_ADMIN)
+                .bind(user_id)
+                .fetch_one(tx.conn().await.get()?)
+                .await
+            })
+            .await?;
+        Ok(count)
+    }
+
+    /// Whether the user holds `role`, as seen in `tx`.
+    pub async fn holds_in(&self, tx: &Tx, user_id: &str, role: &str) -> Result<bool, DbError> {
+        let row: Option<(String,)> = self
+            .db
+            .run("find_user_role", async {
+                sqlx::query_as("SELECT role FROM auth_user_roles WHERE user_id = $1 AND role = $2")
+                    .bind(user_id)
+                    .bind(role)
+                    .fetch_optional(tx.conn().await.get()?)
+                    .await
+            })
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Revokes `role` in `tx`; false when the user did not hold it.
+    pub async fn revoke_role_in(
+        &self,
+        tx: &Tx,
+        user_id: &str,
+        role: &str,
+    ) -> Result<bool, DbError> {
+        let done = self
+            .db
+            .run("revoke_role", async {
+                sqlx::query("DELETE FROM auth_user_roles WHERE user_id = $1 AND role = $2")
+                    .bind(user_id)
+                    .bind(role)
+                    .execute(tx.conn().await.get()?)
+                    .await
+            })
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Begins a transaction.
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        self.db.begin().await
+    }
+
+    /// The signing secret generated on first start: stored by whichever instance comes
+    /// first, read by all. Whether this call generated it.
+    pub async fn generated_secret(
+        &self,
+        candidate: &str,
+        now: i64,
+    ) -> Result<(String, bool), DbError> {
+        let done = self
+            .db
+            .run(
+                "insert_signing_key",
+                sqlx::query(
+                    "INSERT INTO auth_signing_keys (id, secret, created_at) VALUES ('generated', $1, $2) \
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(candidate)
+                .bind(now)
+                .execute(self.db.pool()),
+            )
+            .await?;
+        let (secret,): (String,) = self
+            .db
+            .run(
+                "find_signing_key",
+                sqlx::query_as("SELECT secret FROM auth_signing_keys WHERE id = 'generated'")
+                    .fetch_one(self.db.pool()),
+            )
+            .await?;
+        Ok((secret, done.rows_affected() == 1))
     }
 
     pub async fn live_sessions(&self, user_id: &str, now: i64) -> Result<Vec<SessionRow>, DbError> {
@@ -382,20 +586,6 @@ impl AuthRepo {
             )
             .await
             .map(|_| ())
-    }
-
-    pub async fn revoke_role(&self, user_id: &str, role: &str) -> Result<bool, DbError> {
-        let done = self
-            .db
-            .run(
-                "revoke_role",
-                sqlx::query("DELETE FROM auth_user_roles WHERE user_id = $1 AND role = $2")
-                    .bind(user_id)
-                    .bind(role)
-                    .execute(self.db.pool()),
-            )
-            .await?;
-        Ok(done.rows_affected() > 0)
     }
 
     pub async fn user_roles(&self, user_id: &str) -> Result<Vec<String>, DbError> {

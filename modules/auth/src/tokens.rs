@@ -6,6 +6,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use std::sync::{Arc, OnceLock};
 
 /// Access token claims.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,7 +23,60 @@ pub struct Claims {
     pub iss: String,
 }
 
+/// One HMAC key and its id, the `kid` written into the header of every token it signs.
+#[derive(Clone)]
+pub struct Key {
+    id: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl Key {
+    /// A key for `secret`. Its id is derived from the secret (a truncated SHA-256 under a
+    /// fixed label), so every instance configured with the same secret names it alike and
+    /// an operator needs to name nothing.
+    pub fn new(secret: &[u8]) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(b"trellis jwt key id\0");
+        hash.update(secret);
+        Self {
+            id: URL_SAFE_NO_PAD.encode(&hash.finalize()[..9]),
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+        }
+    }
+
+    /// The key id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// The keys in use: one signs, all (the signing one included) verify. Rotation puts a new
+/// key in front and keeps the old ones until the tokens they signed have expired.
+#[derive(Clone)]
+pub struct KeyRing {
+    current: Key,
+    previous: Vec<Key>,
+}
+
+impl KeyRing {
+    /// `current` signs; `current` and `previous` verify.
+    pub fn new(current: Key, previous: Vec<Key>) -> Self {
+        Self { current, previous }
+    }
+
+    fn find(&self, id: &str) -> Option<&Key> {
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|key| key.id == id)
+    }
+}
+
 /// Signs and checks access tokens.
+///
+/// Its keys are installed once the database is migrated ([`Signer::install`]): a key that
+/// was generated on first start is read from there.
 ///
 /// Tokens that passed the check are remembered (by their exact text, up to
 /// [`VERIFIED_CAPACITY`] of them, for at most [`VERIFIED_FOR`]), so a client's next
@@ -31,8 +85,7 @@ pub struct Claims {
 /// accepted tokens are remembered, so a forged or altered token is always checked in full.
 #[derive(Clone)]
 pub struct Signer {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    keys: Arc<OnceLock<KeyRing>>,
     validation: Validation,
     verified: moka::sync::Cache<String, Claims, foldhash::fast::RandomState>,
 }
@@ -43,15 +96,14 @@ pub const VERIFIED_CAPACITY: u64 = 10_000;
 pub const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Signer {
-    /// A signer for `secret`, accepting only tokens from `issuer`.
-    pub fn new(secret: &[u8], issuer: &str) -> Self {
+    /// A signer accepting only tokens from `issuer`, without keys yet.
+    pub fn new(issuer: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[issuer]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
         validation.leeway = 5;
         Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
+            keys: Arc::default(),
             validation,
             verified: moka::sync::Cache::builder()
                 .max_capacity(VERIFIED_CAPACITY)
@@ -60,24 +112,38 @@ impl Signer {
         }
     }
 
-    /// Signs `claims`.
+    /// Installs the keys; the first installation wins.
+    pub fn install(&self, keys: KeyRing) {
+        let _ = self.keys.set(keys);
+    }
+
+    /// Signs `claims` with the current key, naming it in the header.
     pub fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
+        let keys = self
+            .keys
+            .get()
+            .ok_or_else(|| anyhow::anyhow!("the signing keys are not loaded yet"))?;
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(keys.current.id.clone());
         Ok(jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
+            &header,
             claims,
-            &self.encoding,
+            &keys.current.encoding,
         )?)
     }
 
     /// The claims of a valid token; `None` for anything malformed, forged, expired, from
-    /// another issuer or signed with another algorithm.
+    /// another issuer, signed with another algorithm or by a key that is not (or no longer)
+    /// in the ring.
     pub fn verify(&self, token: &str) -> Option<Claims> {
         if let Some(claims) = self.verified.get(token) {
             return self
                 .unexpired(&claims, jsonwebtoken::get_current_timestamp())
                 .then_some(claims);
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+        let key = self.keys.get()?.find(&kid)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
             .ok()?
             .claims;
         self.verified.insert(token.to_owned(), claims.clone());
@@ -122,14 +188,23 @@ mod tests {
         4_000_000_000
     }
 
+    fn signer_with(issuer: &str, current: &[u8], previous: &[&[u8]]) -> Signer {
+        let signer = Signer::new(issuer);
+        signer.install(KeyRing::new(
+            Key::new(current),
+            previous.iter().map(|s| Key::new(s)).collect(),
+        ));
+        signer
+    }
+
     #[test]
     fn tokens_round_trip_and_reject_tampering() {
-        let signer = Signer::new(&[7; 32], "trellis");
+        let signer = signer_with("trellis", &[7; 32], &[]);
         let token = signer.sign(&claims(far_future())).expect("sign");
         assert_eq!(signer.verify(&token), Some(claims(far_future())));
-        let other = Signer::new(&[8; 32], "trellis");
+        let other = signer_with("trellis", &[8; 32], &[]);
         assert_eq!(other.verify(&token), None, "another secret");
-        let other_issuer = Signer::new(&[7; 32], "elsewhere");
+        let other_issuer = signer_with("elsewhere", &[7; 32], &[]);
         assert_eq!(other_issuer.verify(&token), None, "another issuer");
         assert_eq!(signer.verify(&claims(10).sub), None, "garbage");
         let expired = signer.sign(&claims(10)).expect("sign");
@@ -138,7 +213,7 @@ mod tests {
 
     #[test]
     fn verified_tokens_are_remembered_but_still_expire() {
-        let signer = Signer::new(&[7; 32], "trellis");
+        let signer = signer_with("trellis", &[7; 32], &[]);
         let now = jsonwebtoken::get_current_timestamp();
         let token = signer.sign(&claims(now + 100)).expect("sign");
         assert_eq!(signer.verify(&token), Some(claims(now + 100)));
@@ -167,9 +242,11 @@ mod tests {
     #[test]
     fn other_algorithms_are_refused() {
         let secret = [7; 32];
-        let signer = Signer::new(&secret, "trellis");
+        let signer = signer_with("trellis", &secret, &[]);
+        let mut header = Header::new(Algorithm::HS512);
+        header.kid = Some(Key::new(&secret).id().to_owned());
         let hs512 = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS512),
+            &header,
             &claims(far_future()),
             &EncodingKey::from_secret(&secret),
         )
@@ -182,6 +259,40 @@ mod tests {
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#)
         );
         assert_eq!(signer.verify(&none), None, "alg none");
+    }
+
+    #[test]
+    fn rotated_keys_verify_until_removed_and_only_the_current_one_signs() {
+        let (old, new) = ([1; 32], [2; 32]);
+        let before = signer_with("trellis", &old, &[]);
+        let old_token = before.sign(&claims(far_future())).expect("sign");
+        let rotated = signer_with("trellis", &new, &[&old]);
+        assert_eq!(rotated.verify(&old_token), Some(claims(far_future())));
+        let new_token = rotated.sign(&claims(far_future())).expect("sign");
+        let kid = |t: &str| jsonwebtoken::decode_header(t).expect("header").kid;
+        assert_eq!(kid(&new_token).as_deref(), Some(Key::new(&new).id()));
+        assert_ne!(kid(&new_token), kid(&old_token));
+        let after = signer_with("trellis", &new, &[]);
+        assert_eq!(after.verify(&old_token), None, "the old key was removed");
+        assert_eq!(after.verify(&new_token), Some(claims(far_future())));
+    }
+
+    #[test]
+    fn tokens_without_a_known_key_id_are_refused() {
+        let secret = [7; 32];
+        let signer = signer_with("trellis", &secret, &[]);
+        let unnamed = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(far_future()),
+            &EncodingKey::from_secret(&secret),
+        )
+        .expect("sign");
+        assert_eq!(signer.verify(&unnamed), None, "no kid");
+        assert_eq!(
+            Signer::new("trellis").verify(&signer.sign(&claims(far_future())).expect("sign")),
+            None,
+            "no keys installed"
+        );
     }
 
     #[test]

@@ -1,14 +1,20 @@
 //! HTTP surface of the user module: parse into domain types, call the service, map results.
 
+use poem::Request;
 use poem_openapi::{
     ApiResponse, Object, OpenApi,
     param::{Path, Query},
     payload::Json,
 };
-use trellis_core::{auth::BearerAuth, clock::from_millis, payload::JsonBody};
+use trellis_core::{
+    auth::BearerAuth,
+    clock::from_millis,
+    net::{client_ip, rate_key},
+    payload::JsonBody,
+};
 
 use crate::{
-    app::{Page, Users},
+    app::{CurrentPassword, Page, Users},
     domain::{Details, Email, NewUser, Password, PersonName, UserChanges, UtmValue, Violations},
     error::UserError,
     repo::UserRow,
@@ -61,6 +67,20 @@ pub struct UpdateUserRequest {
         pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
     ))]
     pub last_name: Option<String>,
+    /// The current password: required to change one's own e-mail.
+    #[oai(validator(max_length = 128))]
+    pub current_password: Option<String>,
+}
+
+/// A password change.
+#[derive(Debug, Object)]
+pub struct ChangePasswordRequest {
+    /// The current password.
+    #[oai(validator(max_length = 128))]
+    pub current_password: String,
+    /// The new password: 8 to 128 characters, not only spaces. Never returned or logged.
+    #[oai(validator(min_length = 8, max_length = 128, pattern = r"\S"))]
+    pub new_password: String,
 }
 
 /// An account.
@@ -172,21 +192,24 @@ impl TryFrom<RegisterRequest> for NewUser {
     }
 }
 
-impl TryFrom<UpdateUserRequest> for UserChanges {
+impl TryFrom<&UpdateUserRequest> for UserChanges {
     type Error = UserError;
 
-    fn try_from(request: UpdateUserRequest) -> Result<Self, UserError> {
+    fn try_from(request: &UpdateUserRequest) -> Result<Self, UserError> {
         let mut v = Violations::default();
         let changes = Self {
             email: request
                 .email
-                .and_then(|e| v.check("email", Email::parse(&e))),
+                .as_deref()
+                .and_then(|e| v.check("email", Email::parse(e))),
             first_name: request
                 .first_name
-                .and_then(|n| v.check("first_name", PersonName::parse(&n))),
+                .as_deref()
+                .and_then(|n| v.check("first_name", PersonName::parse(n))),
             last_name: request
                 .last_name
-                .and_then(|n| v.check("last_name", PersonName::parse(&n))),
+                .as_deref()
+                .and_then(|n| v.check("last_name", PersonName::parse(n))),
         };
         if v.0.is_empty() {
             Ok(changes)
@@ -228,7 +251,10 @@ trellis_core::problem_responses! {
         422 => Invalid,
         /// An unexpected failure.
         500 => Internal,
-        /// The database is unavailable; retry later.
+        /// Too many registrations from this address; `Retry-After` says when to retry.
+        429 => TooManyRequests,
+        /// The database is unavailable or password hashing is at capacity; retry after
+        /// `Retry-After`.
         503 => Unavailable,
         _ => Internal,
     }
@@ -245,11 +271,14 @@ trellis_core::problem_responses! {
         404 => NotFound,
         /// The new e-mail is already registered.
         409 => Conflict,
-        /// A field breaks a rule; `errors` names each.
+        /// A field breaks a rule, or the current password is wrong; `errors` names each.
         422 => Invalid,
+        /// Too many password checks from this address; `Retry-After` says when to retry.
+        429 => TooManyRequests,
         /// An unexpected failure.
         500 => Internal,
-        /// The database is unavailable; retry later.
+        /// A dependency is unavailable or password hashing is at capacity; retry after
+        /// `Retry-After`.
         503 => Unavailable,
         _ => Internal,
     }
@@ -274,6 +303,13 @@ enum DeletedResponse {
     /// Deleted: the account no longer authenticates and its sessions are revoked.
     #[oai(status = 204)]
     Deleted,
+}
+
+#[derive(ApiResponse)]
+enum PasswordChangedResponse {
+    /// Changed: every other session of the account has ended.
+    #[oai(status = 204)]
+    Changed,
 }
 
 #[derive(ApiResponse)]
@@ -310,10 +346,12 @@ impl UserApi {
     #[oai(path = "/", method = "post", operation_id = "registerUser")]
     async fn register(
         &self,
+        req: &Request,
         body: JsonBody<RegisterRequest>,
     ) -> Result<RegisterResponse, PublicFailure> {
         let user = NewUser::try_from(body.0)?;
-        let row = self.users.register(user).await?;
+        let client = client_ip(req).map(rate_key);
+        let row = self.users.register(user, client.as_deref()).await?;
         let location = format!("/api/v1/users/{}", row.id);
         Ok(RegisterResponse::Created(Json(row.into()), location))
     }
@@ -377,24 +415,74 @@ impl UserApi {
 
     /// Update a user
     ///
-    /// Changes names or e-mail (a new e-mail must be free).
+    /// Changes names or e-mail (a new e-mail must be free). Changing one's own e-mail
+    /// needs `current_password`. A super-administrator's account can be changed only by a
+    /// super-administrator.
     #[oai(path = "/:id", method = "patch", operation_id = "updateUser")]
     async fn update(
         &self,
+        req: &Request,
         auth: BearerAuth,
         /// The user id.
         #[oai(validator(max_length = 64))]
         id: Path<String>,
         body: JsonBody<UpdateUserRequest>,
     ) -> Result<UserResponse, UserFailure> {
-        let changes = UserChanges::try_from(body.0)?;
-        let row = self.users.update(&auth.0, &id.0, changes).await?;
+        let changes = UserChanges::try_from(&body.0)?;
+        let client = client_ip(req).map(rate_key);
+        let current = body.0.current_password.map(|password| CurrentPassword {
+            password,
+            client: client.as_deref(),
+        });
+        let row = self.users.update(&auth.0, &id.0, changes, current).await?;
         Ok(UserResponse::Ok(Json(row.into())))
+    }
+
+    /// Change password
+    ///
+    /// Changes one's own password: `current_password` must be right, and the new one
+    /// follows the registration rules. Every other session of the account ends.
+    #[oai(
+        path = "/:id/password",
+        method = "post",
+        operation_id = "changePassword"
+    )]
+    async fn change_password(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// The user id (one's own).
+        #[oai(validator(max_length = 64))]
+        id: Path<String>,
+        body: JsonBody<ChangePasswordRequest>,
+    ) -> Result<PasswordChangedResponse, UserFailure> {
+        let ChangePasswordRequest {
+            current_password,
+            new_password,
+        } = body.0;
+        let new = Password::parse(new_password).map_err(|message| {
+            UserError::Invalid(vec![trellis_core::problem::FieldViolation::new(
+                "body",
+                "/new_password",
+                message,
+            )])
+        })?;
+        let client = client_ip(req).map(rate_key);
+        let current = CurrentPassword {
+            password: current_password,
+            client: client.as_deref(),
+        };
+        self.users
+            .change_password(&auth.0, &id.0, current, new)
+            .await?;
+        Ok(PasswordChangedResponse::Changed)
     }
 
     /// Delete a user
     ///
-    /// Soft delete: the account stops authenticating and its sessions are revoked.
+    /// Soft delete: in the same transaction the account's sessions, refresh tokens and
+    /// roles end, so it stops authenticating at once. The last super-administrator cannot
+    /// be deleted (409), nor a super-administrator by an administrator (403).
     #[oai(path = "/:id", method = "delete", operation_id = "deleteUser")]
     async fn delete(
         &self,

@@ -9,18 +9,20 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use trellis_core::{
     ModuleContext,
     auth::Principal,
-    bus::Bus,
+    bus::{Bus, Request},
     clock::now_millis,
     contracts::{
-        EnsureUser, RevokeUserSessions, UserDeleted, UserIdentity, UserRegistered, UserUpdated,
+        AccountError, BootstrapAccount, Bootstrapped, CloseAccount, GuardAccount, PasswordChanged,
+        RevokeUserSessions, UserDeleted, UserIdentity, UserRegistered, UserUpdated,
     },
+    problem::FieldViolation,
 };
 
 use crate::{
     UserConfig,
     domain::{Details, Email, NewUser, Password, PersonName, UserChanges},
     error::UserError,
-    password,
+    password::Hasher,
     repo::{UserForCreate, UserRepo, UserRow},
 };
 
@@ -36,11 +38,21 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+/// A password typed to prove who one is, with the client's address that the checks are
+/// throttled by.
+pub struct CurrentPassword<'a> {
+    /// The password as typed.
+    pub password: String,
+    /// The client's rate-limit key ([`trellis_core::net::rate_key`]).
+    pub client: Option<&'a str>,
+}
+
 /// The user service.
 #[derive(Clone)]
 pub struct Users {
     repo: UserRepo,
     bus: Bus,
+    hasher: Hasher,
     config: UserConfig,
 }
 
@@ -48,6 +60,7 @@ impl Users {
     /// The service over the module's context.
     pub fn from_context(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
         let config: UserConfig = ctx.config()?;
+        crate::password::describe_metrics();
         Ok(Self {
             repo: UserRepo::new(
                 ctx.database(),
@@ -55,14 +68,103 @@ impl Users {
                 Duration::from_secs(config.cache_secs),
             ),
             bus: ctx.bus().clone(),
+            hasher: Hasher::new(config.hash_concurrency, config.hash_queue),
             config,
         })
     }
 
-    /// Registers an account.
-    pub async fn register(&self, user: NewUser) -> Result<UserRow, UserError> {
+    /// Counts an attempt that costs a password hash or reveals whether an e-mail is
+    /// registered against the client's address (OWASP Authentication Cheat Sheet: throttle
+    /// every path that checks a password or can enumerate accounts).
+    async fn throttle(
+        &self,
+        action: &str,
+        client: Option<&str>,
+        limit: i64,
+    ) -> Result<(), UserError> {
+        let Some(client) = client else {
+            return Ok(());
+        };
+        let window = Duration::from_secs(self.config.throttle_window_secs);
+        self.repo
+            .cache()
+            .throttle(&format!("{action}:{client}"), limit, window)
+            .await
+            .map_err(|retry_after| UserError::Throttled { retry_after })
+    }
+
+    /// Asks the module keeping roles whether `principal` may act on somebody else's
+    /// account; one's own account needs no asking. Without such a module there are no
+    /// roles to outrank anyone.
+    async fn guard(&self, principal: &Principal, id: &str) -> Result<(), UserError> {
+        if principal.is(id) {
+            return Ok(());
+        }
+        self.ask(GuardAccount {
+            actor: principal.clone(),
+            user_id: id.to_owned(),
+        })
+        .await
+    }
+
+    /// A request to another module whose answer decides the change; no answering module
+    /// means nothing to check.
+    async fn ask<R>(&self, request: R) -> Result<(), UserError>
+    where
+        R: Request<Response = Result<(), AccountError>>,
+    {
+        if !self.bus.handles::<R>() {
+            return Ok(());
+        }
+        Ok(self
+            .bus
+            .request(request)
+            .await
+            .map_err(|e| UserError::Unavailable(e.to_string()))??)
+    }
+
+    /// Checks the account's current password, counted against the client's address.
+    async fn check_password(
+        &self,
+        id: &str,
+        current: CurrentPassword<'_>,
+    ) -> Result<(), UserError> {
+        self.throttle(
+            "password_check",
+            current.client,
+            self.config.password_checks_per_address,
+        )
+        .await?;
+        let stored = self
+            .repo
+            .find_password_hash(id)
+            .await?
+            .ok_or(UserError::NotFound)?;
+        if self.hasher.verify(current.password, Some(stored)).await? {
+            Ok(())
+        } else {
+            Err(UserError::Invalid(vec![FieldViolation::new(
+                "body",
+                "/current_password",
+                "is not the account's current password",
+            )]))
+        }
+    }
+
+    /// Registers an account; throttled per client address, since each costs a hash.
+    pub async fn register(
+        &self,
+        user: NewUser,
+        client: Option<&str>,
+    ) -> Result<UserRow, UserError> {
+        self.throttle("register", client, self.config.registrations_per_address)
+            .await?;
+        self.create(user).await
+    }
+
+    async fn create(&self, user: NewUser) -> Result<UserRow, UserError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let hash = password::hash(user.password).await?;
+        let hash = self.hasher.hash(user.password).await??;
         let now = now_millis();
         self.repo
             .insert_user(UserForCreate {
@@ -103,15 +205,29 @@ impl Users {
         self.repo.find_active(id).await?.ok_or(UserError::NotFound)
     }
 
-    /// Changes a profile; a new e-mail must be free.
+    /// Changes a profile; a new e-mail must be free. Changing one's own e-mail needs the
+    /// current password (OWASP: re-authenticate before changing what recovers an
+    /// account); an administrator changing another account needs to outrank its owner.
     pub async fn update(
         &self,
         principal: &Principal,
         id: &str,
         changes: UserChanges,
+        current: Option<CurrentPassword<'_>>,
     ) -> Result<UserRow, UserError> {
         if !Self::may_access(principal, id) {
             return Err(UserError::NotFound);
+        }
+        self.guard(principal, id).await?;
+        if changes.email.is_some() && principal.is(id) {
+            let current = current.ok_or_else(|| {
+                UserError::Invalid(vec![FieldViolation::new(
+                    "body",
+                    "/current_password",
+                    "is required to change the e-mail",
+                )])
+            })?;
+            self.check_password(id, current).await?;
         }
         let fields = changes.fields();
         let row = self
@@ -130,12 +246,51 @@ impl Users {
         Ok(row)
     }
 
-    /// Soft-deletes an account: it stops authenticating and its sessions are revoked.
+    /// Soft-deletes an account. Its sessions, refresh tokens and grants end in the same
+    /// transaction (the module keeping them takes part through `CloseAccount`, and may
+    /// refuse: the last super-administrator, or one the caller does not outrank), so a
+    /// deleted account cannot authenticate once the answer is sent.
     pub async fn delete(&self, principal: &Principal, id: &str) -> Result<(), UserError> {
         if !Self::may_access(principal, id) {
             return Err(UserError::NotFound);
         }
-        if !self.repo.soft_delete(id, now_millis()).await? {
+        let tx = self.repo.begin().await?;
+        if !self.repo.soft_delete(&tx, id, now_millis()).await? {
+            return Err(UserError::NotFound);
+        }
+        self.ask(CloseAccount {
+            actor: principal.clone(),
+            user_id: id.to_owned(),
+            tx: tx.clone(),
+        })
+        .await?;
+        tx.commit().await?;
+        self.repo.forget(id).await;
+        tracing::info!(user_id = %id, "user deleted");
+        self.bus
+            .publish(UserDeleted {
+                user_id: id.to_owned(),
+            })
+            .await;
+        Ok(())
+    }
+
+    /// Changes one's own password: the current one must match, the new one follows the
+    /// registration rules, and every other session of the account ends (OWASP Session
+    /// Management: invalidate sessions after a password change).
+    pub async fn change_password(
+        &self,
+        principal: &Principal,
+        id: &str,
+        current: CurrentPassword<'_>,
+        new: Password,
+    ) -> Result<(), UserError> {
+        if !principal.is(id) {
+            return Err(UserError::NotFound);
+        }
+        self.check_password(id, current).await?;
+        let hash = self.hasher.hash(new).await??;
+        if !self.repo.set_password_hash(id, &hash, now_millis()).await? {
             return Err(UserError::NotFound);
         }
         if self.bus.handles::<RevokeUserSessions>() {
@@ -143,18 +298,15 @@ impl Users {
                 .bus
                 .request(RevokeUserSessions {
                     user_id: id.to_owned(),
+                    except: Some(principal.session_id.clone()),
+                    reason: "password_changed",
                 })
-                .await;
-            match revoked {
-                Ok(Ok(count)) => {
-                    tracing::info!(user_id = %id, sessions = count, "sessions revoked")
-                }
-                Ok(Err(error)) => tracing::error!(user_id = %id, %error, "sessions not revoked"),
-                Err(error) => tracing::error!(user_id = %id, %error, "sessions not revoked"),
-            }
+                .await
+                .map_err(|e| UserError::Unavailable(e.to_string()))??;
+            tracing::info!(user_id = %id, sessions = revoked, "password changed; other sessions revoked");
         }
         self.bus
-            .publish(UserDeleted {
+            .publish(PasswordChanged {
                 user_id: id.to_owned(),
             })
             .await;
@@ -169,6 +321,7 @@ impl Users {
         details: Details,
     ) -> Result<(Details, i64), UserError> {
         self.get(principal, id).await?;
+        self.guard(principal, id).await?;
         let now = now_millis();
         self.repo.upsert_details(id, &details, now).await?;
         Ok((details, now))
@@ -221,20 +374,24 @@ impl Users {
         &self,
         email: &str,
         password: String,
-    ) -> Result<Option<UserIdentity>, String> {
+    ) -> Result<Option<UserIdentity>, AccountError> {
         let found = match Email::parse(email) {
             Ok(email) => self
                 .repo
                 .find_credentials(email.as_str())
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| AccountError::Unavailable(e.to_string()))?,
             Err(_) => None,
         };
         let (user, hash) = match found {
             Some((user, hash)) => (Some(user), Some(hash)),
             None => (None, None),
         };
-        let matches = password::verify(password, hash).await;
+        let matches = self
+            .hasher
+            .verify(password, hash)
+            .await
+            .map_err(|_| AccountError::Busy)?;
         Ok(user.filter(|_| matches).map(|u| UserIdentity {
             id: u.id,
             email: u.email,
@@ -242,41 +399,69 @@ impl Users {
     }
 
     /// Bus: an active user by id.
-    pub async fn find_identity(&self, id: &str) -> Result<Option<UserIdentity>, String> {
-        let row = self.repo.find_active(id).await.map_err(|e| e.to_string())?;
+    pub async fn find_identity(&self, id: &str) -> Result<Option<UserIdentity>, AccountError> {
+        let row = self
+            .repo
+            .find_active(id)
+            .await
+            .map_err(|e| AccountError::Unavailable(e.to_string()))?;
         Ok(row.map(|u| UserIdentity {
             id: u.id,
             email: u.email,
         }))
     }
 
-    /// Bus: the account with the e-mail, created if missing.
-    pub async fn ensure(&self, request: EnsureUser) -> Result<UserIdentity, String> {
-        let email = Email::parse(&request.email).map_err(|e| format!("email {e}"))?;
-        if let Some((user, _)) = self
-            .repo
-            .find_credentials(email.as_str())
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            return Ok(UserIdentity {
-                id: user.id,
-                email: user.email,
-            });
-        }
-        let user = NewUser {
-            email,
-            password: Password::parse(request.password).map_err(|e| format!("password {e}"))?,
-            first_name: PersonName::parse(&request.first_name)
-                .map_err(|e| format!("first name {e}"))?,
-            last_name: PersonName::parse(&request.last_name)
-                .map_err(|e| format!("last name {e}"))?,
+    /// Bus: the bootstrap administrator's account, created with the configured password,
+    /// or found and proven by it. When several instances start together, the one whose
+    /// insert loses the race finds the winner's account and checks the password like any
+    /// later start.
+    pub async fn bootstrap(&self, request: BootstrapAccount) -> Result<Bootstrapped, AccountError> {
+        let invalid = |field: &str, e: String| AccountError::Invalid(format!("{field} {e}"));
+        let email = Email::parse(&request.email).map_err(|e| invalid("e-mail", e))?;
+        let unavailable = |e: UserError| match e {
+            UserError::Busy => AccountError::Busy,
+            other => AccountError::Unavailable(other.to_string()),
         };
-        let row = self.register(user).await.map_err(|e| e.to_string())?;
-        Ok(UserIdentity {
-            id: row.id,
-            email: row.email,
-        })
+        for _ in 0..2 {
+            if let Some(found) = self
+                .verify_credentials(email.as_str(), request.password.clone())
+                .await?
+            {
+                return Ok(Bootstrapped::Verified(found));
+            }
+            if self
+                .repo
+                .find_credentials(email.as_str())
+                .await
+                .map_err(|e| AccountError::Unavailable(e.to_string()))?
+                .is_some()
+            {
+                return Ok(Bootstrapped::PasswordMismatch);
+            }
+            let user = NewUser {
+                email: email.clone(),
+                password: Password::parse(request.password.clone())
+                    .map_err(|e| invalid("password", e))?,
+                first_name: PersonName::parse(&request.first_name)
+                    .map_err(|e| invalid("first name", e))?,
+                last_name: PersonName::parse(&request.last_name)
+                    .map_err(|e| invalid("last name", e))?,
+            };
+            match self.create(user).await {
+                Ok(row) => {
+                    return Ok(Bootstrapped::Created(UserIdentity {
+                        id: row.id,
+                        email: row.email,
+                    }));
+                }
+                // Another instance registered it first: check its account on the next turn.
+                Err(UserError::Db(trellis_core::storage::DbError::UniqueViolation { .. })) => {}
+                Err(other) => return Err(unavailable(other)),
+            }
+        }
+        Err(AccountError::Unavailable(
+            "the bootstrap account was created and deleted concurrently".into(),
+        ))
     }
 }
 

@@ -1,10 +1,13 @@
 //! The user module's errors and how clients see them.
 
-use poem::http::StatusCode;
+use poem::http::{HeaderName, HeaderValue, StatusCode, header};
 use trellis_core::{
+    contracts::AccountError,
     problem::{FieldViolation, ProblemError},
     storage::DbError,
 };
+
+use crate::password::Busy;
 
 /// What can go wrong in the user module.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +21,24 @@ pub enum UserError {
     /// The caller lacks the permission.
     #[error("this needs the `{0}` permission")]
     Forbidden(&'static str),
+    /// A super-administrator's account, and only a super-administrator may change it.
+    #[error("{0}")]
+    Outranked(String),
+    /// The change would break a rule, e.g. delete the last super-administrator.
+    #[error("{0}")]
+    Conflict(String),
+    /// Too many attempts from the client's address.
+    #[error("too many attempts from this address; retry after {retry_after} seconds")]
+    Throttled {
+        /// Seconds to wait.
+        retry_after: u64,
+    },
+    /// Password hashing is at capacity.
+    #[error("too many password checks in progress; retry shortly")]
+    Busy,
+    /// Another module that takes part in the change cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     /// Input that parsed but breaks a rule.
     #[error("{} field(s) are invalid", .0.len())]
     Invalid(Vec<FieldViolation>),
@@ -27,6 +48,23 @@ pub enum UserError {
     /// Anything else.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+}
+
+impl From<Busy> for UserError {
+    fn from(_: Busy) -> Self {
+        Self::Busy
+    }
+}
+
+impl From<AccountError> for UserError {
+    fn from(error: AccountError) -> Self {
+        match error {
+            AccountError::Forbidden(why) => Self::Outranked(why),
+            AccountError::Conflict(why) => Self::Conflict(why),
+            AccountError::Busy => Self::Busy,
+            AccountError::Invalid(why) | AccountError::Unavailable(why) => Self::Unavailable(why),
+        }
+    }
 }
 
 impl From<Vec<FieldViolation>> for UserError {
@@ -40,7 +78,10 @@ impl ProblemError for UserError {
         match self {
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::NotFound => StatusCode::NOT_FOUND,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::Outranked(_) => StatusCode::FORBIDDEN,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Busy | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Db(DbError::UniqueViolation { .. }) => StatusCode::CONFLICT,
             Self::Db(DbError::NotFound) => StatusCode::NOT_FOUND,
@@ -54,6 +95,11 @@ impl ProblemError for UserError {
             Self::EmailTaken | Self::Db(DbError::UniqueViolation { .. }) => "email-taken",
             Self::NotFound | Self::Db(DbError::NotFound) => "user-not-found",
             Self::Forbidden(_) => "forbidden",
+            Self::Outranked(_) => "outranked",
+            Self::Conflict(_) => "conflict",
+            Self::Throttled { .. } => "rate-limited",
+            Self::Busy => "busy",
+            Self::Unavailable(_) => "unavailable",
             Self::Invalid(_) => "validation",
             Self::Db(e) => e.slug(),
             Self::Unexpected(_) => "internal",
@@ -66,7 +112,11 @@ impl ProblemError for UserError {
                 "E-mail already registered"
             }
             Self::NotFound | Self::Db(DbError::NotFound) => "User not found",
-            Self::Forbidden(_) => "Forbidden",
+            Self::Forbidden(_) | Self::Outranked(_) => "Forbidden",
+            Self::Conflict(_) => "Conflict",
+            Self::Throttled { .. } => "Too many requests",
+            Self::Busy => "Server busy",
+            Self::Unavailable(_) => "Service unavailable",
             Self::Invalid(_) => "Invalid input",
             Self::Db(e) => e.title(),
             Self::Unexpected(_) => "Internal server error",
@@ -88,8 +138,14 @@ impl ProblemError for UserError {
         }
     }
 
-    fn headers(&self) -> Vec<(poem::http::HeaderName, poem::http::HeaderValue)> {
+    fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         match self {
+            Self::Throttled { retry_after } => {
+                vec![(header::RETRY_AFTER, HeaderValue::from(*retry_after))]
+            }
+            Self::Busy | Self::Unavailable(_) => {
+                vec![(header::RETRY_AFTER, HeaderValue::from_static("1"))]
+            }
             Self::Db(e) => e.headers(),
             _ => Vec::new(),
         }

@@ -18,8 +18,8 @@ mod repo;
 
 use serde::Deserialize;
 use trellis_core::{
-    Module, ModuleBuilder, ModuleRegistration,
-    contracts::{EnsureUser, FindUser, VerifyCredentials},
+    Module, ModuleBuilder, ModuleRegistration, Shared,
+    contracts::{BootstrapAccount, FindUser, VerifyCredentials},
 };
 
 use crate::app::Users;
@@ -34,6 +34,17 @@ pub struct UserConfig {
     pub max_page_size: u32,
     /// How long an account is cached in front of the database (seconds).
     pub cache_secs: u64,
+    /// Password hashes computed at once (0: one per CPU); each takes 19 MiB.
+    pub hash_concurrency: usize,
+    /// Password hashes waiting for their turn; past that, 503 with `Retry-After`.
+    pub hash_queue: usize,
+    /// Registrations per client address per throttle window.
+    pub registrations_per_address: i64,
+    /// Current-password checks (password and e-mail changes) per client address per
+    /// throttle window.
+    pub password_checks_per_address: i64,
+    /// The throttle window (seconds).
+    pub throttle_window_secs: u64,
 }
 
 impl Default for UserConfig {
@@ -42,6 +53,11 @@ impl Default for UserConfig {
             default_page_size: 20,
             max_page_size: 100,
             cache_secs: 30,
+            hash_concurrency: 0,
+            hash_queue: 64,
+            registrations_per_address: 20,
+            password_checks_per_address: 10,
+            throttle_window_secs: 900,
         }
     }
 }
@@ -63,12 +79,19 @@ impl Module for UserModule {
     }
 
     fn build(&self, module: &mut ModuleBuilder) {
+        // One service for the API and every handler: one hashing capacity, one cache.
+        let users = Shared::<Users>::default();
+        let (api, verify, find, bootstrap) = (users.clone(), users.clone(), users.clone(), users);
         module
             .config::<UserConfig>()
             .migrations(repo::MIGRATIONS)
-            .api(|ctx| Ok(api::UserApi::new(Users::from_context(ctx)?)))
-            .handle(|ctx| {
-                let users = Users::from_context(ctx)?;
+            .api(move |ctx| {
+                Ok(api::UserApi::new(
+                    api.get_or_build(ctx, Users::from_context)?,
+                ))
+            })
+            .handle(move |ctx| {
+                let users = verify.get_or_build(ctx, Users::from_context)?;
                 Ok(move |request: VerifyCredentials| {
                     let users = users.clone();
                     async move {
@@ -78,18 +101,18 @@ impl Module for UserModule {
                     }
                 })
             })
-            .handle(|ctx| {
-                let users = Users::from_context(ctx)?;
+            .handle(move |ctx| {
+                let users = find.get_or_build(ctx, Users::from_context)?;
                 Ok(move |request: FindUser| {
                     let users = users.clone();
                     async move { users.find_identity(&request.id).await }
                 })
             })
-            .handle(|ctx| {
-                let users = Users::from_context(ctx)?;
-                Ok(move |request: EnsureUser| {
+            .handle(move |ctx| {
+                let users = bootstrap.get_or_build(ctx, Users::from_context)?;
+                Ok(move |request: BootstrapAccount| {
                     let users = users.clone();
-                    async move { users.ensure(request).await }
+                    async move { users.bootstrap(request).await }
                 })
             });
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb};
+use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb, Tx};
 
 use crate::domain::{Details, UserChanges};
 
@@ -104,9 +104,14 @@ impl UserRepo {
         }
     }
 
+    /// The module's cache (rate-limit counters live there too).
+    pub fn cache(&self) -> &ModuleCache {
+        &self.cache
+    }
+
     /// Forgets the cached account, so a change is seen at once. When the cache cannot be
     /// reached the entry runs out with its TTL.
-    async fn forget(&self, id: &str) {
+    pub async fn forget(&self, id: &str) {
         if let Err(error) = self.cache.delete(&user_key(id)).await {
             tracing::warn!(user_id = %id, %error, "cached account not removed; it expires with its TTL");
         }
@@ -204,16 +209,58 @@ impl UserRepo {
         Ok(row.map(UserRow::from))
     }
 
-    /// Marks the account deleted; false when there was no active account.
-    pub async fn soft_delete(&self, id: &str, now: i64) -> Result<bool, DbError> {
+    /// Begins a transaction other modules can join.
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        self.db.begin().await
+    }
+
+    /// Marks the account deleted in `tx`; false when there was no active account. The
+    /// caller forgets the cached account once `tx` commits.
+    pub async fn soft_delete(&self, tx: &Tx, id: &str, now: i64) -> Result<bool, DbError> {
+        let done = self
+            .db
+            .run("delete_user", async {
+                sqlx::query(
+                    "UPDATE users SET deleted_at = $2, updated_at = $2 WHERE id = $1 AND deleted_at IS NULL",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(tx.conn().await.get()?)
+                .await
+            })
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The active account's password hash.
+    pub async fn find_password_hash(&self, id: &str) -> Result<Option<String>, DbError> {
+        let row: Option<(String,)> = self
+            .db
+            .run(
+                "find_password_hash",
+                sqlx::query_as(
+                    "SELECT password_hash FROM users WHERE id = $1 AND deleted_at IS NULL",
+                )
+                .bind(id)
+                .fetch_optional(self.db.pool()),
+            )
+            .await?;
+        Ok(row.map(|(hash,)| hash))
+    }
+
+    /// Replaces the active account's password hash; false when there is no such account.
+    pub async fn set_password_hash(&self, id: &str, hash: &str, now: i64) -> Result<bool, DbError> {
         let done = self
             .db
             .run(
-                "delete_user",
-                sqlx::query("UPDATE users SET deleted_at = $2, updated_at = $2 WHERE id = $1 AND deleted_at IS NULL")
-                    .bind(id)
-                    .bind(now)
-                    .execute(self.db.pool()),
+                "set_password_hash",
+                sqlx::query(
+                    "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1 AND deleted_at IS NULL",
+                )
+                .bind(id)
+                .bind(hash)
+                .bind(now)
+                .execute(self.db.pool()),
             )
             .await?;
         self.forget(id).await;

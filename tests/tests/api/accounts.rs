@@ -106,7 +106,7 @@ async fn email_changes_recheck_uniqueness() {
     let (id, token) = app.signed_up("mover@example.com").await;
     let clash = app
         .authed(Method::PATCH, &format!("/api/v1/users/{id}"), &token)
-        .json(&json!({"email": "TAKEN@example.com"}))
+        .json(&json!({"email": "TAKEN@example.com", "current_password": "correct horse battery"}))
         .send()
         .await
         .expect("patch");

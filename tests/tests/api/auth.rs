@@ -234,7 +234,7 @@ async fn login_answers_the_same_for_unknown_email_and_wrong_password() {
 #[tokio::test]
 async fn login_rate_limit_trips_and_recovers() {
     let app = spawn_app_with(&[
-        ("modules.auth.login_attempts_per_account", json!(3)),
+        ("modules.auth.login_failures_per_pair", json!(3)),
         ("modules.auth.login_window_secs", json!(2)),
     ])
     .await;
@@ -358,29 +358,4 @@ async fn roles_are_granted_by_the_super_administrator_and_apply_at_once() {
         .filter_map(|r| r["name"].as_str())
         .collect();
     assert_eq!(names, ["ADMIN", "SUPER_ADMIN"]);
-}
-
-#[tokio::test]
-async fn the_default_secret_is_refused_outside_the_dev_profile() {
-    let config = test_config()
-        .set("modules.auth.jwt_secret", trellis_auth_dev_secret())
-        .expect("set");
-    let storage = crate::helpers::TestStorage::new().await;
-    let mut config = config;
-    for (key, value) in &storage.settings {
-        config = config.set(key, value).expect("storage");
-    }
-    let error = trellis_server::Application::build(config)
-        .await
-        .err()
-        .expect("refused");
-    let text = format!("{error:#}");
-    assert!(
-        text.contains("module `auth`") && text.contains("jwt_secret"),
-        "{text}"
-    );
-}
-
-fn trellis_auth_dev_secret() -> &'static str {
-    "dev-only-secret-change-me-before-deploying-trellis"
 }

@@ -62,6 +62,20 @@ impl TestStorage {
         }
     }
 
+    /// The same database and cache for a second server (an instance beside the first);
+    /// the event files go to a folder of its own.
+    pub async fn sharing(&self) -> Self {
+        let mut other = Self::new().await;
+        for (key, value) in &mut other.settings {
+            if *key != "mq.file.directory"
+                && let Some((_, shared)) = self.settings.iter().find(|(k, _)| k == key)
+            {
+                value.clone_from(shared);
+            }
+        }
+        other
+    }
+
     /// Where the embedded message-queue backend writes events.
     pub fn events_dir(&self) -> PathBuf {
         self._dir.path().join("events")
@@ -81,6 +95,26 @@ impl TestStorage {
             );
         }
         events
+    }
+
+    /// Runs one SQL statement on the test's database, behind the server's back (to stage
+    /// states the API cannot reach, such as a revocation that was missed).
+    pub async fn execute_sql(&self, statement: &str) -> u64 {
+        use sqlx::{Connection as _, Executor as _};
+        sqlx::any::install_default_drivers();
+        let url = self
+            .settings
+            .iter()
+            .find(|(key, _)| *key == "database.url")
+            .map(|(_, url)| url.clone())
+            .expect("a database URL");
+        let mut conn = sqlx::AnyConnection::connect(&url)
+            .await
+            .expect("a connection to the test database");
+        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned())))
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"))
+            .rows_affected()
     }
 
     /// The settings as `TRELLIS_*` environment variables, for a server process.
@@ -355,6 +389,30 @@ impl TestApp {
             .json()
             .await
             .unwrap_or_else(|e| panic!("GET {path}: body is not JSON: {e}"))
+    }
+
+    /// A client whose connections come from `ip` (any 127.0.0.0/8 address), to act as a
+    /// distinct client address.
+    pub fn client_from(ip: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().expect("an address"))
+            .build()
+            .expect("client")
+    }
+
+    /// Attempts a login with `client`.
+    pub async fn try_login_with(
+        &self,
+        client: &reqwest::Client,
+        email: &str,
+        password: &str,
+    ) -> reqwest::Response {
+        client
+            .post(self.url("/api/v1/auth/login"))
+            .json(&serde_json::json!({"email": email, "password": password}))
+            .send()
+            .await
+            .expect("request")
     }
 
     /// A new account, logged in: (id, access token).

@@ -12,5 +12,6 @@ mod faults;
 mod middleware;
 mod openapi;
 mod process;
+mod security;
 mod sqs;
 mod storage;
