@@ -225,13 +225,95 @@ impl Default for MetricsConfig {
     }
 }
 
+impl Config {
+    /// The configuration as it may be shown: core's secrets print redacted by their
+    /// types, and in the module sections every value whose key names a secret
+    /// (`*secret*`, `*password*`, `*token*`, `*_key`, `*credentials*`) is replaced by `***`.
+    pub fn redacted(&self) -> Self {
+        let mut shown = self.clone();
+        for section in shown.modules.values_mut() {
+            redact_section(section);
+        }
+        shown
+    }
+}
+
+/// Whether a module setting's key names a secret.
+fn names_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "password", "token", "credentials"]
+        .iter()
+        .any(|word| key.contains(word))
+        || key.ends_with("_key")
+        || key == "key"
+}
+
+fn redact_section(value: &mut figment::value::Value) {
+    use figment::value::Value;
+    match value {
+        Value::Dict(_, entries) => {
+            for (key, entry) in entries.iter_mut() {
+                if names_secret(key) {
+                    *entry = Value::from("***");
+                } else {
+                    redact_section(entry);
+                }
+            }
+        }
+        Value::Array(_, items) => items.iter_mut().for_each(redact_section),
+        _ => {}
+    }
+}
+
+/// A connection URL that may carry a password. It prints (`Debug`, and so
+/// `trellis check-config` and any log of a config struct) with the password replaced by
+/// `***`; [`SecretUrl::expose`] is the only way to the full text.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// The URL with its password, for the client that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without its password, for messages.
+    pub fn redacted(&self) -> String {
+        crate::storage::redact_url(&self.0)
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
 /// `[database]`: SQLite by default, PostgreSQL by URL.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `sqlite://data/trellis.db` (file and folder created on first start) or
     /// `postgres://user:password@host:port/database`.
-    pub url: String,
+    pub url: SecretUrl,
     /// Largest number of pooled connections.
     pub max_connections: u32,
     /// Connections kept open when idle.
@@ -259,7 +341,7 @@ impl Default for DatabaseConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Empty for the in-process cache, or `redis://host:port/db`.
-    pub url: String,
+    pub url: SecretUrl,
     /// Prefix of every key (`<prefix>:<module>:<key>`), so several deployments can share
     /// one Redis.
     pub prefix: String,
@@ -274,7 +356,7 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
-            url: String::new(),
+            url: SecretUrl::default(),
             prefix: "trellis".into(),
             max_entries: 100_000,
             timeout_ms: 250,
@@ -574,9 +656,10 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         problems.push("`server.request_timeout_ms`: must be greater than 0".into());
     }
     let db = &config.database;
-    if !(db.url.starts_with("sqlite:")
-        || db.url.starts_with("postgres://")
-        || db.url.starts_with("postgresql://"))
+    let url = db.url.expose();
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://"))
     {
         problems.push(
             "`database.url`: must start with `sqlite:`, `postgres://` or `postgresql://`".into(),
@@ -589,10 +672,8 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         problems.push("`database.acquire_timeout_ms`: must be greater than 0".into());
     }
     let cache = &config.cache;
-    if !(cache.url.is_empty()
-        || cache.url.starts_with("redis://")
-        || cache.url.starts_with("rediss://"))
-    {
+    let url = cache.url.expose();
+    if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
         problems.push(
             "`cache.url`: must be empty (in-process) or start with `redis://` or `rediss://`"
                 .into(),

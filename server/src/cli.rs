@@ -48,7 +48,9 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig => match ConfigSources::from_env(cli.config).load() {
             Ok(loaded) => {
-                println!("{:#?}", loaded.config);
+                // Secrets print redacted: this output ends up in terminals, CI logs and
+                // support tickets.
+                println!("{:#?}", loaded.config.redacted());
                 ExitCode::SUCCESS
             }
             Err(error) => {

@@ -23,7 +23,6 @@ use crate::{
     config::CacheConfig,
     metrics::{CACHE_ERRORS_TOTAL, CACHE_HITS_TOTAL, CACHE_MISSES_TOTAL, CACHE_UP},
     readiness::CheckOutcome,
-    storage::database::redact,
 };
 
 /// Why a cache operation failed.
@@ -423,16 +422,16 @@ impl RedisStore {
     /// A pool for `config.url`; connections are made on first use.
     pub fn new(config: &CacheConfig) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(config.timeout_ms);
-        let pool = deadpool_redis::Config::from_url(config.url.clone())
+        let pool = deadpool_redis::Config::from_url(config.url.expose())
             .builder()
-            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", redact(&config.url)))?
+            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", config.url.redacted()))?
             .max_size(config.max_connections)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(timeout))
             .recycle_timeout(Some(timeout))
             .runtime(deadpool_redis::Runtime::Tokio1)
             .build()
-            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", redact(&config.url)))?;
+            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", config.url.redacted()))?;
         Ok(Self {
             pool,
             timeout,

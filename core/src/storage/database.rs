@@ -54,7 +54,7 @@ impl Database {
     /// database answers.
     pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Self> {
         DRIVERS.call_once(sqlx::any::install_default_drivers);
-        let (backend, url) = prepare_url(&config.url)?;
+        let (backend, url) = prepare_url(config.url.expose())?;
         let options: AnyConnectOptions = url
             .parse()
             .with_context(|| "`database.url`: cannot be parsed as a database URL")?;
@@ -82,7 +82,7 @@ impl Database {
             .connect_with(options)
             .await
             .with_context(|| {
-                format!("cannot connect to the database at `{}` (`database.url`)", redact(&config.url))
+                format!("cannot connect to the database at `{}` (`database.url`)", config.url.redacted())
             })?;
         Ok(Self { pool, backend })
     }
@@ -164,7 +164,7 @@ fn prepare_url(url: &str) -> anyhow::Result<(Backend, String)> {
 }
 
 /// The URL without its password, for messages.
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -410,17 +410,17 @@ mod tests {
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
-            redact("postgres://app:s3cret@db:5432/x"),
+            redact_url("postgres://app:s3cret@db:5432/x"),
             "postgres://app:***@db:5432/x"
         );
-        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
     }
 
     #[tokio::test]
     async fn sqlite_database_is_created_in_wal_mode_with_foreign_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = DatabaseConfig {
-            url: format!("sqlite://{}/data/t.db", dir.path().display()),
+            url: format!("sqlite://{}/data/t.db", dir.path().display()).into(),
             ..DatabaseConfig::default()
         };
         let db = Database::connect(&config).await.expect("connects");

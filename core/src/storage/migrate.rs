@@ -152,7 +152,7 @@ mod tests {
 
     async fn db(dir: &tempfile::TempDir) -> Database {
         Database::connect(&DatabaseConfig {
-            url: format!("sqlite://{}/m.db", dir.path().display()),
+            url: format!("sqlite://{}/m.db", dir.path().display()).into(),
             ..DatabaseConfig::default()
         })
         .await

@@ -10,7 +10,7 @@ mod database;
 mod migrate;
 
 pub use cache::{Cache, CacheError, CacheStore, ModuleCache};
-pub use database::{Backend, Database, DbError, ModuleDb, Tx, TxConn};
+pub use database::{Backend, Database, DbError, ModuleDb, Tx, TxConn, redact_url};
 pub use migrate::{MIGRATIONS_TABLE, migrate};
 
 /// One schema migration of one module. Versions are per module and ascending; the applied

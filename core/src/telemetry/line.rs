@@ -13,7 +13,7 @@
 
 use std::{
     cell::RefCell,
-    fmt,
+    fmt::{self, Write as _},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -167,16 +167,50 @@ impl<'a, 'w> FieldWriter<'a, 'w> {
     }
 }
 
-impl Visit for FieldWriter<'_, '_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        let bare = field.name() == "message" || is_bare(value);
+/// Passes text through with control characters escaped (`\n`, `\r`, `\u{1b}`, ...), so a
+/// message that quotes client text stays on its line and cannot drive a terminal.
+struct Escaped<'a, W: fmt::Write>(&'a mut W);
+
+impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut rest = text;
+        while let Some(at) = rest.find(char::is_control) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            write!(self.0, "{}", c.escape_debug())?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+thread_local! {
+    /// Where a `Debug` or `Display` value is formatted before it is known whether it
+    /// needs quotes.
+    static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl FieldWriter<'_, '_> {
+    /// A value: bare when plain, otherwise quoted and escaped; a message is never quoted,
+    /// but its control characters are escaped.
+    fn value(&mut self, field: &Field, value: &str) {
+        let message = field.name() == "message";
+        let bare = is_bare(value);
         self.field(field, |out| {
-            if bare {
+            if message {
+                Escaped(out).write_str(value)
+            } else if bare {
                 out.write_str(value)
             } else {
                 write!(out, "{value:?}")
             }
         });
+    }
+}
+
+impl Visit for FieldWriter<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.value(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
@@ -194,7 +228,17 @@ impl Visit for FieldWriter<'_, '_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.field(field, |out| write!(out, "{value:?}"));
+        if field.name() == "message" {
+            // The common case, a literal or formatted message: written straight through.
+            self.field(field, |out| write!(Escaped(out), "{value:?}"));
+            return;
+        }
+        SCRATCH.with_borrow_mut(|text| {
+            text.clear();
+            if write!(text, "{value:?}").is_ok() {
+                self.value(field, text);
+            }
+        });
     }
 }
 
@@ -226,36 +270,49 @@ mod tests {
         assert_eq!(format_second(1_795_500_000), "2026-11-24T06:00:00.");
     }
 
-    #[test]
-    fn lines_carry_fields_and_span_fields_with_hostile_values_quoted() {
-        use std::sync::{Arc, Mutex};
-        use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt as _};
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt as _};
 
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("lock").extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        impl<'a> MakeWriter<'a> for Buffer {
-            type Writer = Self;
-            fn make_writer(&'a self) -> Self {
-                self.clone()
-            }
-        }
+    /// What a subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
 
-        let buffer = Buffer::default();
-        let subscriber = tracing_subscriber::registry().with(
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Self;
+        fn make_writer(&'a self) -> Self {
+            self.clone()
+        }
+    }
+
+    impl Buffer {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf-8")
+        }
+    }
+
+    fn compact(buffer: &Buffer) -> impl Subscriber + Send + Sync {
+        tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
                 .with_writer(buffer.clone())
                 .event_format(LineFormat)
                 .fmt_fields(LineFields),
-        );
+        )
+    }
+
+    #[test]
+    fn lines_carry_fields_and_span_fields_with_hostile_values_quoted() {
+        let buffer = Buffer::default();
+        let subscriber = compact(&buffer);
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("request", request_id = "r-1", path = "/a b");
             let _entered = span.enter();
@@ -267,7 +324,7 @@ mod tests {
                 "request"
             );
         });
-        let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf-8");
+        let text = buffer.text();
         assert_eq!(text.lines().count(), 1, "{text}");
         let (timestamp, rest) = text.split_once(' ').expect("timestamp");
         assert_eq!(
@@ -280,6 +337,67 @@ mod tests {
             rest,
             " INFO trellis::access: request status=200 ok=true \
              who=\"x\\n  INFO forged: line\" request_id=r-1 path=\"/a b\"\n"
+        );
+    }
+
+    /// Client text as a request path (a span field), a user agent (a string field), an
+    /// e-mail shown with `%` and inside the message.
+    fn emit_hostile_request() {
+        let hostile = "evil\r\n2026-01-01T00:00:00Z  INFO trellis::access: forged=\"1\" \u{1b}[2J";
+        let span = tracing::info_span!("request", request_id = "r-1", path = hostile);
+        let _entered = span.enter();
+        let email = format!("{hostile}@example.com");
+        tracing::warn!(
+            target: "trellis::access",
+            user_agent = hostile,
+            email = %email,
+            "login failed for {email}"
+        );
+    }
+
+    #[test]
+    fn log_lines_cannot_be_forged() {
+        let buffer = Buffer::default();
+        tracing::subscriber::with_default(compact(&buffer), emit_hostile_request);
+        let text = buffer.text();
+        assert_eq!(text.matches('\n').count(), 1, "one line: {text}");
+        assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
+        let line = text.trim_end();
+        // Every field holding the hostile text is one quoted value; the message keeps its
+        // words but not its control characters.
+        assert_eq!(line.matches("forged=").count(), 4, "{line}");
+        for key in ["user_agent=", "email=", "path="] {
+            let at = line.find(key).expect(key) + key.len();
+            assert!(
+                line[at..].starts_with("\"evil\\r\\n"),
+                "{key} is quoted: {line}"
+            );
+        }
+        assert!(line.contains("login failed for evil\\r\\n"), "{line}");
+
+        let buffer = Buffer::default();
+        let json = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(buffer.clone())
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false),
+        );
+        tracing::subscriber::with_default(json, emit_hostile_request);
+        let text = buffer.text();
+        assert_eq!(text.matches('\n').count(), 1, "one line: {text}");
+        assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
+        let event: serde_json::Value = serde_json::from_str(&text).expect("one JSON object");
+        assert!(
+            event["user_agent"]
+                .as_str()
+                .is_some_and(|v| v.contains("\r\n"))
+        );
+        assert!(
+            event["span"]["path"]
+                .as_str()
+                .is_some_and(|v| v.contains('\u{1b}'))
         );
     }
 }

@@ -10,7 +10,7 @@ use trellis_core::{
 
 fn cache() -> Cache {
     let config = CacheConfig {
-        url: std::env::var("TEST_REDIS_URL").unwrap_or_default(),
+        url: std::env::var("TEST_REDIS_URL").unwrap_or_default().into(),
         prefix: format!("t-{}", uuid::Uuid::new_v4().simple()),
         ..CacheConfig::default()
     };

@@ -688,3 +688,56 @@ async fn timed_out_registrations_do_not_leak_hash_capacity() {
     }
     assert!(busy > 0, "a full hashing queue answers 503 busy");
 }
+
+#[test]
+fn check_config_prints_no_secret() {
+    let secrets = [
+        (
+            "TRELLIS_DATABASE__URL",
+            "postgres://app:pg-Secret-7@db.internal:5432/app",
+            "pg-Secret-7",
+        ),
+        (
+            "TRELLIS_CACHE__URL",
+            "redis://:redis-Secret-8@cache.internal:6379/0",
+            "redis-Secret-8",
+        ),
+        (
+            "TRELLIS_MODULES__AUTH__JWT_SECRET",
+            "Zk3q9Vt1Lp8Wm2Xr7Yb4Nc6Hd0Gf5Js3Ae1Io9Uq2M=",
+            "Zk3q9Vt1Lp8W",
+        ),
+        (
+            "TRELLIS_MODULES__AUTH__JWT_PREVIOUS_SECRETS",
+            "[\"Old-Key-Rq8Tz3Wx6Vb1Nm4Kp7Lj2Hg5Fd9Sa0\"]",
+            "Old-Key-Rq8T",
+        ),
+        (
+            "TRELLIS_MODULES__AUTH__BOOTSTRAP_ADMIN_PASSWORD",
+            "bootstrap-Secret-9",
+            "bootstrap-Secret-9",
+        ),
+    ];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_trellis-test-server"))
+        .arg("check-config")
+        .current_dir(crate::helpers::workspace())
+        .env_clear()
+        .env("TRELLIS_PROFILE", "production")
+        .envs(secrets.iter().map(|(key, value, _)| (key, value)))
+        .output()
+        .expect("check-config runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    for (key, _, secret) in secrets {
+        assert!(!text.contains(secret), "{key}'s secret printed:\n{text}");
+    }
+    assert!(
+        text.contains("postgres://app:***@db.internal:5432/app"),
+        "{text}"
+    );
+    assert!(
+        text.contains("jwt_secret") && text.contains("\"***\""),
+        "{text}"
+    );
+}
