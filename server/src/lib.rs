@@ -11,6 +11,7 @@
 //! cargo features selected are linked.
 
 pub mod cli;
+mod docs;
 mod errors;
 mod middleware;
 mod modules;
@@ -128,7 +129,13 @@ impl Application {
                 "/openapi.yaml",
                 RecordRoute::new("/openapi.yaml", static_text("application/yaml", yaml)),
             )
-            .nest("/docs", RecordRoute::new("/docs", service.swagger_ui()));
+            .nest(
+                "/docs",
+                RecordRoute::new(
+                    "/docs",
+                    docs::with_security_headers(service.swagger_ui(), &service.swagger_ui_html()),
+                ),
+            );
         if let Some(handle) = metrics {
             ::metrics::gauge!(
                 metrics::BUILD_INFO,
@@ -157,10 +164,8 @@ impl Application {
             api: poem::IntoEndpoint::into_endpoint(service),
         };
 
-        let cors = &server.cors;
-        let cors_layer = (!cors.allowed_origins.is_empty())
-            .then(|| build_cors(cors))
-            .transpose()?;
+        let cors_layer = build_cors(&server.cors)?;
+        let vary_origin = cors_layer.is_some();
 
         // Without CORS the stack turns router errors into problems itself; with it, they
         // become problems inside the CORS layer, so that they carry its headers too. That
@@ -184,6 +189,7 @@ impl Application {
             body_limit: server.body_limit_bytes,
             timeout: Duration::from_millis(server.request_timeout_ms),
             metrics: middleware::RequestMetrics::new(),
+            vary_origin,
         }
         .boxed();
 
@@ -341,11 +347,41 @@ async fn os_signal() {
     }
 }
 
-fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Cors> {
+/// poem's `Cors` for `[server.cors]`, or `None` while no origin is allowed. Checked here,
+/// since `Cors` panics on a bad header name and would accept a combination browsers
+/// refuse.
+fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Option<Cors>> {
+    let header_names = |key: &str, names: &[String]| {
+        names
+            .iter()
+            .map(|name| {
+                poem::http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    anyhow::anyhow!(
+                        "`server.cors.{key}`: `{}` is not a header name",
+                        name.escape_debug()
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let allowed_headers = header_names("allowed_headers", &config.allowed_headers)?;
+    let exposed_headers = header_names("exposed_headers", &config.exposed_headers)?;
+    let any_origin = config.allowed_origins.iter().any(|o| o == "*");
+    // Browsers refuse credentials with a wildcard origin; poem would echo every origin
+    // instead, which hands any site the user's credentials.
+    if any_origin && config.allow_credentials {
+        anyhow::bail!(
+            "`server.cors.allowed_origins` = [\"*\"] cannot be combined with \
+             `server.cors.allow_credentials` = true: list the trusted origins instead"
+        );
+    }
+    if config.allowed_origins.is_empty() {
+        return Ok(None);
+    }
     let mut cors = Cors::new()
         .allow_credentials(config.allow_credentials)
         .max_age(config.max_age_secs);
-    if !config.allowed_origins.iter().any(|o| o == "*") {
+    if !any_origin {
         cors = cors.allow_origins(config.allowed_origins.iter().map(String::as_str));
     }
     for method in &config.allowed_methods {
@@ -354,8 +390,8 @@ fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Cors>
         })?;
         cors = cors.allow_method(method);
     }
-    cors = cors
-        .allow_headers(config.allowed_headers.iter().map(String::as_str))
-        .expose_headers(config.exposed_headers.iter().map(String::as_str));
-    Ok(cors)
+    Ok(Some(
+        cors.allow_headers(allowed_headers)
+            .expose_headers(exposed_headers),
+    ))
 }

@@ -12,5 +12,6 @@ mod faults;
 mod middleware;
 mod openapi;
 mod process;
+mod security_edge;
 mod sqs;
 mod storage;

@@ -1,0 +1,280 @@
+//! Hardening at the edge: response headers, CORS start-up checks, the admin listener and
+//! BI ingestion limits. Each test is named by the attack it stops.
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use trellis_server::Application;
+
+use crate::helpers::{TestStorage, spawn_app, spawn_app_with, test_config};
+
+/// The value of `name` in `response`, or "" when absent.
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The error `Application::build` returns for `overrides`, as text.
+async fn build_error(overrides: &[(&str, Value)]) -> String {
+    let storage = TestStorage::new().await;
+    let mut config = test_config();
+    for (key, value) in storage.settings.iter() {
+        config = config.set(key, value).expect("storage setting applies");
+    }
+    for (key, value) in overrides {
+        config = config.set(key, value).expect("override applies");
+    }
+    match Application::build(config).await {
+        Ok(_) => panic!("the server built with {overrides:?}"),
+        Err(error) => format!("{error:#}"),
+    }
+}
+
+#[tokio::test]
+async fn mime_sniffing_is_off_on_every_response() {
+    let app = spawn_app().await;
+    let cases = [
+        ("GET", "/healthz", 200),
+        ("GET", "/readyz", 200),
+        ("GET", "/metrics", 200),
+        ("GET", "/docs", 200),
+        ("GET", "/openapi.json", 200),
+        ("GET", "/openapi.yaml", 200),
+        ("GET", "/api/v1/info", 200),
+        ("GET", "/no/such/path", 404),
+        ("DELETE", "/healthz", 405),
+        ("GET", "/api/v1/users/me", 401),
+        ("POST", "/api/v1/bi/events", 400),
+    ];
+    for (method, path, status) in cases {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .header("content-type", "application/json")
+            .body("{")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), status, "{method} {path}");
+        assert_eq!(
+            header(&response, "x-content-type-options"),
+            "nosniff",
+            "{method} {path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tokens_and_personal_data_are_not_kept_by_shared_caches() {
+    let app = spawn_app().await;
+    let email = "cache-me@example.com";
+    let password = "correct horse battery";
+    let registered = app
+        .post_json(
+            "/api/v1/users",
+            &json!({"email": email, "password": password,
+                    "first_name": "Ada", "last_name": "Lovelace"}),
+        )
+        .await;
+    assert_eq!(registered.status(), 201);
+    assert_eq!(header(&registered, "cache-control"), "no-store", "register");
+
+    let login = app.try_login(email, password).await;
+    assert_eq!(login.status(), 200);
+    assert_eq!(header(&login, "cache-control"), "no-store", "login");
+    let tokens: Value = login.json().await.expect("json");
+    let token = tokens["access_token"].as_str().expect("token");
+
+    let refreshed = app
+        .post_json(
+            "/api/v1/auth/refresh",
+            &json!({"refresh_token": tokens["refresh_token"]}),
+        )
+        .await;
+    assert_eq!(refreshed.status(), 200);
+    assert_eq!(header(&refreshed, "cache-control"), "no-store", "refresh");
+
+    let me = app
+        .authed(reqwest::Method::GET, "/api/v1/users/me", token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(me.status(), 200);
+    assert_eq!(header(&me, "cache-control"), "no-store", "users/me");
+
+    let failed = app.try_login(email, "wrong password here").await;
+    assert_eq!(failed.status(), 401);
+    assert_eq!(header(&failed, "cache-control"), "no-store", "failed login");
+
+    let sessions = app
+        .authed(reqwest::Method::GET, "/api/v1/auth/sessions", token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(header(&sessions, "cache-control"), "no-store", "sessions");
+}
+
+/// The contents of each `<tag ...>...</tag>` in `html`, in order.
+fn inline_blocks<'a>(html: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}"), format!("</{tag}>"));
+    let mut blocks = Vec::new();
+    let mut rest = html;
+    while let Some(start) = rest.find(&open) {
+        let after = &rest[start..];
+        let Some(body_start) = after.find('>') else {
+            break;
+        };
+        let body = &after[body_start + 1..];
+        let Some(end) = body.find(&close) else {
+            break;
+        };
+        blocks.push(&body[..end]);
+        rest = &body[end + close.len()..];
+    }
+    blocks
+}
+
+fn sha256_source(text: &str) -> String {
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+#[tokio::test]
+async fn docs_page_cannot_be_framed_injected_into_or_leak_its_address() {
+    let app = spawn_app().await;
+    let docs = app.get("/docs").await;
+    assert_eq!(docs.status(), 200);
+    assert_eq!(header(&docs, "x-frame-options"), "DENY");
+    assert_eq!(header(&docs, "referrer-policy"), "no-referrer");
+    let csp = header(&docs, "content-security-policy");
+    let directive = |name: &str| -> String {
+        csp.split(';')
+            .map(str::trim)
+            .find(|d| d.split_whitespace().next() == Some(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(directive("default-src"), "default-src 'none'", "{csp}");
+    assert_eq!(
+        directive("frame-ancestors"),
+        "frame-ancestors 'none'",
+        "{csp}"
+    );
+    assert_eq!(directive("base-uri"), "base-uri 'none'", "{csp}");
+    let scripts = directive("script-src");
+    assert!(
+        !scripts.contains("unsafe"),
+        "inline scripts are allowed by hash only: {csp}"
+    );
+    let html = docs.text().await.expect("html");
+    let script_blocks = inline_blocks(&html, "script");
+    assert_eq!(
+        script_blocks.len(),
+        2,
+        "Swagger UI's bundle and its start-up"
+    );
+    for block in script_blocks {
+        assert!(
+            scripts.contains(&sha256_source(block)),
+            "a script of the page is not allowed by {scripts}"
+        );
+    }
+    let styles = directive("style-src");
+    for block in inline_blocks(&html, "style") {
+        assert!(
+            styles.contains(&sha256_source(block)),
+            "the page's style sheet is not allowed by {styles}"
+        );
+    }
+    assert!(
+        directive("connect-src").contains("'self'"),
+        "try it out: {csp}"
+    );
+}
+
+#[tokio::test]
+async fn cross_origin_answers_are_not_cached_for_the_wrong_origin() {
+    let allowed = "https://app.example";
+    let refused = "https://evil.example";
+    for origins in [json!([allowed]), json!(["*"])] {
+        let app = spawn_app_with(&[("server.cors.allowed_origins", origins.clone())]).await;
+        let mut cases = vec![
+            (allowed, reqwest::Method::OPTIONS),
+            (allowed, reqwest::Method::GET),
+        ];
+        if origins != json!(["*"]) {
+            cases.push((refused, reqwest::Method::OPTIONS));
+            cases.push((refused, reqwest::Method::GET));
+        }
+        for (origin, method) in cases {
+            let response = app
+                .client
+                .request(method.clone(), app.url("/api/v1/info"))
+                .header("origin", origin)
+                .header("access-control-request-method", "GET")
+                .send()
+                .await
+                .expect("request");
+            let vary = header(&response, "vary").to_ascii_lowercase();
+            assert!(
+                vary.split(',').any(|v| v.trim() == "origin"),
+                "{origins} {method} from {origin}: {} without Vary: Origin ({vary:?})",
+                response.status()
+            );
+        }
+        let plain = app.get("/api/v1/info").await;
+        let vary = header(&plain, "vary").to_ascii_lowercase();
+        assert!(
+            vary.contains("origin"),
+            "{origins}: same URL without Origin"
+        );
+    }
+}
+
+#[tokio::test]
+async fn any_origin_with_credentials_is_refused_at_start_up() {
+    let message = build_error(&[
+        ("server.cors.allowed_origins", json!(["*"])),
+        ("server.cors.allow_credentials", json!(true)),
+    ])
+    .await;
+    assert!(
+        message.contains("`server.cors.allowed_origins`")
+            && message.contains("`server.cors.allow_credentials`"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_cors_header_names_stop_start_up_instead_of_panicking() {
+    for key in ["allowed_headers", "exposed_headers"] {
+        for origins in [json!(["https://app.example"]), json!([])] {
+            let overrides = [
+                ("server.cors.allowed_origins", origins.clone()),
+                (
+                    if key == "allowed_headers" {
+                        "server.cors.allowed_headers"
+                    } else {
+                        "server.cors.exposed_headers"
+                    },
+                    json!(["x-fine", "bad header\n"]),
+                ),
+            ];
+            let build = tokio::spawn(async move { build_error(&overrides).await });
+            let message = build.await.expect("building does not panic");
+            assert!(
+                message.contains(&format!("`server.cors.{key}`")),
+                "{key} with origins {origins}: {message}"
+            );
+        }
+    }
+}
