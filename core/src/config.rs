@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub shutdown_timeout_ms: u64,
     /// Cross-origin resource sharing.
     pub cors: CorsConfig,
+    /// The operators' listener (`/metrics`, detailed `/readyz`, `/api/v1/info`).
+    pub admin: AdminConfig,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +76,30 @@ impl Default for ServerConfig {
             request_timeout_ms: 30_000,
             shutdown_timeout_ms: 30_000,
             cors: CorsConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+/// `[server.admin]`: a second listener for operators, off by default. While it is on,
+/// `/metrics` leaves the public port and the public `/readyz` answers only its status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the operators' endpoints on their own listener.
+    pub enabled: bool,
+    /// Address to bind; keep it private (loopback, or an internal network).
+    pub host: String,
+    /// Port to bind; 0 picks a free one.
+    pub port: u16,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            host: "127.0.0.1".into(),
+            port: 9090,
         }
     }
 }
@@ -565,6 +591,13 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         problems.push(format!(
             "`server.host`: `{}` is not an IP address",
             config.server.host
+        ));
+    }
+    let admin = &config.server.admin;
+    if admin.enabled && admin.host.parse::<std::net::IpAddr>().is_err() {
+        problems.push(format!(
+            "`server.admin.host`: `{}` is not an IP address",
+            admin.host
         ));
     }
     if config.server.body_limit_bytes == 0 {

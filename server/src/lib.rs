@@ -1,7 +1,8 @@
 //! The Trellis server: configuration -> context -> modules -> routes -> serve -> drain.
 //!
 //! [`Application::build`] does everything up to binding the listener (port 0 allowed) and
-//! exposes the port; [`Application::run_until_stopped`] serves until SIGINT, SIGTERM or
+//! exposes the port (and the admin listener's, [`Application::admin_addr`], while
+//! `server.admin.enabled`); [`Application::run_until_stopped`] serves until SIGINT, SIGTERM or
 //! [`ShutdownHandle::shutdown`], lets in-flight requests finish within
 //! `server.shutdown_timeout_ms`, handles every accepted event, shuts the modules down in
 //! reverse order, and delivers what is left in the message queue.
@@ -79,7 +80,15 @@ pub struct Application {
     acceptor: TcpAcceptor,
     addr: SocketAddr,
     endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
+    admin: Option<AdminListener>,
     stop: watch::Sender<bool>,
+}
+
+/// The operators' listener, `[server.admin]`.
+struct AdminListener {
+    acceptor: TcpAcceptor,
+    addr: SocketAddr,
+    endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
 }
 
 impl Application {
@@ -136,7 +145,7 @@ impl Application {
                     docs::with_security_headers(service.swagger_ui(), &service.swagger_ui_html()),
                 ),
             );
-        if let Some(handle) = metrics {
+        let metrics_endpoint = metrics.map(|handle| {
             ::metrics::gauge!(
                 metrics::BUILD_INFO,
                 "version" => build.version,
@@ -146,22 +155,29 @@ impl Application {
             .set(1.0);
             tokio::spawn(metrics::upkeep(handle.clone(), Duration::from_secs(5)));
             let database = ctx.database().clone();
-            own = own.at(
+            RecordRoute::new(
                 "/metrics",
-                RecordRoute::new(
-                    "/metrics",
-                    make_sync(move |_| {
-                        database.record_pool_metrics();
-                        Response::builder()
-                            .content_type("text/plain; version=0.0.4; charset=utf-8")
-                            .body(handle.render())
-                    }),
-                ),
-            );
+                make_sync(move |_| {
+                    database.record_pool_metrics();
+                    Response::builder()
+                        .content_type("text/plain; version=0.0.4; charset=utf-8")
+                        .body(handle.render())
+                }),
+            )
+            .boxed()
+        });
+        let api = Arc::new(poem::IntoEndpoint::into_endpoint(service));
+        // With the admin listener on, `/metrics` is served there only.
+        let (public_metrics, admin_metrics) = match server.admin.enabled {
+            false => (metrics_endpoint, None),
+            true => (None, metrics_endpoint),
+        };
+        if let Some(metrics) = public_metrics {
+            own = own.at("/metrics", metrics);
         }
         let app = middleware::Front {
             own: own.boxed(),
-            api: poem::IntoEndpoint::into_endpoint(service),
+            api: api.clone(),
         };
 
         let cors_layer = build_cors(&server.cors)?;
@@ -181,28 +197,31 @@ impl Application {
                 .boxed(),
             ),
         };
-        let endpoint = middleware::Stack {
-            inner,
-            routes,
-            bus: ctx.bus().clone(),
-            access_log: ctx.config().telemetry.access_log,
-            body_limit: server.body_limit_bytes,
-            timeout: Duration::from_millis(server.request_timeout_ms),
-            metrics: middleware::RequestMetrics::new(),
-            vary_origin,
-        }
-        .boxed();
-
-        let bind = format!("{}:{}", server.host, server.port);
-        let listener = tokio::net::TcpListener::bind(&bind)
-            .await
-            .with_context(|| format!("cannot listen on {bind} (`server.host`, `server.port`)"))?;
-        let acceptor = TcpAcceptor::from_tokio(listener)?;
-        let addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .context("the listener has no local address")?;
+        let endpoint = stack(inner, &ctx, &routes, vary_origin).boxed();
+        let (acceptor, addr) =
+            bind(&server.host, server.port, "`server.host`, `server.port`").await?;
+        let admin = match server.admin.enabled {
+            false => None,
+            true => {
+                let admin = &server.admin;
+                let endpoint = middleware::Admin {
+                    metrics: admin_metrics,
+                    api,
+                };
+                let endpoint = stack(endpoint, &ctx, &routes, false).boxed();
+                let (acceptor, addr) = bind(
+                    &admin.host,
+                    admin.port,
+                    "`server.admin.host`, `server.admin.port`",
+                )
+                .await?;
+                Some(AdminListener {
+                    acceptor,
+                    addr,
+                    endpoint,
+                })
+            }
+        };
 
         let (stop, _) = watch::channel(false);
         Ok(Self {
@@ -211,6 +230,7 @@ impl Application {
             acceptor,
             addr,
             endpoint,
+            admin,
             stop,
         })
     }
@@ -223,6 +243,11 @@ impl Application {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, while `server.admin.enabled`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|admin| admin.addr)
     }
 
     /// The application context.
@@ -244,14 +269,19 @@ impl Application {
             acceptor,
             addr,
             endpoint,
+            admin,
             stop,
         } = self;
         let grace = Duration::from_millis(ctx.config().server.shutdown_timeout_ms);
-        tracing::info!(%addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
+        let admin_addr = admin.as_ref().map(|admin| admin.addr);
+        tracing::info!(%addr, ?admin_addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
         let mut stopped = stop.subscribe();
+        let signal_stop = stop.clone();
         let signal = async move {
             tokio::select! {
-                () = os_signal() => {},
+                () = os_signal() => {
+                    signal_stop.send_replace(true);
+                },
                 _ = stopped.wait_for(|s| *s) => {},
             }
             tracing::info!(
@@ -259,10 +289,30 @@ impl Application {
                 "shutting down: no new connections; finishing in-flight requests"
             );
         };
-        poem::Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(endpoint, signal, Some(grace))
-            .await
-            .context("the server stopped with an error")?;
+        let public = async {
+            let served = poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(endpoint, signal, Some(grace))
+                .await;
+            // Should the public listener fail, the admin listener stops too.
+            stop.send_replace(true);
+            served.context("the server stopped with an error")
+        };
+        let mut admin_stopped = stop.subscribe();
+        let admin = async move {
+            let Some(admin) = admin else {
+                return Ok(());
+            };
+            let signal = async move {
+                let _ = admin_stopped.wait_for(|s| *s).await;
+            };
+            poem::Server::new_with_acceptor(admin.acceptor)
+                .run_with_graceful_shutdown(admin.endpoint, signal, Some(grace))
+                .await
+                .context("the admin listener stopped with an error")
+        };
+        let (public, admin) = tokio::join!(public, admin);
+        public?;
+        admin?;
         // Accepted events are handled before the modules stop, and what their handlers
         // published is delivered before the process exits.
         let unhandled = ctx.events().drain().await;
@@ -278,6 +328,41 @@ impl Application {
         tracing::info!("trellis stopped");
         Ok(())
     }
+}
+
+/// The middleware stack around `inner`.
+fn stack<E>(
+    inner: E,
+    ctx: &AppContext,
+    routes: &Arc<RouteIndex>,
+    vary_origin: bool,
+) -> middleware::Stack<E> {
+    let server = &ctx.config().server;
+    middleware::Stack {
+        inner,
+        routes: routes.clone(),
+        bus: ctx.bus().clone(),
+        access_log: ctx.config().telemetry.access_log,
+        body_limit: server.body_limit_bytes,
+        timeout: Duration::from_millis(server.request_timeout_ms),
+        metrics: middleware::RequestMetrics::new(),
+        vary_origin,
+    }
+}
+
+/// Binds `host:port`; `keys` name the settings in the error.
+async fn bind(host: &str, port: u16, keys: &str) -> anyhow::Result<(TcpAcceptor, SocketAddr)> {
+    let bind = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("cannot listen on {bind} ({keys})"))?;
+    let acceptor = TcpAcceptor::from_tokio(listener)?;
+    let addr = acceptor
+        .local_addr()
+        .first()
+        .and_then(|a| a.as_socket_addr().copied())
+        .context("the listener has no local address")?;
+    Ok((acceptor, addr))
 }
 
 /// Serves a fixed text body.

@@ -44,6 +44,7 @@ use trellis_core::{
     bus::Bus,
     metrics::{HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_IN_FLIGHT, HTTP_REQUESTS_TOTAL},
     problem::{InternalError, ProblemJson, RequestScope},
+    readiness::AdminRequest,
 };
 use trellis_openapi::RouteIndex;
 
@@ -351,7 +352,7 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
 /// at `/` rewrote every request's URI and boxed its future once more.
 pub struct Front {
     pub(crate) own: poem::endpoint::BoxEndpoint<'static, Response>,
-    pub(crate) api: poem::endpoint::BoxEndpoint<'static, Response>,
+    pub(crate) api: Arc<poem::endpoint::BoxEndpoint<'static, Response>>,
 }
 
 fn is_own_path(path: &str) -> bool {
@@ -370,6 +371,35 @@ impl Endpoint for Front {
         } else {
             self.api.call(req).await
         }
+    }
+}
+
+/// The admin listener's endpoint (`[server.admin]`): `/metrics`, and the operators'
+/// operations of the modules' API ([`ADMIN_API_PATHS`]) marked [`AdminRequest`], so that
+/// they answer in full. Anything else is 404 there: the admin port serves no account,
+/// token or document.
+pub struct Admin {
+    pub(crate) metrics: Option<poem::endpoint::BoxEndpoint<'static, Response>>,
+    pub(crate) api: Arc<poem::endpoint::BoxEndpoint<'static, Response>>,
+}
+
+/// Detailed readiness and the build facts; a module compiled out leaves its path 404.
+const ADMIN_API_PATHS: [&str; 2] = ["/readyz", "/api/v1/info"];
+
+impl Endpoint for Admin {
+    type Output = Response;
+
+    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+        let path = req.uri().path();
+        match &self.metrics {
+            Some(metrics) if path == "/metrics" => return metrics.call(req).await,
+            _ => {}
+        }
+        if ADMIN_API_PATHS.contains(&path) {
+            req.set_data(AdminRequest);
+            return self.api.call(req).await;
+        }
+        Err(poem::error::NotFoundError.into())
     }
 }
 

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use sha2::Digest as _;
 use trellis_server::Application;
 
-use crate::helpers::{TestStorage, spawn_app, spawn_app_with, test_config};
+use crate::helpers::{TestStorage, assert_problem, spawn_app, spawn_app_with, test_config};
 
 /// The value of `name` in `response`, or "" when absent.
 fn header(response: &reqwest::Response, name: &str) -> String {
@@ -277,4 +277,97 @@ async fn malformed_cors_header_names_stop_start_up_instead_of_panicking() {
             );
         }
     }
+}
+
+/// Overrides that turn the admin listener on (on an ephemeral port, the test profile's).
+fn admin_on() -> Vec<(&'static str, Value)> {
+    vec![("server.admin.enabled", json!(true))]
+}
+
+#[tokio::test]
+async fn metrics_and_dependency_details_are_not_served_to_the_public() {
+    let app = spawn_app_with(&admin_on()).await;
+    assert!(app.admin_addr.is_some(), "the admin listener is on");
+    assert_ne!(app.admin_addr.map(|a| a.port()), Some(app.addr.port()));
+
+    assert_eq!(app.get("/metrics").await.status(), 404, "public /metrics");
+    let public: Value = app.get("/readyz").await.json().await.expect("json");
+    assert_eq!(
+        public,
+        json!({"status": "up"}),
+        "the public port gives the status only"
+    );
+    assert_eq!(
+        app.get("/api/v1/info").await.status(),
+        200,
+        "info stays public"
+    );
+
+    let metrics = app.get_admin("/metrics").await;
+    assert_eq!(metrics.status(), 200);
+    assert_eq!(header(&metrics, "x-content-type-options"), "nosniff");
+    let text = metrics.text().await.expect("text");
+    assert!(
+        text.contains("# TYPE http_requests_total counter"),
+        "{text}"
+    );
+    let ready: Value = app.get_admin("/readyz").await.json().await.expect("json");
+    assert_eq!(ready["status"], "up");
+    assert!(
+        ready["checks"].as_array().is_some_and(|c| c.len() >= 3),
+        "{ready}"
+    );
+    let info = app.get_admin("/api/v1/info").await;
+    assert_eq!(info.status(), 200);
+    let info: Value = info.json().await.expect("json");
+    assert_eq!(info["name"], "trellis");
+    for elsewhere in [
+        "/api/v1/modules",
+        "/api/v1/users/me",
+        "/docs",
+        "/openapi.json",
+    ] {
+        let response = app.get_admin(elsewhere).await;
+        assert_eq!(response.status(), 404, "admin {elsewhere}");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_dependency_is_not_described_to_the_public() {
+    let mut overrides = admin_on();
+    overrides.push(("modules.probe.ready", json!(false)));
+    let app = spawn_app_with(&overrides).await;
+
+    let public = assert_problem(app.get("/readyz").await, 503).await;
+    assert!(public.get("checks").is_none(), "{public}");
+    let text = public.to_string();
+    assert!(!text.contains("probe"), "{text}");
+
+    let admin = assert_problem(app.get_admin("/readyz").await, 503).await;
+    assert!(
+        admin["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("probe.flag")),
+        "{admin}"
+    );
+    assert!(admin["checks"].as_array().is_some(), "{admin}");
+}
+
+#[tokio::test]
+async fn the_admin_listener_is_off_by_default_and_stops_with_the_server() {
+    let app = spawn_app().await;
+    assert_eq!(app.admin_addr, None);
+    assert_eq!(app.get("/metrics").await.status(), 200);
+    let ready: Value = app.get("/readyz").await.json().await.expect("json");
+    assert!(ready["checks"].is_array(), "details stay public: {ready}");
+    app.stop().await.expect("clean stop");
+
+    let app = spawn_app_with(&admin_on()).await;
+    let admin = app.admin_addr.expect("the admin listener is on");
+    assert_eq!(app.get_admin("/readyz").await.status(), 200);
+    app.stop().await.expect("clean stop");
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "the admin listener closed with the server"
+    );
 }
