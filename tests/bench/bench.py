@@ -154,6 +154,14 @@ def trellis_env(port, data):
         "TRELLIS_DATABASE__URL": f"sqlite://{data}/trellis.db",
         "TRELLIS_MODULES__AUTH__LOGIN_ATTEMPTS_PER_ACCOUNT": "1000000000",
         "TRELLIS_MODULES__AUTH__LOGIN_ATTEMPTS_PER_ADDRESS": "1000000000",
+        # The load comes from one address and every event is counted on disk afterwards:
+        # neither the ingest limits nor the event files' retention may get in the way.
+        "TRELLIS_MODULES__BI__RATE_PER_ADDRESS": "1000000000",
+        "TRELLIS_MODULES__BI__BURST_PER_ADDRESS": "1000000000",
+        "TRELLIS_MODULES__BI__RATE_PER_USER": "1000000000",
+        "TRELLIS_MODULES__BI__BURST_PER_USER": "1000000000",
+        "TRELLIS_MQ__FILE__MAX_TOTAL_BYTES": str(1 << 50),
+        "TRELLIS_MQ__FILE__MAX_FILES": "1000000",
     }
 
 

@@ -371,3 +371,128 @@ async fn the_admin_listener_is_off_by_default_and_stops_with_the_server() {
         "the admin listener closed with the server"
     );
 }
+
+/// A client whose requests come from `address` (any of 127.0.0.0/8 is local).
+fn client_from(address: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(address.parse::<std::net::IpAddr>().expect("address"))
+        .build()
+        .expect("client")
+}
+
+/// The bytes of every file in `directory`.
+fn folder_bytes(directory: &std::path::Path) -> u64 {
+    std::fs::read_dir(directory)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn anonymous_bi_flood_gets_429_and_the_disk_limit_holds() {
+    const MAX_TOTAL: u64 = 64 * 1024;
+    let app = spawn_app_with(&[
+        ("modules.bi.max_batch", json!(50)),
+        ("modules.bi.rate_per_address", json!(1)),
+        ("modules.bi.burst_per_address", json!(100)),
+        ("modules.bi.rate_per_user", json!(1)),
+        ("modules.bi.burst_per_user", json!(100)),
+        ("mq.file.max_file_bytes", json!(16 * 1024)),
+        ("mq.file.max_total_bytes", json!(MAX_TOTAL)),
+        ("mq.file.max_files", json!(3)),
+    ])
+    .await;
+    let batch = json!(
+        (0..50)
+            .map(|i| json!({"name": "flood.event", "properties": {"i": i, "pad": "x".repeat(300)}}))
+            .collect::<Vec<_>>()
+    );
+    let events_url = app.url("/api/v1/bi/events");
+    let (_, token) = app.signed_up("neighbour@example.com").await;
+
+    // One address floods: its burst (two batches) passes, then 429 with Retry-After.
+    let mut limited = None;
+    for attempt in 0..5 {
+        let response = app.post_json("/api/v1/bi/events", &batch).await;
+        if response.status() == 429 {
+            limited = Some(response);
+            break;
+        }
+        assert_eq!(response.status(), 202, "attempt {attempt}");
+    }
+    let limited = limited.expect("the flood from one address is limited");
+    let retry_after: u64 = header(&limited, "retry-after")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(
+        (1..=100).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    let problem = assert_problem(limited, 429).await;
+    assert_eq!(
+        problem["type"], "urn:trellis:problem:rate-limited",
+        "{problem}"
+    );
+
+    // Another address, and a signed-in user on the flooded address, still get 202.
+    let other = client_from("127.0.0.2")
+        .post(&events_url)
+        .json(&batch)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(other.status(), 202, "another address");
+    let user = app
+        .authed(reqwest::Method::POST, "/api/v1/bi/events", &token)
+        .json(&batch)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(user.status(), 202, "a user is counted as the user");
+
+    // Many addresses, each within its burst: far more than the folder may hold.
+    let events_dir = app.storage.events_dir();
+    let mut accepted = 200;
+    for n in 3..30 {
+        let client = client_from(&format!("127.0.0.{n}"));
+        for _ in 0..2 {
+            let response = client
+                .post(&events_url)
+                .json(&batch)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(response.status(), 202, "127.0.0.{n}");
+            accepted += 50;
+        }
+        let used = folder_bytes(&events_dir);
+        assert!(used <= MAX_TOTAL, "{used} bytes in the events folder");
+    }
+    let storage = app.stop_keeping_storage().await;
+    let used = folder_bytes(&storage.events_dir());
+    assert!(
+        used <= MAX_TOTAL,
+        "{used} bytes in the events folder after the drain"
+    );
+    let files = std::fs::read_dir(storage.events_dir())
+        .expect("folder")
+        .count();
+    assert!(
+        files <= 4,
+        "{files} files: three rotated and the live one, at most"
+    );
+    let kept = storage
+        .written_events()
+        .iter()
+        .filter(|e| e["name"] == "flood.event")
+        .count();
+    assert!(
+        (1..accepted).contains(&kept),
+        "the oldest files were removed: {kept} of {accepted} events kept"
+    );
+}
