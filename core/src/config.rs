@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub shutdown_timeout_ms: u64,
     /// Cross-origin resource sharing.
     pub cors: CorsConfig,
+    /// The operators' listener (`/metrics`, detailed `/readyz`, `/api/v1/info`).
+    pub admin: AdminConfig,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +76,30 @@ impl Default for ServerConfig {
             request_timeout_ms: 30_000,
             shutdown_timeout_ms: 30_000,
             cors: CorsConfig::default(),
+            admin: AdminConfig::default(),
+        }
+    }
+}
+
+/// `[server.admin]`: a second listener for operators, off by default. While it is on,
+/// `/metrics` leaves the public port and the public `/readyz` answers only its status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the operators' endpoints on their own listener.
+    pub enabled: bool,
+    /// Address to bind; keep it private (loopback, or an internal network).
+    pub host: String,
+    /// Port to bind; 0 picks a free one.
+    pub port: u16,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            host: "127.0.0.1".into(),
+            port: 9090,
         }
     }
 }
@@ -371,6 +397,10 @@ impl Default for CacheConfig {
 pub struct EventsConfig {
     /// Events accepted but not yet handled (queued or being handled), at most.
     pub queue_capacity: usize,
+    /// The estimated memory those events hold, in bytes, at most (see
+    /// [`Event::size_bytes`](crate::events::Event::size_bytes)); a full queue by either
+    /// measure takes no more events.
+    pub queue_max_bytes: usize,
     /// Worker tasks calling the handlers.
     pub workers: usize,
     /// What a full queue does to a new event: wait for room (up to `wait_timeout_ms`),
@@ -392,6 +422,7 @@ impl Default for EventsConfig {
     fn default() -> Self {
         Self {
             queue_capacity: 10_000,
+            queue_max_bytes: 64 * 1024 * 1024,
             workers: 4,
             full_policy: FullPolicy::Wait,
             wait_timeout_ms: 250,
@@ -469,9 +500,15 @@ pub struct FileMqConfig {
     /// The folder; the live file is `events.ndjson`.
     pub directory: PathBuf,
     /// Size at which the live file is closed and renamed `events-<UTC time>.ndjson`
-    /// (checked before each batch, so a file may pass it by one batch). Rotated files
-    /// are kept.
+    /// (a batch is split between files at line ends, so only a single message larger
+    /// than this passes it).
     pub max_file_bytes: u64,
+    /// The folder's event files (live and rotated) together, at most: at each rotation
+    /// the oldest rotated files are removed until a full live file fits beside the rest.
+    /// Must be at least twice `max_file_bytes`.
+    pub max_total_bytes: u64,
+    /// Rotated files kept, at most; older ones are removed at rotation.
+    pub max_files: usize,
 }
 
 impl Default for FileMqConfig {
@@ -479,6 +516,8 @@ impl Default for FileMqConfig {
         Self {
             directory: PathBuf::from("data/events"),
             max_file_bytes: 64 * 1024 * 1024,
+            max_total_bytes: 1024 * 1024 * 1024,
+            max_files: 100,
         }
     }
 }
@@ -649,6 +688,13 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             config.server.host
         ));
     }
+    let admin = &config.server.admin;
+    if admin.enabled && admin.host.parse::<std::net::IpAddr>().is_err() {
+        problems.push(format!(
+            "`server.admin.host`: `{}` is not an IP address",
+            admin.host
+        ));
+    }
     if config.server.body_limit_bytes == 0 {
         problems.push("`server.body_limit_bytes`: must be greater than 0".into());
     }
@@ -693,6 +739,9 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 .into(),
         );
     }
+    if events.queue_max_bytes == 0 {
+        problems.push("`events.queue_max_bytes`: must be greater than 0".into());
+    }
     if events.max_attempts == 0 {
         problems.push("`events.max_attempts`: must be at least 1".into());
     }
@@ -707,6 +756,16 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         problems.push(
             "`mq.sqs.timeout_ms` and `mq.file.max_file_bytes`: must be greater than 0".into(),
         );
+    }
+    let file = &mq.file;
+    if file.max_total_bytes < file.max_file_bytes.saturating_mul(2) {
+        problems.push(format!(
+            "`mq.file.max_total_bytes`: must be at least twice `mq.file.max_file_bytes` ({} bytes)",
+            file.max_file_bytes.saturating_mul(2)
+        ));
+    }
+    if file.max_files == 0 {
+        problems.push("`mq.file.max_files`: must be at least 1".into());
     }
     let buckets = &config.metrics.latency_buckets;
     if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) {

@@ -6,6 +6,7 @@
 //!   [`contracts`] modules share, and [`auth`], the authentication extension point;
 //! - [`config`] (figment layers), [`telemetry`] (tracing) and [`metrics`] (Prometheus);
 //! - [`problem`]: `application/problem+json` errors; [`payload`]: strict JSON bodies;
+//!   [`client`]: the address per-client limits are keyed by;
 //! - [`readiness`] checks, [`storage`] (database, migrations, cache), the [`events`]
 //!   dispatcher (bounded queue, worker pool) and the message queue [`mq`] (file or SQS).
 //!
@@ -18,6 +19,7 @@ pub mod auth;
 mod backoff;
 mod builder;
 pub mod bus;
+pub mod client;
 pub mod clock;
 pub mod config;
 mod context;
@@ -26,7 +28,6 @@ pub mod events;
 pub mod metrics;
 mod module;
 pub mod mq;
-pub mod net;
 pub mod payload;
 pub mod problem;
 pub mod readiness;

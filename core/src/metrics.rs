@@ -57,6 +57,8 @@ pub const MQ_SEND_ERRORS_TOTAL: &str = "mq_send_errors_total";
 pub const MQ_SEND_DURATION_SECONDS: &str = "mq_send_duration_seconds";
 /// 1 while the last send succeeded, 0 while the backend fails.
 pub const MQ_UP: &str = "mq_up";
+/// Rotated event files the file backend removed at its limits.
+pub const MQ_FILES_REMOVED_TOTAL: &str = "mq_files_removed_total";
 /// Always 1; labels carry the build facts.
 pub const BUILD_INFO: &str = "trellis_build_info";
 
@@ -200,6 +202,10 @@ fn describe() {
     describe_gauge!(
         MQ_UP,
         "1 while the queue backend accepts messages, 0 while sends fail, by backend."
+    );
+    describe_counter!(
+        MQ_FILES_REMOVED_TOTAL,
+        "Rotated event files the file backend removed at mq.file.max_total_bytes or max_files."
     );
     describe_gauge!(
         BUILD_INFO,

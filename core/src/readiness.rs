@@ -10,6 +10,12 @@ use std::{
 
 use futures_util::future::{BoxFuture, join_all};
 
+/// Marks a request that arrived on the admin listener (`[server.admin]`). While that
+/// listener is on, `/readyz` describes the checks only to such requests: check names and
+/// failure texts (addresses, error messages) are for operators, not for the public port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminRequest;
+
 /// The state of one dependency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum CheckStatus {

@@ -1,7 +1,8 @@
 //! The Trellis server: configuration -> context -> modules -> routes -> serve -> drain.
 //!
 //! [`Application::build`] does everything up to binding the listener (port 0 allowed) and
-//! exposes the port; [`Application::run_until_stopped`] serves until SIGINT, SIGTERM or
+//! exposes the port (and the admin listener's, [`Application::admin_addr`], while
+//! `server.admin.enabled`); [`Application::run_until_stopped`] serves until SIGINT, SIGTERM or
 //! [`ShutdownHandle::shutdown`], lets in-flight requests finish within
 //! `server.shutdown_timeout_ms`, handles every accepted event, shuts the modules down in
 //! reverse order, and delivers what is left in the message queue.
@@ -11,6 +12,7 @@
 //! cargo features selected are linked.
 
 pub mod cli;
+mod docs;
 mod errors;
 mod middleware;
 mod modules;
@@ -78,7 +80,15 @@ pub struct Application {
     acceptor: TcpAcceptor,
     addr: SocketAddr,
     endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
+    admin: Option<AdminListener>,
     stop: watch::Sender<bool>,
+}
+
+/// The operators' listener, `[server.admin]`.
+struct AdminListener {
+    acceptor: TcpAcceptor,
+    addr: SocketAddr,
+    endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
 }
 
 impl Application {
@@ -128,8 +138,14 @@ impl Application {
                 "/openapi.yaml",
                 RecordRoute::new("/openapi.yaml", static_text("application/yaml", yaml)),
             )
-            .nest("/docs", RecordRoute::new("/docs", service.swagger_ui()));
-        if let Some(handle) = metrics {
+            .nest(
+                "/docs",
+                RecordRoute::new(
+                    "/docs",
+                    docs::with_security_headers(service.swagger_ui(), &service.swagger_ui_html()),
+                ),
+            );
+        let metrics_endpoint = metrics.map(|handle| {
             ::metrics::gauge!(
                 metrics::BUILD_INFO,
                 "version" => build.version,
@@ -139,28 +155,33 @@ impl Application {
             .set(1.0);
             tokio::spawn(metrics::upkeep(handle.clone(), Duration::from_secs(5)));
             let database = ctx.database().clone();
-            own = own.at(
+            RecordRoute::new(
                 "/metrics",
-                RecordRoute::new(
-                    "/metrics",
-                    make_sync(move |_| {
-                        database.record_pool_metrics();
-                        Response::builder()
-                            .content_type("text/plain; version=0.0.4; charset=utf-8")
-                            .body(handle.render())
-                    }),
-                ),
-            );
+                make_sync(move |_| {
+                    database.record_pool_metrics();
+                    Response::builder()
+                        .content_type("text/plain; version=0.0.4; charset=utf-8")
+                        .body(handle.render())
+                }),
+            )
+            .boxed()
+        });
+        let api = Arc::new(poem::IntoEndpoint::into_endpoint(service));
+        // With the admin listener on, `/metrics` is served there only.
+        let (public_metrics, admin_metrics) = match server.admin.enabled {
+            false => (metrics_endpoint, None),
+            true => (None, metrics_endpoint),
+        };
+        if let Some(metrics) = public_metrics {
+            own = own.at("/metrics", metrics);
         }
         let app = middleware::Front {
             own: own.boxed(),
-            api: poem::IntoEndpoint::into_endpoint(service),
+            api: api.clone(),
         };
 
-        let cors = &server.cors;
-        let cors_layer = (!cors.allowed_origins.is_empty())
-            .then(|| build_cors(cors))
-            .transpose()?;
+        let cors_layer = build_cors(&server.cors)?;
+        let vary_origin = cors_layer.is_some();
 
         // Without CORS the stack turns router errors into problems itself; with it, they
         // become problems inside the CORS layer, so that they carry its headers too. That
@@ -176,27 +197,31 @@ impl Application {
                 .boxed(),
             ),
         };
-        let endpoint = middleware::Stack {
-            inner,
-            routes,
-            bus: ctx.bus().clone(),
-            access_log: ctx.config().telemetry.access_log,
-            body_limit: server.body_limit_bytes,
-            timeout: Duration::from_millis(server.request_timeout_ms),
-            metrics: middleware::RequestMetrics::new(),
-        }
-        .boxed();
-
-        let bind = format!("{}:{}", server.host, server.port);
-        let listener = tokio::net::TcpListener::bind(&bind)
-            .await
-            .with_context(|| format!("cannot listen on {bind} (`server.host`, `server.port`)"))?;
-        let acceptor = TcpAcceptor::from_tokio(listener)?;
-        let addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .context("the listener has no local address")?;
+        let endpoint = stack(inner, &ctx, &routes, vary_origin).boxed();
+        let (acceptor, addr) =
+            bind(&server.host, server.port, "`server.host`, `server.port`").await?;
+        let admin = match server.admin.enabled {
+            false => None,
+            true => {
+                let admin = &server.admin;
+                let endpoint = middleware::Admin {
+                    metrics: admin_metrics,
+                    api,
+                };
+                let endpoint = stack(endpoint, &ctx, &routes, false).boxed();
+                let (acceptor, addr) = bind(
+                    &admin.host,
+                    admin.port,
+                    "`server.admin.host`, `server.admin.port`",
+                )
+                .await?;
+                Some(AdminListener {
+                    acceptor,
+                    addr,
+                    endpoint,
+                })
+            }
+        };
 
         let (stop, _) = watch::channel(false);
         Ok(Self {
@@ -205,6 +230,7 @@ impl Application {
             acceptor,
             addr,
             endpoint,
+            admin,
             stop,
         })
     }
@@ -217,6 +243,11 @@ impl Application {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, while `server.admin.enabled`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|admin| admin.addr)
     }
 
     /// The application context.
@@ -238,14 +269,19 @@ impl Application {
             acceptor,
             addr,
             endpoint,
+            admin,
             stop,
         } = self;
         let grace = Duration::from_millis(ctx.config().server.shutdown_timeout_ms);
-        tracing::info!(%addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
+        let admin_addr = admin.as_ref().map(|admin| admin.addr);
+        tracing::info!(%addr, ?admin_addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
         let mut stopped = stop.subscribe();
+        let signal_stop = stop.clone();
         let signal = async move {
             tokio::select! {
-                () = os_signal() => {},
+                () = os_signal() => {
+                    signal_stop.send_replace(true);
+                },
                 _ = stopped.wait_for(|s| *s) => {},
             }
             tracing::info!(
@@ -253,10 +289,30 @@ impl Application {
                 "shutting down: no new connections; finishing in-flight requests"
             );
         };
-        poem::Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(endpoint, signal, Some(grace))
-            .await
-            .context("the server stopped with an error")?;
+        let public = async {
+            let served = poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(endpoint, signal, Some(grace))
+                .await;
+            // Should the public listener fail, the admin listener stops too.
+            stop.send_replace(true);
+            served.context("the server stopped with an error")
+        };
+        let mut admin_stopped = stop.subscribe();
+        let admin = async move {
+            let Some(admin) = admin else {
+                return Ok(());
+            };
+            let signal = async move {
+                let _ = admin_stopped.wait_for(|s| *s).await;
+            };
+            poem::Server::new_with_acceptor(admin.acceptor)
+                .run_with_graceful_shutdown(admin.endpoint, signal, Some(grace))
+                .await
+                .context("the admin listener stopped with an error")
+        };
+        let (public, admin) = tokio::join!(public, admin);
+        public?;
+        admin?;
         // Accepted events are handled before the modules stop, and what their handlers
         // published is delivered before the process exits.
         let unhandled = ctx.events().drain().await;
@@ -272,6 +328,41 @@ impl Application {
         tracing::info!("trellis stopped");
         Ok(())
     }
+}
+
+/// The middleware stack around `inner`.
+fn stack<E>(
+    inner: E,
+    ctx: &AppContext,
+    routes: &Arc<RouteIndex>,
+    vary_origin: bool,
+) -> middleware::Stack<E> {
+    let server = &ctx.config().server;
+    middleware::Stack {
+        inner,
+        routes: routes.clone(),
+        bus: ctx.bus().clone(),
+        access_log: ctx.config().telemetry.access_log,
+        body_limit: server.body_limit_bytes,
+        timeout: Duration::from_millis(server.request_timeout_ms),
+        metrics: middleware::RequestMetrics::new(),
+        vary_origin,
+    }
+}
+
+/// Binds `host:port`; `keys` name the settings in the error.
+async fn bind(host: &str, port: u16, keys: &str) -> anyhow::Result<(TcpAcceptor, SocketAddr)> {
+    let bind = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .with_context(|| format!("cannot listen on {bind} ({keys})"))?;
+    let acceptor = TcpAcceptor::from_tokio(listener)?;
+    let addr = acceptor
+        .local_addr()
+        .first()
+        .and_then(|a| a.as_socket_addr().copied())
+        .context("the listener has no local address")?;
+    Ok((acceptor, addr))
 }
 
 /// Serves a fixed text body.
@@ -341,11 +432,41 @@ async fn os_signal() {
     }
 }
 
-fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Cors> {
+/// poem's `Cors` for `[server.cors]`, or `None` while no origin is allowed. Checked here,
+/// since `Cors` panics on a bad header name and would accept a combination browsers
+/// refuse.
+fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Option<Cors>> {
+    let header_names = |key: &str, names: &[String]| {
+        names
+            .iter()
+            .map(|name| {
+                poem::http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    anyhow::anyhow!(
+                        "`server.cors.{key}`: `{}` is not a header name",
+                        name.escape_debug()
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let allowed_headers = header_names("allowed_headers", &config.allowed_headers)?;
+    let exposed_headers = header_names("exposed_headers", &config.exposed_headers)?;
+    let any_origin = config.allowed_origins.iter().any(|o| o == "*");
+    // Browsers refuse credentials with a wildcard origin; poem would echo every origin
+    // instead, which hands any site the user's credentials.
+    if any_origin && config.allow_credentials {
+        anyhow::bail!(
+            "`server.cors.allowed_origins` = [\"*\"] cannot be combined with \
+             `server.cors.allow_credentials` = true: list the trusted origins instead"
+        );
+    }
+    if config.allowed_origins.is_empty() {
+        return Ok(None);
+    }
     let mut cors = Cors::new()
         .allow_credentials(config.allow_credentials)
         .max_age(config.max_age_secs);
-    if !config.allowed_origins.iter().any(|o| o == "*") {
+    if !any_origin {
         cors = cors.allow_origins(config.allowed_origins.iter().map(String::as_str));
     }
     for method in &config.allowed_methods {
@@ -354,8 +475,8 @@ fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Cors>
         })?;
         cors = cors.allow_method(method);
     }
-    cors = cors
-        .allow_headers(config.allowed_headers.iter().map(String::as_str))
-        .expose_headers(config.exposed_headers.iter().map(String::as_str));
-    Ok(cors)
+    Ok(Some(
+        cors.allow_headers(allowed_headers)
+            .expose_headers(exposed_headers),
+    ))
 }

@@ -13,7 +13,9 @@
 //! 6. timeout: 503 beyond `server.request_timeout_ms`;
 //! 7. CORS (poem's `Cors`), when origins are configured;
 //! 8. [`Problems`]: router errors (no route, wrong method with its `Allow` header,
-//!    unparsable input) become problem+json.
+//!    unparsable input) become problem+json;
+//! 9. on the way out, [`harden`]: `X-Content-Type-Options: nosniff` on every response,
+//!    `Cache-Control: no-store` on the API's, `Vary: Origin` while CORS is on.
 //!
 //! Steps 1 to 6 are one endpoint, [`Stack`], with a function per step. Each `async` layer
 //! keeps its own copy of the request (472 bytes) and the whole future of the layers inside
@@ -32,13 +34,17 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use metrics::{Counter, Gauge, Histogram, SharedString, counter, gauge, histogram};
 use poem::{
     Body, Endpoint, IntoResponse, Request, Response,
-    http::{HeaderValue, Method, StatusCode, header::HeaderName},
+    http::{
+        HeaderMap, HeaderValue, Method, StatusCode,
+        header::{self, HeaderName},
+    },
 };
 use tracing::Instrument as _;
 use trellis_core::{
     bus::Bus,
     metrics::{HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_IN_FLIGHT, HTTP_REQUESTS_TOTAL},
     problem::{InternalError, ProblemJson, RequestScope},
+    readiness::AdminRequest,
 };
 use trellis_openapi::RouteIndex;
 
@@ -49,6 +55,13 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 const UNMATCHED: &str = "unmatched";
 
+/// Where the modules' operations live: answers under it carry tokens or personal data.
+const API_PREFIX: &str = "/api/";
+
+static NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+static ORIGIN: HeaderValue = HeaderValue::from_static("Origin");
+
 /// Steps 1 to 6 around `inner`.
 pub struct Stack<E> {
     pub(crate) inner: E,
@@ -58,6 +71,8 @@ pub struct Stack<E> {
     pub(crate) body_limit: usize,
     pub(crate) timeout: Duration,
     pub(crate) metrics: RequestMetrics,
+    /// CORS is on: every answer depends on the `Origin` header.
+    pub(crate) vary_origin: bool,
 }
 
 /// An incoming id is reused when it is 1 to 128 visible ASCII characters from a safe set,
@@ -82,11 +97,14 @@ impl<E: Endpoint> Endpoint for Stack<E> {
             None => Arc::from(uuid::Uuid::new_v4().simple().to_string()),
         };
         let header = HeaderValue::from_str(&id).ok();
+        let api = req.uri().path().starts_with(API_PREFIX);
         let scope = RequestScope::new(id.clone(), req.uri().clone());
         let mut resp = scope.run(self.observe(req, &id)).await;
+        let headers = resp.headers_mut();
         if let Some(header) = header {
-            resp.headers_mut().insert(X_REQUEST_ID.clone(), header);
+            headers.insert(X_REQUEST_ID.clone(), header);
         }
+        harden(headers, api, self.vary_origin);
         Ok(resp)
     }
 }
@@ -138,10 +156,7 @@ impl<E: Endpoint> Stack<E> {
             Ok(Err(_elapsed)) => {
                 let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
                 ProblemJson::from_error(&RequestTimedOut { timeout_ms })
-                    .with_header(
-                        poem::http::header::RETRY_AFTER,
-                        HeaderValue::from_static("1"),
-                    )
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
                     .into_response()
             }
             Err(panic) => panic_response(panic),
@@ -159,7 +174,7 @@ impl<E: Endpoint> Stack<E> {
         };
         let declared = req
             .headers()
-            .get(poem::http::header::CONTENT_LENGTH)
+            .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         match declared {
@@ -187,6 +202,40 @@ impl<E: Endpoint> Stack<E> {
             }
         }
     }
+}
+
+/// Step 9: headers that keep browsers and caches from misusing an answer; static values,
+/// so this costs a few map inserts per response.
+///
+/// - `nosniff` everywhere: no response (a problem, a metrics page, a JSON document) may be
+///   sniffed into HTML or script.
+/// - `no-store` on every answer under `/api/`, errors included: tokens (`/auth/*`) and
+///   personal data (`/users*`) must not be kept by shared or browser caches (OWASP REST
+///   Security cheat sheet). Listing which operations are safe to cache would have to be
+///   kept right by every module as it grows, so the rule is the whole API; an operation
+///   that is public and non-personal opts out by setting its own `Cache-Control`, which
+///   is kept. None does today.
+/// - `Vary: Origin` while CORS is on: the answer then depends on `Origin` (allowed or
+///   refused, the origin echoed or not) for every request, with or without the header, so
+///   a cache must not hand one origin's answer to another. poem's `Cors` adds it only for
+///   some of them.
+fn harden(headers: &mut HeaderMap, api: bool, vary_origin: bool) {
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF.clone());
+    if api && !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, NO_STORE.clone());
+    }
+    if vary_origin && !varies_by_origin(headers) {
+        headers.append(header::VARY, ORIGIN.clone());
+    }
+}
+
+fn varies_by_origin(headers: &HeaderMap) -> bool {
+    headers.get_all(header::VARY).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|name| name.trim().eq_ignore_ascii_case("origin") || name.trim() == "*")
+        })
+    })
 }
 
 static STATUS_LABELS: LazyLock<Vec<SharedString>> = LazyLock::new(|| {
@@ -303,7 +352,7 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
 /// at `/` rewrote every request's URI and boxed its future once more.
 pub struct Front {
     pub(crate) own: poem::endpoint::BoxEndpoint<'static, Response>,
-    pub(crate) api: poem::endpoint::BoxEndpoint<'static, Response>,
+    pub(crate) api: Arc<poem::endpoint::BoxEndpoint<'static, Response>>,
 }
 
 fn is_own_path(path: &str) -> bool {
@@ -322,6 +371,35 @@ impl Endpoint for Front {
         } else {
             self.api.call(req).await
         }
+    }
+}
+
+/// The admin listener's endpoint (`[server.admin]`): `/metrics`, and the operators'
+/// operations of the modules' API ([`ADMIN_API_PATHS`]) marked [`AdminRequest`], so that
+/// they answer in full. Anything else is 404 there: the admin port serves no account,
+/// token or document.
+pub struct Admin {
+    pub(crate) metrics: Option<poem::endpoint::BoxEndpoint<'static, Response>>,
+    pub(crate) api: Arc<poem::endpoint::BoxEndpoint<'static, Response>>,
+}
+
+/// Detailed readiness and the build facts; a module compiled out leaves its path 404.
+const ADMIN_API_PATHS: [&str; 2] = ["/readyz", "/api/v1/info"];
+
+impl Endpoint for Admin {
+    type Output = Response;
+
+    async fn call(&self, mut req: Request) -> poem::Result<Response> {
+        let path = req.uri().path();
+        match &self.metrics {
+            Some(metrics) if path == "/metrics" => return metrics.call(req).await,
+            _ => {}
+        }
+        if ADMIN_API_PATHS.contains(&path) {
+            req.set_data(AdminRequest);
+            return self.api.call(req).await;
+        }
+        Err(poem::error::NotFoundError.into())
     }
 }
 
@@ -370,6 +448,30 @@ mod tests {
         for api in ["/healthz", "/docsx", "/metrics/x", "/api/v1/users/me", "/"] {
             assert!(!is_own_path(api), "{api}");
         }
+    }
+
+    #[test]
+    fn origin_is_added_to_vary_once() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+        harden(&mut headers, false, true);
+        harden(&mut headers, false, true);
+        let vary: Vec<_> = headers.get_all(header::VARY).iter().collect();
+        assert_eq!(vary, ["Accept-Encoding", "Origin"]);
+        assert!(!headers.contains_key(header::CACHE_CONTROL));
+    }
+
+    #[test]
+    fn an_operations_own_cache_control_is_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=60"),
+        );
+        harden(&mut headers, true, false);
+        assert_eq!(headers[header::CACHE_CONTROL], "max-age=60");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert!(!headers.contains_key(header::VARY));
     }
 
     #[test]

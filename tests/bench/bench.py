@@ -155,6 +155,14 @@ def trellis_env(port, data):
         # The login scenario logs in from one address as fast as it can.
         "TRELLIS_MODULES__USER__REGISTRATIONS_PER_ADDRESS": "1000000000",
         "TRELLIS_MODULES__USER__HASH_QUEUE": "1000000",
+        # The load comes from one address and every event is counted on disk afterwards:
+        # neither the ingest limits nor the event files' retention may get in the way.
+        "TRELLIS_MODULES__BI__RATE_PER_ADDRESS": "1000000000",
+        "TRELLIS_MODULES__BI__BURST_PER_ADDRESS": "1000000000",
+        "TRELLIS_MODULES__BI__RATE_PER_USER": "1000000000",
+        "TRELLIS_MODULES__BI__BURST_PER_USER": "1000000000",
+        "TRELLIS_MQ__FILE__MAX_TOTAL_BYTES": str(1 << 50),
+        "TRELLIS_MQ__FILE__MAX_FILES": "1000000",
     }
 
 

@@ -1,7 +1,9 @@
 //! The event dispatcher: a bounded queue and a fixed pool of workers.
 //!
 //! - **Bounded**: `events.queue_capacity` counts every event accepted and not yet handled
-//!   (queued or in a handler). A batch is accepted whole or not at all.
+//!   (queued or in a handler), and `events.queue_max_bytes` bounds their estimated size
+//!   ([`Event::size_bytes`]), so a flood of large events cannot take the memory that
+//!   the count alone would allow. A batch is accepted whole or not at all.
 //! - **Full queue**: `events.full_policy` waits for room up to `events.wait_timeout_ms`, or
 //!   rejects at once; either way a rejection is a [`DispatchError`] (503 with
 //!   `Retry-After`), never a silent drop.
@@ -52,6 +54,21 @@ pub enum DispatchError {
         /// `events.queue_capacity`.
         capacity: usize,
     },
+    /// The queued events hold `events.queue_max_bytes` (policy `reject`, or `wait` past
+    /// its deadline).
+    #[error("the event queue is full ({max_bytes} bytes); retry shortly")]
+    BytesFull {
+        /// `events.queue_max_bytes`.
+        max_bytes: usize,
+    },
+    /// The batch alone is larger, in bytes, than the whole queue.
+    #[error("{bytes} bytes of events do not fit in the event queue ({max_bytes} bytes)")]
+    TooManyBytes {
+        /// The batch's estimated size.
+        bytes: usize,
+        /// `events.queue_max_bytes`.
+        max_bytes: usize,
+    },
     /// The server is shutting down and accepts no more events.
     #[error("the server is shutting down and accepts no more events")]
     ShuttingDown,
@@ -60,8 +77,8 @@ pub enum DispatchError {
 impl DispatchError {
     fn reason(&self) -> &'static str {
         match self {
-            Self::QueueFull { .. } => "full",
-            Self::TooLarge { .. } => "too_large",
+            Self::QueueFull { .. } | Self::BytesFull { .. } => "full",
+            Self::TooLarge { .. } | Self::TooManyBytes { .. } => "too_large",
             Self::ShuttingDown => "shutting_down",
         }
     }
@@ -170,7 +187,8 @@ fn backoff(config: &EventsConfig, attempt: u32) -> Duration {
     ))
 }
 
-type Job = Box<dyn Envelope>;
+/// An accepted event and the bytes it holds of `events.queue_max_bytes`.
+type Job = (Box<dyn Envelope>, u32);
 
 struct Inner {
     config: EventsConfig,
@@ -180,6 +198,8 @@ struct Inner {
     receiver: flume::Receiver<Job>,
     /// One permit per free place; an event holds its permit until it is handled.
     room: Semaphore,
+    /// One permit per free byte of `queue_max_bytes`, held the same way.
+    bytes: Semaphore,
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// `events_queue_depth`.
     depth: Gauge,
@@ -219,6 +239,7 @@ impl EventDispatcher {
                 sender: RwLock::new(Some(sender)),
                 receiver,
                 room: Semaphore::new(config.queue_capacity.min(Semaphore::MAX_PERMITS)),
+                bytes: Semaphore::new(config.queue_max_bytes.min(Semaphore::MAX_PERMITS)),
                 workers: Mutex::new(Vec::new()),
                 depth: gauge!(EVENTS_QUEUE_DEPTH),
             }),
@@ -235,9 +256,10 @@ impl EventDispatcher {
         for _ in 0..self.inner.config.workers.max(1) {
             let inner = self.inner.clone();
             workers.push(tokio::spawn(async move {
-                while let Ok(job) = inner.receiver.recv_async().await {
+                while let Ok((job, bytes)) = inner.receiver.recv_async().await {
                     job.deliver(&inner).await;
                     inner.room.add_permits(1);
+                    inner.bytes.add_permits(bytes as usize);
                     inner.depth.decrement(1.0);
                 }
             }));
@@ -280,23 +302,52 @@ impl EventDispatcher {
         let inner = &self.inner;
         let count = events.len();
         let capacity = inner.config.queue_capacity;
+        let max_bytes = inner.config.queue_max_bytes;
         let permits = u32::try_from(count)
             .ok()
             .filter(|_| count <= capacity)
             .ok_or(DispatchError::TooLarge { count, capacity })?;
-        let full = DispatchError::QueueFull { capacity };
-        let room = match inner.config.full_policy {
-            FullPolicy::Reject => inner.room.try_acquire_many(permits).map_err(|e| match e {
-                tokio::sync::TryAcquireError::Closed => DispatchError::ShuttingDown,
-                tokio::sync::TryAcquireError::NoPermits => full,
-            })?,
+        // One event's estimate is capped so that it fits a permit count; the sum is what
+        // the batch needs.
+        let sizes: Vec<u32> = events
+            .iter()
+            .map(|e| u32::try_from(e.size_bytes()).unwrap_or(u32::MAX))
+            .collect();
+        let bytes: usize = sizes.iter().map(|&b| b as usize).sum();
+        let byte_permits = u32::try_from(bytes)
+            .ok()
+            .filter(|_| bytes <= max_bytes)
+            .ok_or(DispatchError::TooManyBytes { bytes, max_bytes })?;
+        let closed = |_| DispatchError::ShuttingDown;
+        let (room, held) = match inner.config.full_policy {
+            FullPolicy::Reject => {
+                let full = |e, error| match e {
+                    tokio::sync::TryAcquireError::Closed => DispatchError::ShuttingDown,
+                    tokio::sync::TryAcquireError::NoPermits => error,
+                };
+                let room = inner
+                    .room
+                    .try_acquire_many(permits)
+                    .map_err(|e| full(e, DispatchError::QueueFull { capacity }))?;
+                let held = inner
+                    .bytes
+                    .try_acquire_many(byte_permits)
+                    .map_err(|e| full(e, DispatchError::BytesFull { max_bytes }))?;
+                (room, held)
+            }
             FullPolicy::Wait => {
                 let wait = Duration::from_millis(inner.config.wait_timeout_ms);
-                match tokio::time::timeout(wait, inner.room.acquire_many(permits)).await {
-                    Ok(Ok(room)) => room,
-                    Ok(Err(_)) => return Err(DispatchError::ShuttingDown),
-                    Err(_) => return Err(full),
-                }
+                let deadline = tokio::time::Instant::now() + wait;
+                let room = tokio::time::timeout_at(deadline, inner.room.acquire_many(permits))
+                    .await
+                    .map_err(|_| DispatchError::QueueFull { capacity })?
+                    .map_err(closed)?;
+                let held =
+                    tokio::time::timeout_at(deadline, inner.bytes.acquire_many(byte_permits))
+                        .await
+                        .map_err(|_| DispatchError::BytesFull { max_bytes })?
+                        .map_err(closed)?;
+                (room, held)
             }
         };
         let sender = inner.sender.read().unwrap_or_else(|p| p.into_inner());
@@ -305,13 +356,14 @@ impl EventDispatcher {
         };
         // The permits now travel with the events; workers give them back one by one.
         room.forget();
+        held.forget();
         inner.depth.increment(count as f64);
-        for event in events {
-            let job: Job = Box::new(Typed {
+        for (event, size) in events.into_iter().zip(sizes) {
+            let job: Box<dyn Envelope> = Box::new(Typed {
                 event: Arc::new(event),
             });
             // The receiver lives as long as `inner`, so sending cannot fail.
-            let _ = sender.send(job);
+            let _ = sender.send((job, size));
         }
         Ok(())
     }
@@ -321,12 +373,22 @@ impl EventDispatcher {
         self.inner.config.queue_capacity - self.inner.room.available_permits()
     }
 
+    /// The estimated bytes of the events accepted and not yet handled.
+    pub fn pending_bytes(&self) -> usize {
+        self.inner
+            .config
+            .queue_max_bytes
+            .min(Semaphore::MAX_PERMITS)
+            - self.inner.bytes.available_permits()
+    }
+
     /// Stops accepting (new events get [`DispatchError::ShuttingDown`]) and waits until
     /// every accepted event has been handled, at most `events.drain_timeout_ms`. Returns
     /// how many accepted events were left unhandled (0 unless the deadline passed).
     pub async fn drain(&self) -> usize {
         let inner = &self.inner;
         inner.room.close();
+        inner.bytes.close();
         inner
             .sender
             .write()
@@ -375,6 +437,7 @@ mod tests {
     fn config(capacity: usize, policy: FullPolicy) -> EventsConfig {
         EventsConfig {
             queue_capacity: capacity,
+            queue_max_bytes: 1 << 20,
             workers: 2,
             full_policy: policy,
             wait_timeout_ms: 50,
@@ -443,10 +506,10 @@ mod tests {
     }
 
     /// A handler that blocks until released, so the queue can be filled.
-    fn gated(table: &mut EventHandlerTable) -> Arc<Semaphore> {
+    fn gated<E: Event>(table: &mut EventHandlerTable) -> Arc<Semaphore> {
         let gate = Arc::new(Semaphore::new(0));
         let open = gate.clone();
-        table.add("gated", move |_: Arc<Tick>| {
+        table.add("gated", move |_: Arc<E>| {
             let open = open.clone();
             async move {
                 open.acquire().await?.forget();
@@ -460,7 +523,7 @@ mod tests {
     async fn a_full_queue_rejects_whole_batches_under_either_policy() {
         for policy in [FullPolicy::Reject, FullPolicy::Wait] {
             let mut table = EventHandlerTable::default();
-            let gate = gated(&mut table);
+            let gate = gated::<Tick>(&mut table);
             let dispatcher = EventDispatcher::new(&config(5, policy));
             dispatcher.start(table);
             dispatcher
@@ -489,7 +552,7 @@ mod tests {
     #[tokio::test]
     async fn the_wait_policy_takes_room_freed_while_waiting() {
         let mut table = EventHandlerTable::default();
-        let gate = gated(&mut table);
+        let gate = gated::<Tick>(&mut table);
         let mut config = config(2, FullPolicy::Wait);
         config.wait_timeout_ms = 5_000;
         let dispatcher = EventDispatcher::new(&config);
@@ -511,7 +574,7 @@ mod tests {
     #[tokio::test]
     async fn drain_reports_events_left_when_the_deadline_passes() {
         let mut table = EventHandlerTable::default();
-        let _gate = gated(&mut table);
+        let _gate = gated::<Tick>(&mut table);
         let mut config = config(10, FullPolicy::Wait);
         config.drain_timeout_ms = 50;
         let dispatcher = EventDispatcher::new(&config);
@@ -521,6 +584,50 @@ mod tests {
             .await
             .expect("fits");
         assert_eq!(dispatcher.drain().await, 3);
+    }
+
+    /// An event of a given size.
+    struct Blob(usize);
+    impl Event for Blob {
+        const NAME: &'static str = "blob";
+        fn size_bytes(&self) -> usize {
+            self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_by_bytes_as_well_as_count() {
+        let mut table = EventHandlerTable::default();
+        let gate = gated::<Blob>(&mut table);
+        let mut config = config(100, FullPolicy::Reject);
+        config.queue_max_bytes = 1_000;
+        let dispatcher = EventDispatcher::new(&config);
+        dispatcher.start(table);
+        dispatcher
+            .emit_all(vec![Blob(400), Blob(400)])
+            .await
+            .expect("800 bytes fit");
+        assert_eq!(
+            dispatcher.emit(Blob(300)).await,
+            Err(DispatchError::BytesFull { max_bytes: 1_000 }),
+            "two events of a hundred fit by count, not by bytes"
+        );
+        assert_eq!(
+            dispatcher.emit(Blob(2_000)).await,
+            Err(DispatchError::TooManyBytes {
+                bytes: 2_000,
+                max_bytes: 1_000
+            })
+        );
+        dispatcher.emit(Blob(200)).await.expect("exactly full");
+        assert_eq!(dispatcher.pending_bytes(), 1_000);
+        gate.add_permits(3);
+        assert_eq!(dispatcher.drain().await, 0);
+        assert_eq!(
+            dispatcher.pending_bytes(),
+            0,
+            "handled events give their bytes back"
+        );
     }
 
     #[test]

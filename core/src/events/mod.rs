@@ -27,6 +27,16 @@ pub trait Event: Send + Sync + 'static {
     fn id(&self) -> Option<&str> {
         None
     }
+
+    /// The memory the event holds while queued, estimated cheaply (no serialisation):
+    /// counted against `events.queue_max_bytes`. By default its inline size; an event
+    /// owning strings or maps adds their lengths.
+    fn size_bytes(&self) -> usize
+    where
+        Self: Sized,
+    {
+        size_of::<Self>()
+    }
 }
 
 /// A handler, erased to its event type.

@@ -86,6 +86,11 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<EntryFailure>, String>>;
     /// Whether the backend is reachable.
     fn check(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// Why the backend is close to a limit of its own (e.g. its disk use), if it is:
+    /// readiness then reports the queue degraded.
+    fn capacity_warning(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
+    }
     /// Flushes whatever the backend itself buffers (called once, at close).
     fn close(&self) -> BoxFuture<'_, Result<(), String>>;
 }
@@ -191,15 +196,19 @@ impl MessageQueue {
             .map_or(0, flume::Sender::len)
     }
 
-    /// Readiness: up while the backend answers and the buffer has room; degraded (events
-    /// still accepted and buffered) otherwise.
+    /// Readiness: up while the backend answers, the buffer has room and the backend is
+    /// not near a limit of its own; degraded (events still accepted and buffered)
+    /// otherwise.
     pub async fn check(&self) -> CheckOutcome {
         let buffered = self.buffered();
         match self.inner.transport.check().await {
             Ok(()) if self.queued() >= self.inner.config.buffer => CheckOutcome::degraded(format!(
                 "the buffer is full ({buffered} messages); publishing waits"
             )),
-            Ok(()) => CheckOutcome::up(),
+            Ok(()) => match self.inner.transport.capacity_warning().await {
+                Some(warning) => CheckOutcome::degraded(warning),
+                None => CheckOutcome::up(),
+            },
             Err(error) => CheckOutcome::degraded(format!(
                 "{} unreachable, {buffered} messages buffered: {error}",
                 self.backend()

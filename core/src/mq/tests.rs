@@ -178,6 +178,7 @@ async fn the_file_backend_appends_lines_and_rotates_keeping_every_line() {
     let file = FileMqConfig {
         directory: dir.path().join("events"),
         max_file_bytes: 1_000,
+        ..FileMqConfig::default()
     };
     let transport = FileTransport::open(&file).expect("opens");
     let bodies: Vec<_> = (0..100)
@@ -224,6 +225,7 @@ async fn the_file_backend_ends_a_cut_line_before_appending() {
     let file = FileMqConfig {
         directory: dir.path().to_path_buf(),
         max_file_bytes: 1 << 20,
+        ..FileMqConfig::default()
     };
     let transport = FileTransport::open(&file).expect("opens");
     transport

@@ -185,7 +185,7 @@ impl AuthApi {
 
 fn client(req: &Request) -> Client {
     Client {
-        address: trellis_core::net::client_ip(req),
+        address: trellis_core::client::client_ip(req),
         user_agent: req
             .headers()
             .get(poem::http::header::USER_AGENT)

@@ -9,12 +9,12 @@ use trellis_core::{
     ModuleContext,
     auth::{AuthError, Principal, SUDO},
     bus::Bus,
+    client::address_key,
     clock::now_millis,
     contracts::{
         AccountError, BootstrapAccount, Bootstrapped, CloseAccount, FindUser, LoginFailed,
         SessionRevoked, UserLoggedIn, VerifyCredentials,
     },
-    net::rate_key,
     storage::DbError,
 };
 
@@ -254,7 +254,10 @@ impl Auth {
         client: Client,
     ) -> Result<TokenPair, AuthModuleError> {
         let account = email.trim().to_lowercase();
-        let keys = LoginKeys::new(&account, client.address.map(rate_key));
+        let keys = LoginKeys::new(
+            &account,
+            client.address.map(|ip| address_key(ip).to_string()),
+        );
         let allowed = match self.spend(&keys).await {
             Ok(()) => match self.account_wait(&keys).await {
                 Ok(()) => Ok(()),

@@ -2,6 +2,7 @@
 
 use std::{borrow::Cow, collections::BTreeMap};
 
+use poem::Request;
 use poem_openapi::{
     ApiResponse, Object, OpenApi,
     payload::Json,
@@ -18,6 +19,7 @@ use serde::{
 use serde_json::Value;
 use trellis_core::{
     auth::OptionalAuth,
+    client::client_address,
     payload::{Matching, StringRule, TypedJsonBody},
     problem::RequestScope,
 };
@@ -26,6 +28,7 @@ use crate::{
     app::{Ingest, Submission},
     domain::{ClientEvent, Origin, Utm, received_now},
     error::BiError,
+    limit::Sender,
 };
 
 /// The most events one request may carry.
@@ -220,6 +223,10 @@ trellis_core::problem_responses! {
         /// An event breaks a rule (`errors` names the event's index and field); nothing
         /// of the request was accepted.
         422 => Invalid,
+        /// The client sent more events than its limit allows (counted in events, per
+        /// client address, or per user when authenticated); nothing of the request was
+        /// accepted. Retry after `Retry-After` seconds.
+        429 => TooManyRequests,
         /// An unexpected failure.
         500 => Internal,
         /// The event queue is full or the server is shutting down; nothing was accepted.
@@ -264,22 +271,29 @@ impl BiApi {
     /// Takes one event or a batch of up to 500. Each is given an id and the time it was
     /// received, with the request id and the caller (when a bearer token is sent), and is
     /// forwarded to the message queue asynchronously. A batch is accepted whole or not at
-    /// all.
+    /// all. Each event counts against the sender's limit: its client address, or its user
+    /// when a bearer token is sent (429 with `Retry-After` beyond it).
     #[oai(path = "/events", method = "post", operation_id = "recordBiEvents")]
     async fn record(
         &self,
+        req: &Request,
         auth: OptionalAuth,
         body: TypedJsonBody<EventsRequest>,
     ) -> Result<IngestResponse, IngestFailure> {
-        let submission = match body.0 {
-            EventsRequest::Single(event) => Submission {
-                events: vec![event.into()],
-                batch: false,
-            },
-            EventsRequest::Batch(events) => Submission {
-                events: events.into_iter().map(Into::into).collect(),
-                batch: true,
-            },
+        let sender = match &auth.0 {
+            Some(principal) => Sender::User(principal.user_id.clone()),
+            None => Sender::Address(
+                client_address(req).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            ),
+        };
+        let (events, batch) = match body.0 {
+            EventsRequest::Single(event) => (vec![event.into()], false),
+            EventsRequest::Batch(events) => (events.into_iter().map(Into::into).collect(), true),
+        };
+        let submission = Submission {
+            events,
+            batch,
+            sender,
         };
         let origin = Origin {
             request_id: RequestScope::current_id().map(|id| id.to_string()),

@@ -8,9 +8,10 @@ use trellis_core::{ModuleContext, events::EventDispatcher, problem::FieldViolati
 use crate::{
     BiConfig,
     domain::{
-        BiEvent, ClientEvent, Internal, Origin, Source, oversized, received_now, utc_rfc3339,
+        BiEvent, ClientEvent, Internal, Origin, Source, json_size, received_now, utc_rfc3339,
     },
     error::BiError,
+    limit::{IngestLimits, Limited, Sender},
 };
 
 /// Accepts BI events.
@@ -18,6 +19,8 @@ use crate::{
 pub struct Ingest {
     events: EventDispatcher,
     config: Arc<BiConfig>,
+    /// The senders' buckets, for client events.
+    limits: Option<Arc<IngestLimits>>,
 }
 
 /// Events as one request carried them: one event, or a batch (then field pointers start
@@ -26,6 +29,8 @@ pub struct Ingest {
 pub struct Submission {
     pub events: Vec<ClientEvent>,
     pub batch: bool,
+    /// Whose bucket the events are taken from.
+    pub sender: Sender,
 }
 
 impl Ingest {
@@ -33,28 +38,42 @@ impl Ingest {
         Ok(Self {
             events: ctx.events().clone(),
             config: Arc::new(ctx.config::<BiConfig>()?),
+            limits: None,
         })
     }
 
-    /// Checks every event, then queues them all or none. Answers the ids, in order.
+    /// The service for client events: with the senders' limits.
+    pub fn for_clients(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
+        let mut ingest = Self::from_context(ctx)?;
+        ingest.limits = Some(IngestLimits::start(&ingest.config)?);
+        Ok(ingest)
+    }
+
+    /// Checks every event and the sender's limit, then queues them all or none. Answers
+    /// the ids, in order.
     pub async fn accept(
         &self,
         submission: Submission,
         origin: Origin,
     ) -> Result<Vec<String>, BiError> {
-        let violations = self.check(&submission);
-        if !violations.is_empty() {
-            return Err(BiError::Invalid(violations));
+        let sizes = self.check(&submission).map_err(BiError::Invalid)?;
+        if let Some(limits) = &self.limits {
+            limits
+                .take(&submission.sender, submission.events.len())
+                .map_err(|Limited { retry_after_secs }| BiError::RateLimited {
+                    retry_after_secs,
+                })?;
         }
         let events: Vec<BiEvent> = submission
             .events
             .into_iter()
-            .map(|e| {
+            .zip(sizes)
+            .map(|(e, properties_bytes)| {
                 BiEvent::enrich(
                     e.name,
                     Source::Client,
                     e.timestamp.map(utc_rfc3339),
-                    e.properties,
+                    (e.properties, properties_bytes),
                     e.utm,
                     origin.clone(),
                 )
@@ -65,26 +84,29 @@ impl Ingest {
         Ok(ids)
     }
 
-    fn check(&self, submission: &Submission) -> Vec<FieldViolation> {
-        let mut violations = Vec::new();
+    /// Every rule, for every event; the size of each event's `properties` as compact
+    /// JSON when all hold.
+    fn check(&self, submission: &Submission) -> Result<Vec<usize>, Vec<FieldViolation>> {
         let count = submission.events.len();
         if count > self.config.max_batch {
-            violations.push(FieldViolation::new(
+            return Err(vec![FieldViolation::new(
                 "body",
                 "",
                 format!(
                     "has {count} events; at most {} are accepted per request",
                     self.config.max_batch
                 ),
-            ));
-            return violations;
+            )]);
         }
+        let mut violations = Vec::new();
+        let mut sizes = Vec::with_capacity(count);
         for (index, event) in submission.events.iter().enumerate() {
             let field = |name: &str| match submission.batch {
                 true => format!("/{index}/{name}"),
                 false => format!("/{name}"),
             };
-            if let Some(size) = oversized(&event.properties, self.config.max_properties_bytes) {
+            let size = json_size(&event.properties);
+            if size > self.config.max_properties_bytes {
                 violations.push(FieldViolation::new(
                     "body",
                     field("properties"),
@@ -94,8 +116,12 @@ impl Ingest {
                     ),
                 ));
             }
+            sizes.push(size);
         }
-        violations
+        match violations.is_empty() {
+            true => Ok(sizes),
+            false => Err(violations),
+        }
     }
 
     /// Records a domain event as a BI event. A full queue cannot be answered to anyone
@@ -110,11 +136,13 @@ impl Ingest {
             session_id: None,
             received_at: received_now(),
         };
+        let properties = message.properties();
+        let size = json_size(&properties);
         let event = BiEvent::enrich(
             M::NAME.to_owned(),
             Source::Server,
             None,
-            message.properties(),
+            (properties, size),
             None,
             origin,
         );

@@ -70,6 +70,9 @@ pub struct BiEvent {
     pub properties: BTreeMap<String, Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub utm: Option<Utm>,
+    /// `properties` as compact JSON, in bytes (measured when the event was checked).
+    #[serde(skip)]
+    pub properties_bytes: usize,
 }
 
 impl Event for BiEvent {
@@ -77,6 +80,29 @@ impl Event for BiEvent {
 
     fn id(&self) -> Option<&str> {
         Some(&self.id)
+    }
+
+    /// The struct, its strings, and its properties as JSON: the maps' own overhead is
+    /// left out, so this is an estimate from below of the memory held, close enough to
+    /// bound a queue by.
+    fn size_bytes(&self) -> usize {
+        let optional = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let utm = self.utm.as_ref().map_or(0, |u| {
+            [&u.source, &u.medium, &u.campaign, &u.term, &u.content]
+                .into_iter()
+                .map(optional)
+                .sum()
+        });
+        size_of::<Self>()
+            + self.id.len()
+            + self.name.len()
+            + optional(&self.timestamp)
+            + self.received_at.len()
+            + optional(&self.request_id)
+            + optional(&self.user_id)
+            + optional(&self.session_id)
+            + self.properties_bytes
+            + utm
     }
 }
 
@@ -96,12 +122,13 @@ pub fn received_now() -> String {
 }
 
 impl BiEvent {
-    /// A fresh id and the time of acceptance.
+    /// A fresh id and the time of acceptance. `properties` come with their size as
+    /// compact JSON ([`json_size`]).
     pub fn enrich(
         name: String,
         source: Source,
         timestamp: Option<String>,
-        properties: BTreeMap<String, Value>,
+        (properties, properties_bytes): (BTreeMap<String, Value>, usize),
         utm: Option<Utm>,
         origin: Origin,
     ) -> Self {
@@ -116,6 +143,7 @@ impl BiEvent {
             session_id: origin.session_id,
             properties,
             utm,
+            properties_bytes,
         }
     }
 }
@@ -127,11 +155,10 @@ pub fn utc_rfc3339(time: OffsetDateTime) -> String {
     time.format(&Rfc3339).unwrap_or_default()
 }
 
-/// The size of `properties` as compact JSON, when it exceeds `max` bytes.
-pub fn oversized(properties: &BTreeMap<String, Value>, max: usize) -> Option<usize> {
+/// The size of `properties` as compact JSON, in bytes.
+pub fn json_size(properties: &BTreeMap<String, Value>) -> usize {
     let mut count = ByteCount(0);
-    let size = serde_json::to_writer(&mut count, properties).map_or(usize::MAX, |()| count.0);
-    (size > max).then_some(size)
+    serde_json::to_writer(&mut count, properties).map_or(usize::MAX, |()| count.0)
 }
 
 /// Counts what is written, keeping nothing.
@@ -231,8 +258,8 @@ mod tests {
     #[test]
     fn properties_size_is_measured_as_compact_json() {
         let props = one("k", "v"); // {"k":"v"} = 9 bytes
-        assert_eq!(oversized(&props, 9), None);
-        assert_eq!(oversized(&props, 8), Some(9));
+        assert_eq!(json_size(&props), 9);
+        assert_eq!(json_size(&BTreeMap::new()), 2);
     }
 
     #[test]
@@ -241,7 +268,7 @@ mod tests {
             "page.view".into(),
             Source::Client,
             None,
-            one("path", "/"),
+            (one("path", "/"), 12),
             None,
             Origin {
                 request_id: Some("r1".into()),
@@ -254,5 +281,11 @@ mod tests {
         assert_eq!(body["request_id"], "r1");
         assert!(body.get("user_id").is_none() && body.get("utm").is_none());
         assert_eq!(Event::id(&event), Some(event.id.as_str()));
+        assert!(body.get("properties_bytes").is_none());
+        let size = event.size_bytes();
+        assert!(
+            size >= size_of::<BiEvent>() + 36 + "page.view".len() + 12,
+            "{size}"
+        );
     }
 }

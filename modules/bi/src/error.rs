@@ -1,6 +1,6 @@
 //! The bi module's errors and how clients see them.
 
-use poem::http::{HeaderName, HeaderValue, StatusCode};
+use poem::http::{HeaderName, HeaderValue, StatusCode, header};
 use trellis_core::{
     events::DispatchError,
     problem::{FieldViolation, ProblemError},
@@ -12,6 +12,12 @@ pub enum BiError {
     /// Events that break a rule; nothing of the request was accepted.
     #[error("{} field(s) are invalid; no event of this request was accepted", .0.len())]
     Invalid(Vec<FieldViolation>),
+    /// The sender's bucket has fewer tokens than the request has events.
+    #[error("too many events from this client; retry in {retry_after_secs} s")]
+    RateLimited {
+        /// Whole seconds until the events would fit.
+        retry_after_secs: u64,
+    },
     /// The event queue did not take the events.
     #[error(transparent)]
     Dispatch(#[from] DispatchError),
@@ -21,6 +27,7 @@ impl ProblemError for BiError {
     fn status(&self) -> StatusCode {
         match self {
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Dispatch(e) => e.status(),
         }
     }
@@ -28,6 +35,7 @@ impl ProblemError for BiError {
     fn slug(&self) -> &'static str {
         match self {
             Self::Invalid(_) => "validation",
+            Self::RateLimited { .. } => "rate-limited",
             Self::Dispatch(e) => e.slug(),
         }
     }
@@ -35,6 +43,7 @@ impl ProblemError for BiError {
     fn title(&self) -> &'static str {
         match self {
             Self::Invalid(_) => "Invalid events",
+            Self::RateLimited { .. } => "Too many requests",
             Self::Dispatch(e) => e.title(),
         }
     }
@@ -42,13 +51,16 @@ impl ProblemError for BiError {
     fn violations(&self) -> Vec<FieldViolation> {
         match self {
             Self::Invalid(v) => v.clone(),
-            Self::Dispatch(_) => Vec::new(),
+            Self::RateLimited { .. } | Self::Dispatch(_) => Vec::new(),
         }
     }
 
     fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         match self {
             Self::Invalid(_) => Vec::new(),
+            Self::RateLimited { retry_after_secs } => {
+                vec![(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs))]
+            }
             Self::Dispatch(e) => e.headers(),
         }
     }

@@ -1,8 +1,10 @@
 //! The `bi` module: business-intelligence events.
 //!
 //! - `POST /api/v1/bi/events` takes one event or a batch from clients, checks every event
-//!   (a batch is accepted whole or not at all), enriches it (id, received-at, request id,
-//!   the caller when authenticated) and hands it to the event dispatcher: 202 with the ids.
+//!   (a batch is accepted whole or not at all), takes one token per event from the
+//!   sender's bucket (`limit`: per address, or per user when authenticated; 429 when
+//!   empty), enriches it (id, received-at, request id, the caller when authenticated) and
+//!   hands it to the event dispatcher: 202 with the ids.
 //! - Domain events on the bus (`UserRegistered`, `UserLoggedIn`, …) become BI events too.
 //! - Its event handler forwards each BI event to the message queue, one JSON message per
 //!   event.
@@ -14,6 +16,7 @@ mod api;
 mod app;
 mod domain;
 mod error;
+mod limit;
 mod repo;
 
 use std::sync::Arc;
@@ -38,6 +41,15 @@ pub struct BiConfig {
     pub max_properties_bytes: usize,
     /// Whether domain events (registrations, logins, …) become BI events.
     pub internal_events: bool,
+    // Counted in events, not requests: a batch of 500 takes 500 tokens.
+    /// Events per second an anonymous client address may send, on average.
+    pub rate_per_address: u32,
+    /// Events an anonymous client address may send at once (at least `max_batch`).
+    pub burst_per_address: u32,
+    /// Events per second an authenticated user may send, on average.
+    pub rate_per_user: u32,
+    /// Events an authenticated user may send at once (at least `max_batch`).
+    pub burst_per_user: u32,
 }
 
 impl Default for BiConfig {
@@ -46,6 +58,10 @@ impl Default for BiConfig {
             max_batch: api::MAX_BATCH,
             max_properties_bytes: 16 * 1024,
             internal_events: true,
+            rate_per_address: 20,
+            burst_per_address: 1_000,
+            rate_per_user: 50,
+            burst_per_user: 1_000,
         }
     }
 }
@@ -69,7 +85,7 @@ impl Module for BiModule {
     fn build(&self, module: &mut ModuleBuilder) {
         module
             .config::<BiConfig>()
-            .api(|ctx| Ok(api::BiApi::new(Ingest::from_context(ctx)?)))
+            .api(|ctx| Ok(api::BiApi::new(Ingest::for_clients(ctx)?)))
             .on_event(|ctx| {
                 let forwarder = Forwarder::new(ctx.queue().clone());
                 Ok(move |event: Arc<BiEvent>| {

@@ -1,13 +1,13 @@
 //! HTTP surface of the common module.
 
-use poem::http::StatusCode;
+use poem::{Request, http::StatusCode};
 use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json};
 use trellis_core::{
     problem::Problem,
-    readiness::{CheckReport, CheckStatus},
+    readiness::{AdminRequest, CheckReport, CheckStatus},
 };
 
-use crate::app::Common;
+use crate::app::{Caller, Common};
 
 /// Liveness answer.
 #[derive(Debug, Object)]
@@ -41,13 +41,15 @@ impl From<CheckReport> for Check {
     }
 }
 
-/// Readiness: every check and the overall status.
+/// Readiness: the overall status and every check.
 #[derive(Debug, Object)]
 pub struct Readiness {
     /// `up` or `degraded` (a 200 is never `down`).
     pub status: String,
-    /// Each check.
-    pub checks: Vec<Check>,
+    /// Each check; left out on the public port while the admin listener
+    /// (`server.admin`) is on.
+    #[oai(skip_serializing_if_is_none)]
+    pub checks: Option<Vec<Check>>,
 }
 
 /// A failed readiness answer: a problem that also lists every check.
@@ -56,8 +58,10 @@ pub struct ReadinessProblem {
     /// The problem.
     #[oai(flatten)]
     pub problem: Problem,
-    /// Each check.
-    pub checks: Vec<Check>,
+    /// Each check; left out on the public port while the admin listener
+    /// (`server.admin`) is on.
+    #[oai(skip_serializing_if_is_none)]
+    pub checks: Option<Vec<Check>>,
 }
 
 /// Build and process facts.
@@ -159,8 +163,15 @@ impl CommonApi {
     /// Readiness
     ///
     /// Runs every readiness check (database, cache, queue, modules' own) concurrently.
+    /// While the admin listener (`server.admin`) is on, this port answers the status
+    /// only, and the admin listener's `/readyz` names the checks and why they fail.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
-    async fn readyz(&self) -> ReadyResponse {
+    async fn readyz(&self, req: &Request) -> ReadyResponse {
+        let caller = match req.data::<AdminRequest>() {
+            Some(_) => Caller::Operator,
+            None => Caller::Public,
+        };
+        let details = self.common.readiness_details_for(caller);
         let report = self.common.readiness().await;
         let failing: Vec<&str> = report
             .checks
@@ -168,18 +179,23 @@ impl CommonApi {
             .filter(|c| c.status == CheckStatus::Down)
             .map(|c| c.name.as_str())
             .collect();
-        if failing.is_empty() {
-            return ReadyResponse::Ready(Json(Readiness {
+        let detail = match (failing.is_empty(), details) {
+            (true, _) => None,
+            (false, true) => Some(format!("readiness check failed: {}", failing.join(", "))),
+            (false, false) => Some(String::from("a dependency is not ready")),
+        };
+        let checks = details.then(|| report.checks.into_iter().map(Check::from).collect());
+        match detail {
+            None => ReadyResponse::Ready(Json(Readiness {
                 status: report.status.as_str().into(),
-                checks: report.checks.into_iter().map(Check::from).collect(),
-            }));
+                checks,
+            })),
+            Some(detail) => ReadyResponse::NotReady(Json(ReadinessProblem {
+                problem: Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
+                    .with_detail(detail),
+                checks,
+            })),
         }
-        let problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
-            .with_detail(format!("readiness check failed: {}", failing.join(", ")));
-        ReadyResponse::NotReady(Json(ReadinessProblem {
-            problem,
-            checks: report.checks.into_iter().map(Check::from).collect(),
-        }))
     }
 
     /// Build information

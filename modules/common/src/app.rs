@@ -11,6 +11,16 @@ use crate::CommonConfig;
 pub struct Common {
     ctx: AppContext,
     readiness_timeout: Duration,
+    details_public: bool,
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A request on the public port.
+    Public,
+    /// A request on the admin listener.
+    Operator,
 }
 
 /// Build facts plus the running process's start time and uptime.
@@ -28,14 +38,21 @@ impl Common {
     /// The service over `ctx`.
     pub fn new(ctx: AppContext, config: CommonConfig) -> Self {
         Self {
-            ctx,
             readiness_timeout: Duration::from_millis(config.readiness_timeout_ms),
+            details_public: !ctx.config().server.admin.enabled,
+            ctx,
         }
     }
 
     /// Runs every readiness check.
     pub async fn readiness(&self) -> ReadinessReport {
         self.ctx.readiness().run(self.readiness_timeout).await
+    }
+
+    /// Whether readiness details (check names, failure texts) go to `caller`: to anyone
+    /// while the admin listener is off, only to operators on it while it is on.
+    pub fn readiness_details_for(&self, caller: Caller) -> bool {
+        self.details_public || caller == Caller::Operator
     }
 
     /// Build and process facts.

@@ -2,6 +2,8 @@
 //!
 //! - `GET /healthz`: liveness; touches no dependency.
 //! - `GET /readyz`: runs every registered readiness check; 503 problem naming the failing ones.
+//!   While the admin listener (`server.admin`) is on, only its requests (marked
+//!   [`AdminRequest`](trellis_core::readiness::AdminRequest)) get the names and texts.
 //! - `GET /api/v1/info`: build facts (version, commit, branch, build number, build time),
 //!   start time and uptime.
 //! - `GET /api/v1/modules`: the compiled-in modules.

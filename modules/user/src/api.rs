@@ -7,10 +7,7 @@ use poem_openapi::{
     payload::Json,
 };
 use trellis_core::{
-    auth::BearerAuth,
-    clock::from_millis,
-    net::{client_ip, rate_key},
-    payload::JsonBody,
+    auth::BearerAuth, client::client_address, clock::from_millis, payload::JsonBody,
 };
 
 use crate::{
@@ -350,7 +347,7 @@ impl UserApi {
         body: JsonBody<RegisterRequest>,
     ) -> Result<RegisterResponse, PublicFailure> {
         let user = NewUser::try_from(body.0)?;
-        let client = client_ip(req).map(rate_key);
+        let client = client_address(req).map(|ip| ip.to_string());
         let row = self.users.register(user, client.as_deref()).await?;
         let location = format!("/api/v1/users/{}", row.id);
         Ok(RegisterResponse::Created(Json(row.into()), location))
@@ -429,7 +426,7 @@ impl UserApi {
         body: JsonBody<UpdateUserRequest>,
     ) -> Result<UserResponse, UserFailure> {
         let changes = UserChanges::try_from(&body.0)?;
-        let client = client_ip(req).map(rate_key);
+        let client = client_address(req).map(|ip| ip.to_string());
         let current = body.0.current_password.map(|password| CurrentPassword {
             password,
             client: client.as_deref(),
@@ -467,7 +464,7 @@ impl UserApi {
                 message,
             )])
         })?;
-        let client = client_ip(req).map(rate_key);
+        let client = client_address(req).map(|ip| ip.to_string());
         let current = CurrentPassword {
             password: current_password,
             client: client.as_deref(),

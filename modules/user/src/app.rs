@@ -43,7 +43,7 @@ pub struct Page {
 pub struct CurrentPassword<'a> {
     /// The password as typed.
     pub password: String,
-    /// The client's rate-limit key ([`trellis_core::net::rate_key`]).
+    /// The client's rate-limit key ([`trellis_core::client::client_address`]).
     pub client: Option<&'a str>,
 }
 

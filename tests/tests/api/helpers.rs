@@ -149,6 +149,8 @@ async fn create_postgres_database(admin: &str, name: &str) -> String {
 /// A running server.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener's address, when `server.admin.enabled`.
+    pub admin_addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub storage: TestStorage,
     shutdown: ShutdownHandle,
@@ -176,10 +178,12 @@ pub async fn spawn_app_on(storage: TestStorage, overrides: &[(&str, Value)]) -> 
     }
     let app = Application::build(config).await.expect("the server builds");
     let addr = app.addr();
+    let admin_addr = app.admin_addr();
     let shutdown = app.shutdown_handle();
     let task = tokio::spawn(app.run_until_stopped());
     TestApp {
         addr,
+        admin_addr,
         client: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -194,6 +198,16 @@ impl TestApp {
     /// `http://addr{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// GET `path` on the admin listener (panics unless it is on).
+    pub async fn get_admin(&self, path: &str) -> reqwest::Response {
+        let admin = self.admin_addr.expect("the admin listener is on");
+        self.client
+            .get(format!("http://{admin}{path}"))
+            .send()
+            .await
+            .expect("request")
     }
 
     /// GET `path`.

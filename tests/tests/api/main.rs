@@ -13,5 +13,6 @@ mod middleware;
 mod openapi;
 mod process;
 mod security;
+mod security_edge;
 mod sqs;
 mod storage;

@@ -69,6 +69,9 @@ impl Sqs {
             ("mq.retry_backoff_max_ms", json!(500)),
             // moto takes about 100 ms per SendMessageBatch: give the drain time.
             ("mq.drain_timeout_ms", json!(120_000)),
+            // The loads here come from one address; the ingest limits are tested elsewhere.
+            ("modules.bi.rate_per_address", json!(1_000_000)),
+            ("modules.bi.burst_per_address", json!(1_000_000)),
             ("mq.backend", json!("sqs")),
         ]
     }
