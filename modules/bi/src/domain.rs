@@ -7,7 +7,8 @@ use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 use trellis_core::{
     contracts::{
-        LoginFailed, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
+        LoginFailed, PasswordChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
+        UserUpdated,
     },
     events::Event,
 };
@@ -210,6 +211,13 @@ impl Internal for UserUpdated {
 
 impl Internal for UserDeleted {
     const NAME: &'static str = "user.deleted";
+    fn user_id(&self) -> Option<&str> {
+        Some(&self.user_id)
+    }
+}
+
+impl Internal for PasswordChanged {
+    const NAME: &'static str = "user.password_changed";
     fn user_id(&self) -> Option<&str> {
         Some(&self.user_id)
     }

@@ -25,7 +25,8 @@ use serde::Deserialize;
 use trellis_core::{
     Module, ModuleBuilder, ModuleRegistration,
     contracts::{
-        LoginFailed, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
+        LoginFailed, PasswordChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
+        UserUpdated,
     },
 };
 
@@ -96,6 +97,7 @@ impl Module for BiModule {
         subscribe::<UserRegistered>(module);
         subscribe::<UserUpdated>(module);
         subscribe::<UserDeleted>(module);
+        subscribe::<PasswordChanged>(module);
         subscribe::<UserLoggedIn>(module);
         subscribe::<LoginFailed>(module);
         subscribe::<SessionRevoked>(module);
