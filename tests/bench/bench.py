@@ -6,6 +6,11 @@ A B C for BENCH_ROUNDS rounds (default 5: the p99 of one run on a shared machine
 swing tenfold, and a median of three flipped verdicts) of BENCH_DURATION seconds (default 10); the
 results file reports medians with min-max, the load average, and every command used.
 Run it through tests/bench/run.sh, which builds the release binaries first.
+
+BENCH_PREVIOUS names an earlier build's `trellis` binary: it then runs in the same rounds
+(`/healthz`, `/api/v1/users/me`, login) on its own defaults plus BENCH_PREVIOUS_ENV
+(`KEY=value` pairs, e.g. the limits it needs lifted), so a change on the request path is
+measured against the code before it in one run.
 """
 
 import json
@@ -27,6 +32,9 @@ RELEASE = ROOT / "target" / "release"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "tests" / "bench" / "RESULTS.md"))
+PREVIOUS = os.environ.get("BENCH_PREVIOUS")
+PREVIOUS_ENV = dict(kv.split("=", 1) for kv in os.environ.get("BENCH_PREVIOUS_ENV", "").split())
+PREVIOUS_NAME = "trellis, previous build"
 WRK = ["taskset", "-c", "1", "wrk", "-t2", "-c64", f"-d{DURATION}s", "--latency"]
 PASSWORD = "benchmark password"
 BI_BATCH = 100
@@ -234,6 +242,19 @@ def main():
         quieter.append(start_trellis(18184 + index, quiet_data, work, name, extra_env))
     token = token_for(trellis, "bench@example.com")
     auth = [f"Authorization: Bearer {token}"]
+    previous, previous_auth = None, []
+    if PREVIOUS:
+        previous_data = work / "data-previous"
+        previous_data.mkdir()
+        # Its own settings only: an earlier build refuses keys it does not know.
+        previous = Server(PREVIOUS_NAME, [PREVIOUS], 18187, {
+            "TRELLIS_SERVER__PORT": "18187",
+            "TRELLIS_DATABASE__URL": f"sqlite://{previous_data}/trellis.db",
+            "TRELLIS_MQ__FILE__DIRECTORY": str(previous_data / "events"),
+            **PREVIOUS_ENV,
+        }, cwd=work)
+        previous_auth = [f"Authorization: Bearer {token_for(previous, 'bench@example.com')}"]
+    tokens = {trellis.name: auth, PREVIOUS_NAME: previous_auth}
 
     bi_lua = work / "bi.lua"
     events = [{"name": "bench.page_view", "properties": {"path": f"/products/{i}", "position": i},
@@ -246,10 +267,11 @@ def main():
     for round_ in range(ROUNDS):
         for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
             servers = (trellis, poem, openapi, *quieter) if scenario == "healthz" else (trellis, poem, openapi)
+            servers += (previous,) if previous else ()
             for server in servers:
                 log(f"round {round_ + 1}/{ROUNDS}: {scenario} on {server.name}")
                 settle(trellis.proc.pid)
-                r = wrk(server.url(path), headers if server is trellis else [])
+                r = wrk(server.url(path), tokens.get(server.name, []) if headers else [])
                 if r["non2xx"] or r["socket_errors"]:
                     log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
                 results.setdefault((scenario, server.name), []).append(r)
@@ -270,9 +292,17 @@ def main():
     cpu1 = cpu_seconds(trellis.proc.pid)
     logins = login["rps"] * DURATION
     cpu_per_login_ms = (cpu1 - cpu0) / logins * 1000 if logins else float("nan")
+    previous_login = None
+    if previous:
+        settle(previous.proc.pid)
+        cpu0 = cpu_seconds(previous.proc.pid)
+        r = wrk(previous.url("/api/v1/auth/login"), script=login_lua)
+        cpu1 = cpu_seconds(previous.proc.pid)
+        n = r["rps"] * DURATION
+        previous_login = (r, (cpu1 - cpu0) / n * 1000 if n else float("nan"))
 
     rss_after = rss_mib(trellis.proc.pid)
-    for s in (poem, openapi, *quieter):
+    for s in (poem, openapi, *quieter, *((previous,) if previous else ())):
         s.stop()
 
     log("authenticated read with 1,000,000 users vs 1,000")
@@ -295,7 +325,7 @@ def main():
 
     bi_events = count_events(work / "data" / "events")
     write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, total,
-                  bi_runs, bi_events, load_before, load_after, started)
+                  bi_runs, bi_events, load_before, load_after, started, previous_login)
     shutil.rmtree(work, ignore_errors=True)
     log(f"results written to {RESULTS}")
 
@@ -307,7 +337,7 @@ def count_events(directory):
 
 
 def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, users,
-                  bi_runs, bi_events, load_before, load_after, started):
+                  bi_runs, bi_events, load_before, load_after, started, previous_login=None):
     def rps(scenario, server):
         return [r["rps"] for r in results[(scenario, server)]]
 
@@ -382,6 +412,7 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"{login['rps']:,.1f} logins/s on one core; {cpu_per_login_ms:.1f} ms of server CPU per login "
         f"(p99 {login['p99_ms']:.0f} ms at 64 connections).",
         "",
+        *previous_section(results, login, cpu_per_login_ms, previous_login),
         "## BI ingest",
         "",
         f"`POST /api/v1/bi/events` with {BI_BATCH} events per request: {fmt(bi_rates)} events/s accepted "
@@ -403,6 +434,32 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         "",
     ]
     RESULTS.write_text("\n".join(lines) + kept_history())
+
+
+def previous_section(results, login, cpu_per_login_ms, previous_login):
+    """The same rounds against the previous build (BENCH_PREVIOUS), as ratios."""
+    if previous_login is None:
+        return []
+    lines = [
+        "## Against the previous build, same run",
+        "",
+        f"`{PREVIOUS}` ran in the same rounds on its own defaults.",
+        "",
+        "| scenario | this build, req/s | previous build, req/s | ratio |",
+        "|---|---|---|---|",
+    ]
+    for scenario in ("healthz", "me"):
+        now = [r["rps"] for r in results[(scenario, "trellis")]]
+        before = [r["rps"] for r in results[(scenario, PREVIOUS_NAME)]]
+        lines.append(f"| {scenario} | {fmt(now)} | {fmt(before)} | "
+                     f"{statistics.median(now) / statistics.median(before):.3f} × |")
+    r, cpu_ms = previous_login
+    lines += [
+        f"| login | {login['rps']:,.1f} ({cpu_per_login_ms:.1f} ms CPU each) | {r['rps']:,.1f} "
+        f"({cpu_ms:.1f} ms CPU each) | {login['rps'] / r['rps']:.3f} × |",
+        "",
+    ]
+    return lines
 
 
 HISTORY = "## What each optimisation bought"

@@ -178,12 +178,17 @@ impl Auth {
             return Ok(());
         };
         let cache = self.repo.cache();
+        let mut spent = Vec::with_capacity(2);
         for (key, limit) in [
             (pair, self.config.login_failures_per_pair),
             (address, self.config.login_failures_per_address),
         ] {
+            spent.push(key);
             if let Err(retry_after) = cache.throttle(key, limit, self.window()).await {
-                let _ = cache.incr(key, -1, self.window()).await;
+                // A refused attempt checks no password, so it costs nothing.
+                for key in spent {
+                    let _ = cache.incr(key, -1, self.window()).await;
+                }
                 return Err(AuthModuleError::RateLimited { retry_after });
             }
         }
@@ -258,16 +263,15 @@ impl Auth {
             &account,
             client.address.map(|ip| address_key(ip).to_string()),
         );
-        let allowed = match self.spend(&keys).await {
-            Ok(()) => match self.account_wait(&keys).await {
-                Ok(()) => Ok(()),
-                Err(error) => {
-                    self.refund(&keys).await;
-                    Err(error)
-                }
-            },
-            Err(error) => Err(error),
-        };
+        let allowed = async {
+            self.spend(&keys).await?;
+            let waited = self.account_wait(&keys).await;
+            if waited.is_err() {
+                self.refund(&keys).await;
+            }
+            waited
+        }
+        .await;
         if let Err(error) = allowed {
             self.bus
                 .publish(LoginFailed {
