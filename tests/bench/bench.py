@@ -160,7 +160,10 @@ def trellis_env(port, data):
     return {
         "TRELLIS_SERVER__PORT": str(port),
         "TRELLIS_DATABASE__URL": f"sqlite://{data}/trellis.db",
-        # The login scenario logs in from one address as fast as it can.
+        # The login scenario logs in from one address as fast as it can, 64 at a time: an
+        # attempt holds its share of the login budgets until it succeeds.
+        "TRELLIS_MODULES__AUTH__LOGIN_FAILURES_PER_PAIR": "1000000000",
+        "TRELLIS_MODULES__AUTH__LOGIN_FAILURES_PER_ADDRESS": "1000000000",
         "TRELLIS_MODULES__USER__REGISTRATIONS_PER_ADDRESS": "1000000000",
         "TRELLIS_MODULES__USER__HASH_QUEUE": "1000000",
         # The load comes from one address and every event is counted on disk afterwards:

@@ -173,12 +173,12 @@ enum UserRolesResponse {
 
 /// The auth module's API.
 pub struct AuthApi {
-    auth: Auth,
+    auth: std::sync::Arc<Auth>,
 }
 
 impl AuthApi {
     /// The API over the service.
-    pub fn new(auth: Auth) -> Self {
+    pub fn new(auth: std::sync::Arc<Auth>) -> Self {
         Self { auth }
     }
 }

@@ -16,6 +16,8 @@ mod repo;
 mod secrets;
 mod tokens;
 
+use std::sync::Arc;
+
 use secrecy::SecretString;
 use serde::Deserialize;
 use trellis_core::{
@@ -102,26 +104,22 @@ impl Module for AuthModule {
     fn build(&self, module: &mut ModuleBuilder) {
         // One service for the API, the handlers and the init hook: one signer with one
         // key ring and one cache of verified tokens.
-        let auth = Shared::<Auth>::default();
+        let auth = Shared::<Arc<Auth>>::default();
         let [api, authenticate, revoke, guard, close, deleted, init] =
             std::array::from_fn(|_| auth.clone());
         module
             .config::<AuthConfig>()
             .migrations(repo::MIGRATIONS)
-            .api(move |ctx| {
-                Ok(api::AuthApi::new(
-                    api.get_or_build(ctx, Auth::from_context)?,
-                ))
-            })
+            .api(move |ctx| Ok(api::AuthApi::new(api.get_or_build(ctx, service)?)))
             .handle(move |ctx| {
-                let auth = authenticate.get_or_build(ctx, Auth::from_context)?;
+                let auth = authenticate.get_or_build(ctx, service)?;
                 Ok(move |request: Authenticate| {
                     let auth = auth.clone();
                     async move { auth.authenticate(&request.token).await }
                 })
             })
             .handle(move |ctx| {
-                let auth = revoke.get_or_build(ctx, Auth::from_context)?;
+                let auth = revoke.get_or_build(ctx, service)?;
                 Ok(move |request: RevokeUserSessions| {
                     let auth = auth.clone();
                     async move {
@@ -132,21 +130,21 @@ impl Module for AuthModule {
                 })
             })
             .handle(move |ctx| {
-                let auth = guard.get_or_build(ctx, Auth::from_context)?;
+                let auth = guard.get_or_build(ctx, service)?;
                 Ok(move |request: GuardAccount| {
                     let auth = auth.clone();
                     async move { auth.guard(&request.actor, &request.user_id).await }
                 })
             })
             .handle(move |ctx| {
-                let auth = close.get_or_build(ctx, Auth::from_context)?;
+                let auth = close.get_or_build(ctx, service)?;
                 Ok(move |request: CloseAccount| {
                     let auth = auth.clone();
                     async move { auth.close_account(request).await }
                 })
             })
             .subscribe(move |ctx| {
-                let auth = deleted.get_or_build(ctx, Auth::from_context)?;
+                let auth = deleted.get_or_build(ctx, service)?;
                 Ok(move |event: UserDeleted| {
                     let auth = auth.clone();
                     async move { auth.forget_user_sessions(&event.user_id).await }
@@ -160,6 +158,12 @@ impl Module for AuthModule {
                 auth.bootstrap_admin(ctx.bus()).await
             });
     }
+}
+
+/// The service, shared by reference: the bearer check runs on every authenticated request,
+/// so its handler clones a pointer, not the service.
+fn service(ctx: &trellis_core::ModuleContext<'_>) -> anyhow::Result<Arc<Auth>> {
+    Auth::from_context(ctx).map(Arc::new)
 }
 
 trellis_core::inventory::submit! { ModuleRegistration::of(&AuthModule) }
