@@ -262,13 +262,14 @@ trellis_core::problem_responses! {
     pub enum UserFailure from UserError {
         /// Missing, invalid or expired token, or ended session.
         401 => Unauthorized,
-        /// The caller lacks the permission.
+        /// The caller lacks the permission, is outranked by the account's owner, or gave no
+        /// or a wrong `current_password`.
         403 => Forbidden,
         /// No such user (or not one the caller may see).
         404 => NotFound,
         /// The new e-mail is already registered.
         409 => Conflict,
-        /// A field breaks a rule, or the current password is wrong; `errors` names each.
+        /// A field breaks a rule; `errors` names each.
         422 => Invalid,
         /// Too many password checks from this address; `Retry-After` says when to retry.
         429 => TooManyRequests,

@@ -15,7 +15,6 @@ use trellis_core::{
         AccountError, BootstrapAccount, Bootstrapped, CloseAccount, GuardAccount, PasswordChanged,
         RevokeUserSessions, UserDeleted, UserIdentity, UserRegistered, UserUpdated,
     },
-    problem::FieldViolation,
 };
 
 use crate::{
@@ -143,11 +142,9 @@ impl Users {
         if self.hasher.verify(current.password, Some(stored)).await? {
             Ok(())
         } else {
-            Err(UserError::Invalid(vec![FieldViolation::new(
-                "body",
-                "/current_password",
+            Err(UserError::Reauthenticate(
                 "is not the account's current password",
-            )]))
+            ))
         }
     }
 
@@ -220,13 +217,9 @@ impl Users {
         }
         self.guard(principal, id).await?;
         if changes.email.is_some() && principal.is(id) {
-            let current = current.ok_or_else(|| {
-                UserError::Invalid(vec![FieldViolation::new(
-                    "body",
-                    "/current_password",
-                    "is required to change the e-mail",
-                )])
-            })?;
+            let current = current.ok_or(UserError::Reauthenticate(
+                "changing the e-mail needs the current password",
+            ))?;
             self.check_password(id, current).await?;
         }
         let fields = changes.fields();

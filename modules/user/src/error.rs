@@ -27,6 +27,10 @@ pub enum UserError {
     /// The change would break a rule, e.g. delete the last super-administrator.
     #[error("{0}")]
     Conflict(String),
+    /// A change that needs the current password came without it, or with a wrong one
+    /// (403, not 422: the request is well-formed, the caller failed to re-authenticate).
+    #[error("{0}")]
+    Reauthenticate(&'static str),
     /// Too many attempts from the client's address.
     #[error("too many attempts from this address; retry after {retry_after} seconds")]
     Throttled {
@@ -78,7 +82,9 @@ impl ProblemError for UserError {
         match self {
             Self::EmailTaken => StatusCode::CONFLICT,
             Self::NotFound => StatusCode::NOT_FOUND,
-            Self::Forbidden(_) | Self::Outranked(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::Outranked(_) | Self::Reauthenticate(_) => {
+                StatusCode::FORBIDDEN
+            }
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Busy | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -96,6 +102,7 @@ impl ProblemError for UserError {
             Self::NotFound | Self::Db(DbError::NotFound) => "user-not-found",
             Self::Forbidden(_) => "forbidden",
             Self::Outranked(_) => "outranked",
+            Self::Reauthenticate(_) => "reauthentication-failed",
             Self::Conflict(_) => "conflict",
             Self::Throttled { .. } => "rate-limited",
             Self::Busy => "busy",
@@ -113,6 +120,7 @@ impl ProblemError for UserError {
             }
             Self::NotFound | Self::Db(DbError::NotFound) => "User not found",
             Self::Forbidden(_) | Self::Outranked(_) => "Forbidden",
+            Self::Reauthenticate(_) => "Current password needed",
             Self::Conflict(_) => "Conflict",
             Self::Throttled { .. } => "Too many requests",
             Self::Busy => "Server busy",
@@ -134,6 +142,9 @@ impl ProblemError for UserError {
     fn violations(&self) -> Vec<FieldViolation> {
         match self {
             Self::Invalid(v) => v.clone(),
+            Self::Reauthenticate(why) => {
+                vec![FieldViolation::new("body", "/current_password", *why)]
+            }
             _ => Vec::new(),
         }
     }
