@@ -65,6 +65,25 @@ pub struct ServerConfig {
     pub cors: CorsConfig,
     /// The operators' listener (`/metrics`, detailed `/readyz`, `/api/v1/info`).
     pub admin: AdminConfig,
+    /// Peers whose forwarding headers are believed (CIDRs or addresses; empty: none, the
+    /// TCP peer is the client). See [`crate::client`].
+    pub trusted_proxies: Vec<String>,
+    /// The header a trusted proxy names the client in.
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// Which header carries the chain of client addresses. Only one is read: a client can
+/// send either, and a proxy appends to only one of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (nginx's `$proxy_add_x_forwarded_for`, most load balancers), with
+    /// `X-Forwarded-Proto` for the scheme.
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=…;proto=…`.
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +96,8 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 30_000,
             cors: CorsConfig::default(),
             admin: AdminConfig::default(),
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
         }
     }
 }
@@ -676,6 +697,11 @@ impl LoadedConfig {
 
 fn validate(config: &Config) -> Result<(), ConfigError> {
     let mut problems = Vec::new();
+    if let Err(bad) = crate::client::parse_networks(&config.server.trusted_proxies) {
+        problems.push(format!(
+            "`server.trusted_proxies`: `{bad}` is not an address or a CIDR block"
+        ));
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.telemetry.level) {
         problems.push(format!(
             "`telemetry.level`: `{}` is not a valid filter: {e}",

@@ -29,6 +29,7 @@ use poem::{
 use tokio::sync::watch;
 use trellis_core::{
     AppContext, Assembly, BuildInfo, ModuleInfo, assemble,
+    client::TrustedProxies,
     config::LoadedConfig,
     metrics,
     mq::MessageQueue,
@@ -197,7 +198,7 @@ impl Application {
                 .boxed(),
             ),
         };
-        let endpoint = stack(inner, &ctx, &routes, vary_origin).boxed();
+        let endpoint = stack(inner, &ctx, &routes, vary_origin)?.boxed();
         let (acceptor, addr) =
             bind(&server.host, server.port, "`server.host`, `server.port`").await?;
         let admin = match server.admin.enabled {
@@ -208,7 +209,7 @@ impl Application {
                     metrics: admin_metrics,
                     api,
                 };
-                let endpoint = stack(endpoint, &ctx, &routes, false).boxed();
+                let endpoint = stack(endpoint, &ctx, &routes, false)?.boxed();
                 let (acceptor, addr) = bind(
                     &admin.host,
                     admin.port,
@@ -336,9 +337,11 @@ fn stack<E>(
     ctx: &AppContext,
     routes: &Arc<RouteIndex>,
     vary_origin: bool,
-) -> middleware::Stack<E> {
+) -> anyhow::Result<middleware::Stack<E>> {
     let server = &ctx.config().server;
-    middleware::Stack {
+    let proxies = TrustedProxies::new(&server.trusted_proxies, server.forwarded_header)
+        .map_err(|bad| anyhow::anyhow!("`server.trusted_proxies`: `{bad}` is not a network"))?;
+    Ok(middleware::Stack {
         inner,
         routes: routes.clone(),
         bus: ctx.bus().clone(),
@@ -347,7 +350,8 @@ fn stack<E>(
         timeout: Duration::from_millis(server.request_timeout_ms),
         metrics: middleware::RequestMetrics::new(),
         vary_origin,
-    }
+        proxies: (!proxies.is_empty()).then_some(proxies),
+    })
 }
 
 /// Binds `host:port`; `keys` name the settings in the error.

@@ -1,7 +1,9 @@
 //! The middleware every request passes, in this order:
 //!
 //! 0. the bus rides along with each request, so that the bearer-token checker in core
-//!    can ask the module that authenticates;
+//!    can ask the module that authenticates; behind `server.trusted_proxies`, the client's
+//!    address is read from their header ([`trellis_core::client`]) for every limit, the
+//!    access line (`client=`) and the modules;
 //! 1. request id: reuse a sane incoming `X-Request-Id` or generate one, open the
 //!    [`RequestScope`], echo the id;
 //! 2. access log: one span and one access-log line per request; server-side failure causes
@@ -42,6 +44,7 @@ use poem::{
 use tracing::Instrument as _;
 use trellis_core::{
     bus::Bus,
+    client::{TrustedProxies, client_ip},
     metrics::{HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_IN_FLIGHT, HTTP_REQUESTS_TOTAL},
     problem::{InternalError, ProblemJson, RequestScope},
     readiness::AdminRequest,
@@ -73,6 +76,8 @@ pub struct Stack<E> {
     pub(crate) metrics: RequestMetrics,
     /// CORS is on: every answer depends on the `Origin` header.
     pub(crate) vary_origin: bool,
+    /// `server.trusted_proxies`, when there are any.
+    pub(crate) proxies: Option<TrustedProxies>,
 }
 
 /// An incoming id is reused when it is 1 to 128 visible ASCII characters from a safe set,
@@ -92,6 +97,12 @@ impl<E: Endpoint> Endpoint for Stack<E> {
     /// Steps 0 and 1: the bus, the request id and the request scope.
     async fn call(&self, mut req: Request) -> poem::Result<Response> {
         req.set_data(self.bus.clone());
+        if let Some(proxies) = &self.proxies
+            && let Some(peer) = req.remote_addr().as_socket_addr()
+            && let Some(client) = proxies.resolve(peer.ip(), req.headers())
+        {
+            req.extensions_mut().insert(client);
+        }
         let id: Arc<str> = match req.headers().get(&X_REQUEST_ID).and_then(sane_request_id) {
             Some(id) => Arc::from(id),
             None => Arc::from(uuid::Uuid::new_v4().simple().to_string()),
@@ -114,6 +125,7 @@ impl<E: Endpoint> Stack<E> {
     async fn observe(&self, req: Request, id: &str) -> Response {
         let started = Instant::now();
         let method = req.method().clone();
+        let client = client_ip(&req);
         let span = tracing::info_span!(
             "request",
             request_id = id,
@@ -138,6 +150,7 @@ impl<E: Endpoint> Stack<E> {
                 route = route.as_deref().unwrap_or(UNMATCHED),
                 status = status.as_u16(),
                 latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                client = client.map(tracing::field::display),
                 "request"
             );
         }

@@ -12,6 +12,7 @@ mod faults;
 mod middleware;
 mod openapi;
 mod process;
+mod proxies;
 mod security;
 mod security_edge;
 mod sqs;

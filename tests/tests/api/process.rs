@@ -34,7 +34,7 @@ pub(crate) fn server(port: u16, storage: &TestStorage) -> Command {
 }
 
 /// Streams a child's stdout lines into a channel.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+pub(crate) fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().expect("piped stdout");
     std::thread::spawn(move || {
