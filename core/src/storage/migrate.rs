@@ -3,9 +3,16 @@
 //! collide), and skipped once applied. An applied migration whose SQL changed, or a failing
 //! one, stops start-up naming the module and the migration. Tables of a module that is not
 //! compiled in are left alone: only the compiled-in modules' migrations are looked at.
+//!
+//! Instances starting together on one database apply each migration once. On PostgreSQL
+//! they queue on an advisory lock, taken by polling (`pg_try_advisory_lock`), so that the
+//! wait is logged and no `statement_timeout` cuts it short; a migration's own statements
+//! run without that timeout. On SQLite each migration's transaction takes the write lock
+//! first (`BEGIN IMMEDIATE`). Either way the record is read again inside the transaction,
+//! and a migration another instance applied meanwhile is skipped.
 
 use anyhow::{Context as _, bail};
-use sqlx::{Acquire as _, Row as _};
+use sqlx::{Connection as _, Row as _};
 
 use super::{Backend, Database, Migration};
 
@@ -23,6 +30,9 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS trellis_migrations (
 
 /// Serialises concurrent starts on PostgreSQL (any constant shared by all instances).
 const PG_LOCK_KEY: i64 = 0x0074_7265_6c6c_6973;
+
+/// How often a waiting instance asks for the PostgreSQL lock again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Applies the pending migrations of `modules` (in the given order); returns how many ran.
 pub async fn migrate(
@@ -44,11 +54,26 @@ pub async fn migrate(
         .await
         .context("migrations: cannot reach the database")?;
     if db.backend() == Backend::Postgres {
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(PG_LOCK_KEY)
-            .execute(&mut *conn)
-            .await
-            .context("migrations: cannot take the migration lock")?;
+        let mut waiting_since = None;
+        loop {
+            let locked: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
+                .bind(PG_LOCK_KEY)
+                .fetch_one(&mut *conn)
+                .await
+                .and_then(|row| row.try_get(0))
+                .context("migrations: cannot take the migration lock")?;
+            if locked {
+                break;
+            }
+            let since = waiting_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed().as_millis() % 10_000 < LOCK_POLL.as_millis() {
+                tracing::info!(
+                    waited_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "waiting for another instance's migrations (PostgreSQL advisory lock)"
+                );
+            }
+            tokio::time::sleep(LOCK_POLL).await;
+        }
     }
     let result = async {
         sqlx::query(CREATE_TABLE)
@@ -84,7 +109,36 @@ pub async fn migrate(
                     }
                     continue;
                 }
-                let mut tx = conn.begin().await.with_context(|| format!("{label}: cannot begin"))?;
+                let begin = match db.backend() {
+                    Backend::Sqlite => "BEGIN IMMEDIATE",
+                    Backend::Postgres => "BEGIN",
+                };
+                let mut tx = (*conn)
+                    .begin_with(sqlx::AssertSqlSafe(begin))
+                    .await
+                    .with_context(|| format!("{label}: cannot begin"))?;
+                if db.backend() == Backend::Postgres {
+                    sqlx::raw_sql("SET LOCAL statement_timeout = 0")
+                        .execute(&mut *tx)
+                        .await
+                        .with_context(|| format!("{label}: cannot lift the statement timeout"))?;
+                }
+                let meanwhile: Option<String> = sqlx::query(
+                    "SELECT checksum FROM trellis_migrations WHERE module = $1 AND version = $2",
+                )
+                .bind(*module)
+                .bind(i64::from(migration.version))
+                .fetch_optional(&mut *tx)
+                .await
+                .with_context(|| format!("{label}: cannot read its record"))?
+                .map(|row| row.try_get(0))
+                .transpose()?;
+                if let Some(recorded) = meanwhile {
+                    if recorded != checksum {
+                        bail!("{label} was applied meanwhile by another instance with other SQL (checksum {recorded}, here {checksum})");
+                    }
+                    continue;
+                }
                 sqlx::raw_sql(sql)
                     .execute(&mut *tx)
                     .await

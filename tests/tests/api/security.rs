@@ -63,15 +63,17 @@ async fn registering_the_bootstrap_email_first_does_not_make_a_super_admin() {
 
 #[tokio::test]
 async fn the_bootstrap_admin_is_created_once_when_instances_start_together() {
-    // Migrated by a first start, so that the two below race only in the bootstrap.
-    let storage = spawn_app().await.stop_keeping_storage().await;
-    let twin = storage.sharing().await;
+    // Three instances at the same moment on an empty database: each migration is applied
+    // once, the bootstrap account is created once, and all three become ready.
+    let storage = TestStorage::new().await;
+    let (second, third) = (storage.sharing().await, storage.sharing().await);
     let overrides = admin();
-    let (a, b) = tokio::join!(
+    let (a, b, c) = tokio::join!(
         spawn_app_on(storage, &overrides),
-        spawn_app_on(twin, &overrides)
+        spawn_app_on(second, &overrides),
+        spawn_app_on(third, &overrides)
     );
-    for app in [&a, &b] {
+    for app in [&a, &b, &c] {
         let tokens = app.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
         let me = app
             .get_json_authed("/api/v1/users/me", &token(&tokens))

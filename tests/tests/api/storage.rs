@@ -121,3 +121,37 @@ async fn storage_metrics_are_exported() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_instance_waits_out_another_instances_migrations_past_the_statement_timeout() {
+    let storage = crate::helpers::TestStorage::new().await;
+    let Some(url) = storage
+        .settings
+        .iter()
+        .find(|(key, value)| *key == "database.url" && value.starts_with("postgres"))
+        .map(|(_, url)| url.clone())
+    else {
+        return; // PostgreSQL only: SQLite has no advisory lock to wait on.
+    };
+    // Another instance is migrating: it holds the lock for longer than the statement
+    // timeout the waiting instance runs with.
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&url)
+        .await
+        .expect("connection");
+    sqlx::query("SELECT pg_advisory_lock(32776877234743667)")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        sqlx::query("SELECT pg_advisory_unlock(32776877234743667)")
+            .execute(&mut holder)
+            .await
+            .expect("unlock");
+        holder
+    });
+    let app = spawn_app_on(storage, &[("database.statement_timeout_ms", json!(300))]).await;
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    drop(release.await.expect("released"));
+}
