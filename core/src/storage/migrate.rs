@@ -137,6 +137,10 @@ pub async fn migrate(
                     if recorded != checksum {
                         bail!("{label} was applied meanwhile by another instance with other SQL (checksum {recorded}, here {checksum})");
                     }
+                    // Ends the transaction (and SQLite's write lock) before the next one.
+                    tx.rollback()
+                        .await
+                        .with_context(|| format!("{label}: cannot end its transaction"))?;
                     continue;
                 }
                 sqlx::raw_sql(sql)
