@@ -46,6 +46,12 @@ pub enum AccountError {
     Unavailable(String),
 }
 
+impl From<crate::storage::DbError> for AccountError {
+    fn from(error: crate::storage::DbError) -> Self {
+        Self::Unavailable(error.to_string())
+    }
+}
+
 /// Checks an e-mail and password. Answers `None` for an unknown e-mail, a wrong password or
 /// a deleted account alike, taking about the same time in each case.
 #[derive(Debug, Clone)]

@@ -538,11 +538,7 @@ impl Auth {
         if actor.is(user_id) || actor.can(SUDO) {
             return Ok(());
         }
-        let roles = self
-            .repo
-            .user_roles(user_id)
-            .await
-            .map_err(|e| AccountError::Unavailable(e.to_string()))?;
+        let roles = self.repo.user_roles(user_id).await?;
         if roles.iter().any(|role| role == SUPER_ADMIN) {
             return Err(AccountError::Forbidden(
                 "a super-administrator's account can be changed only by a super-administrator"
@@ -567,8 +563,7 @@ impl Auth {
             self.repo.close_account(&tx, &user_id, now_millis()).await?;
             Ok::<_, DbError>(true)
         }
-        .await
-        .map_err(|e| AccountError::Unavailable(e.to_string()))?;
+        .await?;
         if closed {
             Ok(())
         } else {

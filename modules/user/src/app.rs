@@ -369,11 +369,7 @@ impl Users {
         password: String,
     ) -> Result<Option<UserIdentity>, AccountError> {
         let found = match Email::parse(email) {
-            Ok(email) => self
-                .repo
-                .find_credentials(email.as_str())
-                .await
-                .map_err(|e| AccountError::Unavailable(e.to_string()))?,
+            Ok(email) => self.repo.find_credentials(email.as_str()).await?,
             Err(_) => None,
         };
         let (user, hash) = match found {
@@ -393,11 +389,7 @@ impl Users {
 
     /// Bus: an active user by id.
     pub async fn find_identity(&self, id: &str) -> Result<Option<UserIdentity>, AccountError> {
-        let row = self
-            .repo
-            .find_active(id)
-            .await
-            .map_err(|e| AccountError::Unavailable(e.to_string()))?;
+        let row = self.repo.find_active(id).await?;
         Ok(row.map(|u| UserIdentity {
             id: u.id,
             email: u.email,
@@ -416,20 +408,20 @@ impl Users {
             other => AccountError::Unavailable(other.to_string()),
         };
         for _ in 0..2 {
-            if let Some(found) = self
-                .verify_credentials(email.as_str(), request.password.clone())
-                .await?
-            {
-                return Ok(Bootstrapped::Verified(found));
-            }
-            if self
-                .repo
-                .find_credentials(email.as_str())
-                .await
-                .map_err(|e| AccountError::Unavailable(e.to_string()))?
-                .is_some()
-            {
-                return Ok(Bootstrapped::PasswordMismatch);
+            if let Some((user, hash)) = self.repo.find_credentials(email.as_str()).await? {
+                let matches = self
+                    .hasher
+                    .verify(request.password.clone(), Some(hash))
+                    .await
+                    .map_err(|_| AccountError::Busy)?;
+                return Ok(if matches {
+                    Bootstrapped::Verified(UserIdentity {
+                        id: user.id,
+                        email: user.email,
+                    })
+                } else {
+                    Bootstrapped::PasswordMismatch
+                });
             }
             let user = NewUser {
                 email: email.clone(),
