@@ -1,8 +1,6 @@
 //! Assembly: the server's "modules" step. Builds every module, checks and wires what they
 //! declared, and hands back what the server mounts and runs.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 
 use crate::{
@@ -127,20 +125,17 @@ impl Assembly {
         Ok(())
     }
 
-    /// Runs the shutdown hooks in reverse module order, each within `timeout`. Failures
-    /// are logged; every hook gets its turn.
-    pub async fn shutdown(mut self, ctx: &AppContext, timeout: Duration) {
+    /// Runs the shutdown hooks in reverse module order, all of them by `deadline`.
+    /// Failures are logged; every hook gets its turn (one past the deadline gets none
+    /// and is logged as timed out).
+    pub async fn shutdown(mut self, ctx: &AppContext, deadline: tokio::time::Instant) {
         while let Some((module, hook)) = self.shutdown.pop() {
-            match tokio::time::timeout(timeout, hook(ctx.clone())).await {
+            match tokio::time::timeout_at(deadline, hook(ctx.clone())).await {
                 Ok(Ok(())) => tracing::info!(module, "module shut down"),
                 Ok(Err(error)) => {
                     tracing::error!(module, error = %format!("{error:#}"), "module shutdown failed")
                 }
-                Err(_) => tracing::error!(
-                    module,
-                    timeout_ms = timeout.as_millis() as u64,
-                    "module shutdown timed out"
-                ),
+                Err(_) => tracing::error!(module, "module shutdown timed out"),
             }
         }
     }
@@ -151,6 +146,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use serde::Deserialize;
+
+    use std::time::Duration;
 
     use super::*;
     use crate::{
@@ -231,7 +228,9 @@ mod tests {
         let ctx = context(&modules, LoadedConfig::defaults()).await;
         let mut assembly = assemble(&modules, &ctx, Vec::new()).expect("assembles");
         assembly.init(&ctx).await.expect("init");
-        assembly.shutdown(&ctx, Duration::from_secs(1)).await;
+        assembly
+            .shutdown(&ctx, tokio::time::Instant::now() + Duration::from_secs(1))
+            .await;
         let log = log.lock().expect("log").clone();
         assert_eq!(
             log,

@@ -57,9 +57,28 @@ pub struct ServerConfig {
     pub port: u16,
     /// Largest accepted request body, in bytes; larger bodies get 413.
     pub body_limit_bytes: usize,
-    /// A request that takes longer is answered 503.
+    /// A request that takes longer, reading its body included, is answered 503.
     pub request_timeout_ms: u64,
-    /// On shutdown, how long in-flight requests may take to finish.
+    /// A client must send a request's whole header within this time of its first byte,
+    /// or the connection is closed (slow senders hold no connection for long).
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed. Keep it longer
+    /// than a proxy's upstream keep-alive timeout (nginx: 60 s), so that the proxy, not
+    /// Trellis, closes idle connections and never sends on one being closed.
+    pub idle_timeout_ms: u64,
+    /// Open connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Requests being served at most; one more is answered 503 (`/healthz`, `/readyz`
+    /// and `/metrics` are always served).
+    pub max_in_flight: usize,
+    /// After a 413, how long the rest of the body is read and thrown away, so that a
+    /// client still sending receives the 413 instead of a reset connection.
+    pub body_linger_ms: u64,
+    /// On SIGTERM, how long the listener keeps serving while `/readyz` already answers
+    /// 503 `draining`, so that proxies and orchestrators stop routing here first.
+    pub shutdown_delay_ms: u64,
+    /// On SIGTERM or SIGINT, the budget for the whole shutdown: the delay above, the
+    /// in-flight requests, the accepted events, the modules and the message queue.
     pub shutdown_timeout_ms: u64,
     /// Cross-origin resource sharing.
     pub cors: CorsConfig,
@@ -93,7 +112,13 @@ impl Default for ServerConfig {
             port: 8080,
             body_limit_bytes: 1024 * 1024,
             request_timeout_ms: 30_000,
-            shutdown_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 75_000,
+            max_connections: 4096,
+            max_in_flight: 1024,
+            body_linger_ms: 2_000,
+            shutdown_delay_ms: 0,
+            shutdown_timeout_ms: 25_000,
             cors: CorsConfig::default(),
             admin: AdminConfig::default(),
             trusted_proxies: Vec::new(),

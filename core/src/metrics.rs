@@ -15,6 +15,14 @@ pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 /// Requests being served right now.
 pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
+/// Open client connections, over every listener.
+pub const HTTP_CONNECTIONS_OPEN: &str = "http_connections_open";
+/// Connections and requests answered 503 because a cap was reached, by `limit`
+/// (`connections`: `server.max_connections`, `in_flight`: `server.max_in_flight`).
+pub const HTTP_OVERLOAD_REJECTIONS_TOTAL: &str = "http_overload_rejections_total";
+/// Connections closed because a request's header did not arrive within
+/// `server.header_read_timeout_ms`.
+pub const HTTP_HEADER_TIMEOUTS_TOTAL: &str = "http_header_timeouts_total";
 /// Query duration histogram, by module and operation.
 pub const DB_QUERY_DURATION_SECONDS: &str = "db_query_duration_seconds";
 /// Failed queries, by module, operation and kind.
@@ -118,6 +126,20 @@ fn describe() {
     describe_gauge!(
         HTTP_REQUESTS_IN_FLIGHT,
         "HTTP requests being served right now."
+    );
+    describe_gauge!(
+        HTTP_CONNECTIONS_OPEN,
+        "Open client connections, over every listener."
+    );
+    describe_counter!(
+        HTTP_OVERLOAD_REJECTIONS_TOTAL,
+        "Connections and requests answered 503 because a cap was reached, by limit \
+         (connections: server.max_connections, in_flight: server.max_in_flight)."
+    );
+    describe_counter!(
+        HTTP_HEADER_TIMEOUTS_TOTAL,
+        "Connections closed because a request header did not arrive within \
+         server.header_read_timeout_ms."
     );
     describe_histogram!(
         DB_QUERY_DURATION_SECONDS,

@@ -4,7 +4,10 @@
 //! concurrently, each under a deadline, and reports status and latency per check.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -113,19 +116,24 @@ pub struct CheckReport {
     pub detail: Option<String>,
 }
 
-/// All checks' results; `status` is the worst of them (up when there are none).
+/// All checks' results; `status` is the worst of them (up when there are none), or down
+/// while the server drains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadinessReport {
     /// Overall status.
     pub status: CheckStatus,
-    /// Per check, in registration order.
+    /// Per check, in registration order (none while draining).
     pub checks: Vec<CheckReport>,
+    /// The server is shutting down: proxies should stop routing here.
+    pub draining: bool,
 }
 
-/// The registered checks, frozen once the modules are wired.
+/// The registered checks, frozen once the modules are wired, and whether the server
+/// drains.
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Arc<OnceLock<Vec<NamedCheck>>>,
+    draining: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -141,8 +149,21 @@ impl Readiness {
         self.checks.set(checks).is_ok()
     }
 
-    /// Runs every check concurrently; a check slower than `timeout` is down.
+    /// From now on the server is not ready: it is shutting down.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs every check concurrently; a check slower than `timeout` is down. While
+    /// draining, runs none and reports down.
     pub async fn run(&self, timeout: Duration) -> ReadinessReport {
+        if self.draining.load(Ordering::Relaxed) {
+            return ReadinessReport {
+                status: CheckStatus::Down,
+                checks: Vec::new(),
+                draining: true,
+            };
+        }
         let checks = self.checks.get().map(Vec::as_slice).unwrap_or_default();
         let checks = join_all(checks.iter().map(|named| async move {
             let started = Instant::now();
@@ -164,7 +185,11 @@ impl Readiness {
             .map(|c| c.status)
             .max()
             .unwrap_or(CheckStatus::Up);
-        ReadinessReport { status, checks }
+        ReadinessReport {
+            status,
+            checks,
+            draining: false,
+        }
     }
 }
 
@@ -208,6 +233,20 @@ mod tests {
                 ("test.slow", CheckStatus::Down)
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_draining_server_is_not_ready_whatever_its_checks() {
+        let readiness = Readiness::default();
+        readiness.start(vec![named("fast", || async { CheckOutcome::up() })]);
+        assert_eq!(
+            readiness.run(Duration::from_millis(50)).await.status,
+            CheckStatus::Up
+        );
+        readiness.begin_draining();
+        let report = readiness.run(Duration::from_millis(50)).await;
+        assert_eq!(report.status, CheckStatus::Down);
+        assert!(report.draining);
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use crate::Application;
+use crate::{Application, ShutdownIncomplete};
 use clap::{Parser, Subcommand};
 use trellis_core::config::ConfigSources;
 
@@ -99,6 +99,11 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         watcher.abort();
         match result {
             Ok(()) => ExitCode::SUCCESS,
+            Err(error) if error.is::<ShutdownIncomplete>() => {
+                tracing::error!(error = %error, "trellis stopped with work left undone");
+                eprintln!("trellis: {error}");
+                ExitCode::from(3)
+            }
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "trellis failed");
                 eprintln!("trellis: {error:#}");

@@ -3,9 +3,12 @@
 //! [`Application::build`] does everything up to binding the listener (port 0 allowed) and
 //! exposes the port (and the admin listener's, [`Application::admin_addr`], while
 //! `server.admin.enabled`); [`Application::run_until_stopped`] serves until SIGINT, SIGTERM or
-//! [`ShutdownHandle::shutdown`], lets in-flight requests finish within
-//! `server.shutdown_timeout_ms`, handles every accepted event, shuts the modules down in
-//! reverse order, and delivers what is left in the message queue.
+//! [`ShutdownHandle::shutdown`], then shuts down within one budget,
+//! `server.shutdown_timeout_ms`: `/readyz` answers 503 `draining` at once while the
+//! listeners keep serving for `server.shutdown_delay_ms`; then they stop accepting and
+//! let open connections finish their requests; then every accepted event is handled, the
+//! modules shut down in reverse order, and what is left in the message queue is
+//! delivered. Whatever the budget cut short is counted in a [`ShutdownIncomplete`] error.
 //!
 //! The server never names a module: it finds them through the registry
 //! ([`trellis_core::registered_modules`]); `modules.rs` only makes sure the crates the
@@ -14,6 +17,7 @@
 pub mod cli;
 mod docs;
 mod errors;
+mod listener;
 mod middleware;
 mod modules;
 
@@ -22,11 +26,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use poem::{
     EndpointExt as _, Response, Route,
-    endpoint::{EitherEndpoint, make_sync},
-    listener::{Acceptor as _, TcpAcceptor},
+    endpoint::{BoxEndpoint, EitherEndpoint, make_sync},
     middleware::Cors,
 };
-use tokio::sync::watch;
+use tokio::{net::TcpListener, sync::watch, time::Instant};
 use trellis_core::{
     AppContext, Assembly, BuildInfo, ModuleInfo, assemble,
     client::TrustedProxies,
@@ -74,22 +77,40 @@ impl ShutdownHandle {
     }
 }
 
+/// What a shutdown left undone when its budget (`server.shutdown_timeout_ms`) ran out.
+/// The binary exits with code 3 on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the shutdown budget ran out: {connections} connections closed with {requests} requests \
+     unanswered, {events} accepted events unhandled, {messages} messages undelivered \
+     (`server.shutdown_timeout_ms`, `events.drain_timeout_ms`, `mq.drain_timeout_ms`)"
+)]
+pub struct ShutdownIncomplete {
+    /// Connections still open when the requests' share of the budget ended.
+    pub connections: usize,
+    /// Requests they were serving.
+    pub requests: usize,
+    /// Accepted events left unhandled.
+    pub events: usize,
+    /// Messages left in the message queue's buffer.
+    pub messages: usize,
+}
+
 /// A built server, bound and ready to serve.
 pub struct Application {
     ctx: AppContext,
     assembly: Assembly,
-    acceptor: TcpAcceptor,
-    addr: SocketAddr,
-    endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
-    admin: Option<AdminListener>,
+    public: Listener,
+    admin: Option<Listener>,
     stop: watch::Sender<bool>,
 }
 
-/// The operators' listener, `[server.admin]`.
-struct AdminListener {
-    acceptor: TcpAcceptor,
+/// A bound listener and what it serves: the public one, or the operators'
+/// (`[server.admin]`).
+struct Listener {
+    listener: TcpListener,
     addr: SocketAddr,
-    endpoint: poem::endpoint::BoxEndpoint<'static, Response>,
+    endpoint: Arc<BoxEndpoint<'static, Response>>,
 }
 
 impl Application {
@@ -199,8 +220,13 @@ impl Application {
             ),
         };
         let endpoint = stack(inner, &ctx, &routes, vary_origin)?.boxed();
-        let (acceptor, addr) =
-            bind(&server.host, server.port, "`server.host`, `server.port`").await?;
+        let public = Listener::bind(
+            &server.host,
+            server.port,
+            "`server.host`, `server.port`",
+            endpoint,
+        )
+        .await?;
         let admin = match server.admin.enabled {
             false => None,
             true => {
@@ -210,17 +236,8 @@ impl Application {
                     api,
                 };
                 let endpoint = stack(endpoint, &ctx, &routes, false)?.boxed();
-                let (acceptor, addr) = bind(
-                    &admin.host,
-                    admin.port,
-                    "`server.admin.host`, `server.admin.port`",
-                )
-                .await?;
-                Some(AdminListener {
-                    acceptor,
-                    addr,
-                    endpoint,
-                })
+                let keys = "`server.admin.host`, `server.admin.port`";
+                Some(Listener::bind(&admin.host, admin.port, keys, endpoint).await?)
             }
         };
 
@@ -228,9 +245,7 @@ impl Application {
         Ok(Self {
             ctx,
             assembly,
-            acceptor,
-            addr,
-            endpoint,
+            public,
             admin,
             stop,
         })
@@ -238,12 +253,12 @@ impl Application {
 
     /// The bound port.
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.public.addr.port()
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.public.addr
     }
 
     /// The admin listener's address, while `server.admin.enabled`.
@@ -261,73 +276,105 @@ impl Application {
         ShutdownHandle(self.stop.clone())
     }
 
-    /// Serves until SIGINT, SIGTERM or the shutdown handle; then drains and shuts the
-    /// modules down in reverse order.
+    /// Serves until SIGINT, SIGTERM or the shutdown handle; then shuts down within
+    /// `server.shutdown_timeout_ms` (see the crate's documentation). A budget that ran out
+    /// is a [`ShutdownIncomplete`] error.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Self {
             ctx,
             assembly,
-            acceptor,
-            addr,
-            endpoint,
+            public,
             admin,
             stop,
         } = self;
-        let grace = Duration::from_millis(ctx.config().server.shutdown_timeout_ms);
+        let server = &ctx.config().server;
+        let limits = listener::Limits {
+            header_read: Duration::from_millis(server.header_read_timeout_ms),
+            idle: Duration::from_millis(server.idle_timeout_ms),
+            max_connections: server.max_connections,
+        };
+        let budget = Duration::from_millis(server.shutdown_timeout_ms);
+        let delay = Duration::from_millis(server.shutdown_delay_ms);
         let admin_addr = admin.as_ref().map(|admin| admin.addr);
-        tracing::info!(%addr, ?admin_addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
+        tracing::info!(addr = %public.addr, ?admin_addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
+
+        let connections = listener::Connections::default();
+        let serving = async {
+            let admin = async {
+                if let Some(admin) = admin {
+                    connections
+                        .serve(admin.listener, admin.endpoint, limits)
+                        .await;
+                }
+            };
+            tokio::join!(
+                connections.serve(public.listener, public.endpoint, limits),
+                admin
+            );
+        };
         let mut stopped = stop.subscribe();
-        let signal_stop = stop.clone();
-        let signal = async move {
+        let stopping = async {
             tokio::select! {
-                () = os_signal() => {
-                    signal_stop.send_replace(true);
-                },
+                () = os_signal() => {},
                 _ = stopped.wait_for(|s| *s) => {},
             }
+            let deadline = Instant::now() + budget;
+            ctx.readiness().begin_draining();
             tracing::info!(
-                grace_ms = grace.as_millis() as u64,
-                "shutting down: no new connections; finishing in-flight requests"
+                delay_ms = delay.as_millis() as u64,
+                budget_ms = budget.as_millis() as u64,
+                "shutting down: /readyz answers draining; still serving for the delay"
             );
-        };
-        let public = async {
-            let served = poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(endpoint, signal, Some(grace))
+            tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
+            connections.stop_accepting();
+            tracing::info!("no new connections; finishing the requests under way");
+            let unfinished = connections
+                .finish(deadline.saturating_duration_since(Instant::now()))
                 .await;
-            // Should the public listener fail, the admin listener stops too.
-            stop.send_replace(true);
-            served.context("the server stopped with an error")
+            (deadline, unfinished)
         };
-        let mut admin_stopped = stop.subscribe();
-        let admin = async move {
-            let Some(admin) = admin else {
-                return Ok(());
-            };
-            let signal = async move {
-                let _ = admin_stopped.wait_for(|s| *s).await;
-            };
-            poem::Server::new_with_acceptor(admin.acceptor)
-                .run_with_graceful_shutdown(admin.endpoint, signal, Some(grace))
-                .await
-                .context("the admin listener stopped with an error")
-        };
-        let (public, admin) = tokio::join!(public, admin);
-        public?;
-        admin?;
+        let ((), (deadline, unfinished)) = tokio::join!(serving, stopping);
         // Accepted events are handled before the modules stop, and what their handlers
         // published is delivered before the process exits.
-        let unhandled = ctx.events().drain().await;
-        assembly.shutdown(&ctx, grace).await;
-        let undelivered = ctx.queue().close().await;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let events = ctx.events().drain(left()).await;
+        assembly.shutdown(&ctx, deadline).await;
+        let messages = ctx.queue().close(left()).await;
         ctx.database().close().await;
-        if unhandled + undelivered > 0 {
-            anyhow::bail!(
-                "stopped with {unhandled} accepted events unhandled and {undelivered} messages \
-                 undelivered (`events.drain_timeout_ms`, `mq.drain_timeout_ms`)"
-            );
+        let incomplete = ShutdownIncomplete {
+            connections: unfinished.connections,
+            requests: unfinished.requests,
+            events,
+            messages,
+        };
+        if incomplete != ShutdownIncomplete::default() {
+            return Err(incomplete.into());
         }
         tracing::info!("trellis stopped");
         Ok(())
+    }
+}
+
+impl Listener {
+    /// Binds `host:port` for `endpoint`; `keys` name the settings in the error.
+    async fn bind(
+        host: &str,
+        port: u16,
+        keys: &str,
+        endpoint: BoxEndpoint<'static, Response>,
+    ) -> anyhow::Result<Self> {
+        let bind = format!("{host}:{port}");
+        let listener = TcpListener::bind(&bind)
+            .await
+            .with_context(|| format!("cannot listen on {bind} ({keys})"))?;
+        let addr = listener
+            .local_addr()
+            .context("the listener has no local address")?;
+        Ok(Self {
+            listener,
+            addr,
+            endpoint: Arc::new(endpoint),
+        })
     }
 }
 
@@ -347,26 +394,13 @@ fn stack<E>(
         bus: ctx.bus().clone(),
         access_log: ctx.config().telemetry.access_log,
         body_limit: server.body_limit_bytes,
+        linger: Duration::from_millis(server.body_linger_ms),
         timeout: Duration::from_millis(server.request_timeout_ms),
+        admission: middleware::Admission::new(server.max_in_flight),
         metrics: middleware::RequestMetrics::new(),
         vary_origin,
         proxies: (!proxies.is_empty()).then_some(proxies),
     })
-}
-
-/// Binds `host:port`; `keys` name the settings in the error.
-async fn bind(host: &str, port: u16, keys: &str) -> anyhow::Result<(TcpAcceptor, SocketAddr)> {
-    let bind = format!("{host}:{port}");
-    let listener = tokio::net::TcpListener::bind(&bind)
-        .await
-        .with_context(|| format!("cannot listen on {bind} ({keys})"))?;
-    let acceptor = TcpAcceptor::from_tokio(listener)?;
-    let addr = acceptor
-        .local_addr()
-        .first()
-        .and_then(|a| a.as_socket_addr().copied())
-        .context("the listener has no local address")?;
-    Ok((acceptor, addr))
 }
 
 /// Serves a fixed text body.

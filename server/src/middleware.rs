@@ -10,16 +10,21 @@
 //!    carried by problem responses are logged inside the span;
 //! 3. metrics: in-flight gauge, request counter and duration histogram by method, route
 //!    template and status;
-//! 4. panic -> 500 problem, the panic message logged;
-//! 5. body limit: 413 beyond `server.body_limit_bytes`, announced or streamed;
-//! 6. timeout: 503 beyond `server.request_timeout_ms`;
-//! 7. CORS (poem's `Cors`), when origins are configured;
-//! 8. [`Problems`]: router errors (no route, wrong method with its `Allow` header,
+//! 4. admission: 503 over-capacity for a connection beyond `server.max_connections`
+//!    ([`ConnectionOverCapacity`]) and for a request beyond `server.max_in_flight`
+//!    (the probes and `/metrics` are always admitted);
+//! 5. panic -> 500 problem, the panic message logged;
+//! 6. body limit: 413 beyond `server.body_limit_bytes`, announced or streamed; the rest of
+//!    the body is read and dropped for `server.body_linger_ms` first, so that a client
+//!    still sending gets the 413 rather than a reset connection;
+//! 7. timeout: 503 beyond `server.request_timeout_ms`, reading a streamed body included;
+//! 8. CORS (poem's `Cors`), when origins are configured;
+//! 9. [`Problems`]: router errors (no route, wrong method with its `Allow` header,
 //!    unparsable input) become problem+json;
-//! 9. on the way out, [`harden`]: `X-Content-Type-Options: nosniff` on every response,
-//!    `Cache-Control: no-store` on the API's, `Vary: Origin` while CORS is on.
+//! 10. on the way out, [`harden`]: `X-Content-Type-Options: nosniff` on every response,
+//!     `Cache-Control: no-store` on the API's, `Vary: Origin` while CORS is on.
 //!
-//! Steps 1 to 6 are one endpoint, [`Stack`], with a function per step. Each `async` layer
+//! Steps 1 to 7 are one endpoint, [`Stack`], with a function per step. Each `async` layer
 //! keeps its own copy of the request (472 bytes) and the whole future of the layers inside
 //! it, and the server boxes the outermost future per request: as six nested endpoints the
 //! stack was a 21 KiB future, copied on every request (10% of the CPU of a `/healthz` load,
@@ -28,7 +33,10 @@
 use std::{
     collections::HashMap,
     panic::AssertUnwindSafe,
-    sync::{Arc, LazyLock, RwLock},
+    sync::{
+        Arc, LazyLock, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -45,13 +53,19 @@ use tracing::Instrument as _;
 use trellis_core::{
     bus::Bus,
     client::{TrustedProxies, client_ip},
-    metrics::{HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_IN_FLIGHT, HTTP_REQUESTS_TOTAL},
-    problem::{InternalError, ProblemJson, RequestScope},
+    metrics::{
+        HTTP_OVERLOAD_REJECTIONS_TOTAL, HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_IN_FLIGHT,
+        HTTP_REQUESTS_TOTAL,
+    },
+    problem::{InternalError, Problem, ProblemJson, RequestScope},
     readiness::AdminRequest,
 };
 use trellis_openapi::RouteIndex;
 
-use crate::errors::{BodyTooLarge, RequestTimedOut, Unmatched, problem_response};
+use crate::{
+    errors::{BodyTooLarge, RequestTimedOut, Unmatched, problem_response},
+    listener::ConnectionOverCapacity,
+};
 
 /// The request id header.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -65,14 +79,17 @@ static NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
 static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 static ORIGIN: HeaderValue = HeaderValue::from_static("Origin");
 
-/// Steps 1 to 6 around `inner`.
+/// Steps 1 to 7 around `inner`.
 pub struct Stack<E> {
     pub(crate) inner: E,
     pub(crate) routes: Arc<RouteIndex>,
     pub(crate) bus: Bus,
     pub(crate) access_log: bool,
     pub(crate) body_limit: usize,
+    /// `server.body_linger_ms`.
+    pub(crate) linger: Duration,
     pub(crate) timeout: Duration,
+    pub(crate) admission: Admission,
     pub(crate) metrics: RequestMetrics,
     /// CORS is on: every answer depends on the `Origin` header.
     pub(crate) vary_origin: bool,
@@ -157,14 +174,25 @@ impl<E: Endpoint> Stack<E> {
         resp
     }
 
-    /// Steps 4 to 6 and the conversion of any error into problem+json.
+    /// Steps 4 to 7 and the conversion of any error into problem+json.
     async fn guard(&self, mut req: Request) -> Response {
-        if let Err(too_large) = self.limit_body(&mut req).await {
-            return too_large;
-        }
-        let call = tokio::time::timeout(self.timeout, self.inner.call(req));
+        let _admitted = match self.admission.admit(&req) {
+            Ok(admitted) => admitted,
+            Err(limit) => return over_capacity(&limit),
+        };
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let call = async {
+            match self.limit_body(&mut req, deadline).await? {
+                Ok(()) => {}
+                Err(Refused::TooLarge(rest)) => return Ok(Ok(self.refuse_body(rest).await)),
+                Err(Refused::Unreadable(error)) => return Ok(Err(error)),
+            }
+            tokio::time::timeout_at(deadline, self.inner.call(req))
+                .await
+                .map(|called| called.map(IntoResponse::into_response))
+        };
         match AssertUnwindSafe(call).catch_unwind().await {
-            Ok(Ok(Ok(output))) => output.into_response(),
+            Ok(Ok(Ok(output))) => output,
             Ok(Ok(Err(error))) => problem_response(error, &self.routes),
             Ok(Err(_elapsed)) => {
                 let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
@@ -176,45 +204,140 @@ impl<E: Endpoint> Stack<E> {
         }
     }
 
-    /// Step 5: a `Content-Length` over the limit is refused before reading; a body without
-    /// one (chunked) is read up to the limit and refused beyond it.
-    async fn limit_body(&self, req: &mut Request) -> Result<(), Response> {
-        let too_large = || {
-            ProblemJson::from_error(&BodyTooLarge {
-                limit: self.body_limit,
-            })
-            .into_response()
-        };
+    /// Step 6: a `Content-Length` over the limit is refused before reading; a body without
+    /// one (chunked) is read up to the limit, by `deadline`, and refused beyond it. A
+    /// refused body is handed back with what is left of it to read, unless the client
+    /// waits for `100 Continue` before sending it.
+    async fn limit_body(
+        &self,
+        req: &mut Request,
+        deadline: tokio::time::Instant,
+    ) -> Result<Result<(), Refused>, tokio::time::error::Elapsed> {
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         match declared {
-            Some(length) if length > self.body_limit as u64 => Err(too_large()),
-            Some(_) => Ok(()),
-            None if req.method() == Method::GET || req.method() == Method::HEAD => Ok(()),
-            None => {
-                let mut stream = req.take_body().into_bytes_stream();
-                let mut buffered = Vec::new();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = match chunk {
-                        Ok(chunk) => chunk,
-                        Err(e) => {
-                            let error = poem::Error::from(poem::error::ReadBodyError::Io(e));
-                            return Err(problem_response(error, &self.routes));
-                        }
-                    };
-                    if buffered.len() + chunk.len() > self.body_limit {
-                        return Err(too_large());
-                    }
-                    buffered.extend_from_slice(&chunk);
-                }
-                req.set_body(Body::from_vec(buffered));
-                Ok(())
+            Some(length) if length > self.body_limit as u64 => {
+                let waits_to_send = req
+                    .headers()
+                    .get(header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                Ok(Err(Refused::TooLarge(
+                    (!waits_to_send).then(|| req.take_body()),
+                )))
             }
+            Some(_) => Ok(Ok(())),
+            None if req.method() == Method::GET || req.method() == Method::HEAD => Ok(Ok(())),
+            None => tokio::time::timeout_at(deadline, self.buffer_body(req)).await,
         }
     }
+
+    /// Reads a body of unknown length into memory, up to the limit.
+    async fn buffer_body(&self, req: &mut Request) -> Result<(), Refused> {
+        let mut stream = req.take_body().into_bytes_stream();
+        let mut buffered = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                Refused::Unreadable(poem::Error::from(poem::error::ReadBodyError::Io(e)))
+            })?;
+            if buffered.len() + chunk.len() > self.body_limit {
+                return Err(Refused::TooLarge(Some(Body::from_bytes_stream(stream))));
+            }
+            buffered.extend_from_slice(&chunk);
+        }
+        req.set_body(Body::from_vec(buffered));
+        Ok(())
+    }
+
+    /// The 413, after reading and dropping the `rest` of the body for at most
+    /// `server.body_linger_ms`; a body not read to its end closes the connection.
+    async fn refuse_body(&self, rest: Option<Body>) -> Response {
+        let mut read_to_end = false;
+        if let Some(rest) = rest {
+            let mut stream = rest.into_bytes_stream();
+            let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+            read_to_end = tokio::time::timeout(self.linger, drain).await.is_ok();
+        }
+        let mut resp = ProblemJson::from_error(&BodyTooLarge {
+            limit: self.body_limit,
+        })
+        .into_response();
+        if !read_to_end {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// Why step 6 refused a body.
+enum Refused {
+    /// Over the limit; what is left of it to read, if the client is sending it.
+    TooLarge(Option<Body>),
+    /// The client broke off or broke the framing.
+    Unreadable(poem::Error),
+}
+
+/// Step 4: the caps on connections and on requests in flight.
+pub struct Admission {
+    max_in_flight: usize,
+    in_flight: AtomicUsize,
+    refused: Counter,
+}
+
+impl Admission {
+    /// `server.max_in_flight` requests at most.
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            max_in_flight,
+            in_flight: AtomicUsize::new(0),
+            refused: counter!(HTTP_OVERLOAD_REJECTIONS_TOTAL, "limit" => "in_flight"),
+        }
+    }
+
+    /// Admits `req`, or answers 503. Probes and scrapes are always admitted: an instance
+    /// at its limit is busy, not dead, and its metrics are what tells so.
+    /// The limit reached is named in the error.
+    fn admit(&self, req: &Request) -> Result<Option<Admitted<'_>>, String> {
+        if let Some(over) = req.extensions().get::<ConnectionOverCapacity>() {
+            return Err(format!("{} open connections", over.limit));
+        }
+        if matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+            return Ok(None);
+        }
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.refused.increment(1);
+            return Err(format!("{} requests in flight", self.max_in_flight));
+        }
+        Ok(Some(Admitted(&self.in_flight)))
+    }
+}
+
+/// One admitted request, until dropped.
+struct Admitted<'a>(&'a AtomicUsize);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// 503 `over-capacity`, to be retried in a second.
+fn over_capacity(limit: &str) -> Response {
+    let problem = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "over-capacity",
+        "Over capacity",
+    )
+    .with_detail(format!(
+        "the server is at its limit of {limit}; retry in a moment"
+    ));
+    ProblemJson::new(problem)
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .into_response()
 }
 
 /// An address as text for the access line, without the formatting machinery: IPv4 digit
@@ -267,7 +390,7 @@ impl IpText {
     }
 }
 
-/// Step 9: headers that keep browsers and caches from misusing an answer; static values,
+/// Step 10: headers that keep browsers and caches from misusing an answer; static values,
 /// so this costs a few map inserts per response.
 ///
 /// - `nosniff` everywhere: no response (a problem, a metrics page, a JSON document) may be
@@ -400,7 +523,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Step 4's answer: a panic becomes an opaque 500 problem; the panic message is logged.
+/// Step 5's answer: a panic becomes an opaque 500 problem; the panic message is logged.
 pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let message = panic
         .downcast_ref::<&str>()
@@ -466,7 +589,7 @@ impl Endpoint for Admin {
     }
 }
 
-/// Step 8: router errors as problem+json, with `Allow` on 405.
+/// Step 9: router errors as problem+json, with `Allow` on 405.
 pub struct Problems<E> {
     pub(crate) inner: E,
     pub(crate) routes: Arc<RouteIndex>,

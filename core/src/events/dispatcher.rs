@@ -383,9 +383,10 @@ impl EventDispatcher {
     }
 
     /// Stops accepting (new events get [`DispatchError::ShuttingDown`]) and waits until
-    /// every accepted event has been handled, at most `events.drain_timeout_ms`. Returns
-    /// how many accepted events were left unhandled (0 unless the deadline passed).
-    pub async fn drain(&self) -> usize {
+    /// every accepted event has been handled, at most `events.drain_timeout_ms` and at most
+    /// `budget` (what is left of the shutdown's). Returns how many accepted events were
+    /// left unhandled (0 unless the deadline passed).
+    pub async fn drain(&self, budget: Duration) -> usize {
         let inner = &self.inner;
         inner.room.close();
         inner.bytes.close();
@@ -400,7 +401,7 @@ impl EventDispatcher {
             return 0;
         }
         tracing::info!(pending, "event dispatcher draining");
-        let deadline = Duration::from_millis(inner.config.drain_timeout_ms);
+        let deadline = Duration::from_millis(inner.config.drain_timeout_ms).min(budget);
         let started = Instant::now();
         if tokio::time::timeout(deadline, join_all(workers))
             .await
@@ -471,7 +472,7 @@ mod tests {
                 .await
                 .expect("room");
         }
-        assert_eq!(dispatcher.drain().await, 0);
+        assert_eq!(dispatcher.drain(Duration::MAX).await, 0);
         assert_eq!(a.load(Ordering::SeqCst), 1_000);
         assert_eq!(b.load(Ordering::SeqCst), 1_000);
         assert_eq!(
@@ -500,7 +501,7 @@ mod tests {
         let dispatcher = EventDispatcher::new(&config(10, FullPolicy::Wait));
         dispatcher.start(table);
         dispatcher.emit(Tick(1)).await.expect("room");
-        assert_eq!(dispatcher.drain().await, 0);
+        assert_eq!(dispatcher.drain(Duration::MAX).await, 0);
         assert_eq!(attempts.load(Ordering::SeqCst), 3, "retried up to success");
         assert_eq!(healthy.load(Ordering::SeqCst), 1);
     }
@@ -545,7 +546,7 @@ mod tests {
             dispatcher.emit(Tick(1)).await.expect("one more fits");
             assert_eq!(dispatcher.pending(), 5);
             gate.add_permits(5);
-            assert_eq!(dispatcher.drain().await, 0);
+            assert_eq!(dispatcher.drain(Duration::MAX).await, 0);
         }
     }
 
@@ -568,7 +569,7 @@ mod tests {
         });
         dispatcher.emit(Tick(1)).await.expect("room freed");
         gate.add_permits(2);
-        assert_eq!(dispatcher.drain().await, 0);
+        assert_eq!(dispatcher.drain(Duration::MAX).await, 0);
     }
 
     #[tokio::test]
@@ -583,7 +584,7 @@ mod tests {
             .emit_all((0..3).map(Tick).collect())
             .await
             .expect("fits");
-        assert_eq!(dispatcher.drain().await, 3);
+        assert_eq!(dispatcher.drain(Duration::MAX).await, 3);
     }
 
     /// An event of a given size.
@@ -622,7 +623,7 @@ mod tests {
         dispatcher.emit(Blob(200)).await.expect("exactly full");
         assert_eq!(dispatcher.pending_bytes(), 1_000);
         gate.add_permits(3);
-        assert_eq!(dispatcher.drain().await, 0);
+        assert_eq!(dispatcher.drain(Duration::MAX).await, 0);
         assert_eq!(
             dispatcher.pending_bytes(),
             0,

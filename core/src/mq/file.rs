@@ -468,6 +468,6 @@ mod tests {
                 .is_some_and(|d| d.contains("mq.file.max_total_bytes")),
             "{outcome:?}"
         );
-        queue.close().await;
+        queue.close(std::time::Duration::MAX).await;
     }
 }

@@ -217,9 +217,9 @@ impl MessageQueue {
     }
 
     /// Stops accepting messages and delivers the buffered ones, within
-    /// `mq.drain_timeout_ms`. Returns how many were left undelivered (0 unless the
-    /// deadline passed).
-    pub async fn close(&self) -> usize {
+    /// `mq.drain_timeout_ms` and within `budget` (what is left of the shutdown's). Returns
+    /// how many were left undelivered (0 unless the deadline passed).
+    pub async fn close(&self, budget: Duration) -> usize {
         let inner = &self.inner;
         inner
             .sender
@@ -231,7 +231,7 @@ impl MessageQueue {
         };
         let buffered = self.buffered();
         tracing::info!(backend = self.backend(), buffered, "message queue draining");
-        let deadline = Duration::from_millis(inner.config.drain_timeout_ms);
+        let deadline = Duration::from_millis(inner.config.drain_timeout_ms).min(budget);
         let drained = tokio::time::timeout(deadline, pump).await.is_ok();
         if let Err(error) = inner.transport.close().await {
             tracing::error!(

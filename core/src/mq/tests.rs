@@ -102,7 +102,7 @@ async fn every_message_is_delivered_once_in_batches_within_limits_and_retried_en
         };
         queue.publish(message(i, body)).await.expect("open");
     }
-    assert_eq!(queue.close().await, 0);
+    assert_eq!(queue.close(Duration::MAX).await, 0);
     let accepted = transport.accepted.lock().expect("accepted").clone();
     assert_eq!(accepted.len(), 500);
     assert_eq!(
@@ -132,7 +132,7 @@ async fn messages_wait_while_the_backend_is_down_and_arrive_when_it_returns() {
         crate::readiness::CheckStatus::Degraded
     );
     transport.down.store(false, Ordering::SeqCst);
-    assert_eq!(queue.close().await, 0);
+    assert_eq!(queue.close(Duration::MAX).await, 0);
     assert_eq!(transport.accepted.lock().expect("accepted").len(), 30);
 }
 
@@ -155,7 +155,7 @@ async fn a_full_buffer_makes_publishing_wait() {
     }
     assert!(published < 100, "publishing waits once the buffer is full");
     transport.down.store(false, Ordering::SeqCst);
-    assert_eq!(queue.close().await, 0);
+    assert_eq!(queue.close(Duration::MAX).await, 0);
     assert_eq!(
         transport.accepted.lock().expect("accepted").len(),
         published
@@ -168,7 +168,7 @@ async fn entries_refused_for_good_are_counted_not_retried() {
     let queue = MessageQueue::with_transport(&config(100), transport.clone());
     queue.publish(message(1, "bad body")).await.expect("open");
     queue.publish(message(2, "good body")).await.expect("open");
-    assert_eq!(queue.close().await, 0);
+    assert_eq!(queue.close(Duration::MAX).await, 0);
     assert_eq!(*transport.accepted.lock().expect("accepted"), ["m2"]);
 }
 

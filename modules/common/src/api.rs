@@ -117,7 +117,8 @@ enum ReadyResponse {
     /// Every dependency is up (or degraded but serving).
     #[oai(status = 200)]
     Ready(Json<Readiness>),
-    /// A dependency is down; the problem names it and lists every check.
+    /// A dependency is down, or the instance is draining (`draining`); the problem says
+    /// which, and lists every check.
     #[oai(status = 503, content_type = "application/problem+json")]
     NotReady(Json<ReadinessProblem>),
 }
@@ -163,7 +164,8 @@ impl CommonApi {
     /// Readiness
     ///
     /// Runs every readiness check (database, cache, queue, modules' own) concurrently.
-    /// While the admin listener (`server.admin`) is on, this port answers the status
+    /// From the moment the server is asked to stop, answers 503 `draining` at once,
+    /// while it still serves for `server.shutdown_delay_ms`. While the admin listener (`server.admin`) is on, this port answers the status
     /// only, and the admin listener's `/readyz` names the checks and why they fail.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self, req: &Request) -> ReadyResponse {
@@ -173,6 +175,13 @@ impl CommonApi {
         };
         let details = self.common.readiness_details_for(caller);
         let report = self.common.readiness().await;
+        if report.draining {
+            return ReadyResponse::NotReady(Json(ReadinessProblem {
+                problem: Problem::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "Draining")
+                    .with_detail("the instance is shutting down; send requests to another one"),
+                checks: details.then(Vec::new),
+            }));
+        }
         let failing: Vec<&str> = report
             .checks
             .iter()

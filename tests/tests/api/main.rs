@@ -7,6 +7,7 @@ mod auth;
 mod bi;
 mod cache;
 mod common;
+mod connections;
 mod errors;
 mod faults;
 mod middleware;

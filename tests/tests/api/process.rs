@@ -108,6 +108,99 @@ async fn port_comes_from_the_environment_and_sigterm_drains_in_flight_requests()
 }
 
 #[tokio::test]
+async fn on_sigterm_readyz_answers_draining_while_the_listener_serves_out_the_delay() {
+    let port = free_port();
+    let storage = TestStorage::new().await;
+    let mut child = server(port, &storage)
+        .env("TRELLIS_SERVER__SHUTDOWN_DELAY_MS", "1500")
+        .spawn()
+        .expect("server starts");
+    wait_healthy(port).await;
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    assert_eq!(
+        client
+            .get(url("/readyz"))
+            .send()
+            .await
+            .expect("ready")
+            .status(),
+        200
+    );
+    let signalled = Instant::now();
+    terminate(&child);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let ready = client
+        .get(url("/readyz"))
+        .send()
+        .await
+        .expect("still serving");
+    assert_eq!(ready.status(), 503);
+    let problem: serde_json::Value = ready.json().await.expect("JSON");
+    assert_eq!(problem["type"], "urn:trellis:problem:draining", "{problem}");
+    let served = client
+        .get(url("/healthz"))
+        .send()
+        .await
+        .expect("still serving");
+    assert_eq!(served.status(), 200);
+    assert!(signalled.elapsed() < Duration::from_millis(1400));
+
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1500),
+        "stopped before the delay: {:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        reqwest::get(url("/healthz")).await.is_err(),
+        "the listener is closed"
+    );
+}
+
+#[tokio::test]
+async fn one_budget_bounds_the_whole_shutdown_and_the_exit_code_says_what_it_cut() {
+    let port = free_port();
+    let storage = TestStorage::new().await;
+    let mut child = server(port, &storage)
+        .env("TRELLIS_SERVER__SHUTDOWN_DELAY_MS", "300")
+        .env("TRELLIS_SERVER__SHUTDOWN_TIMEOUT_MS", "1500")
+        .spawn()
+        .expect("server starts");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    wait_healthy(port).await;
+    let url = format!("http://127.0.0.1:{port}/api/v1/probe/slow?ms=9000");
+    let stuck = tokio::spawn(async move { reqwest::get(url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    terminate(&child);
+
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "the shutdown took {took:?}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "exit status of a cut-short shutdown"
+    );
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut text).expect("stderr");
+    assert!(
+        text.contains("1 connections closed with 1 requests unanswered"),
+        "{text}"
+    );
+    assert!(
+        stuck.await.expect("task").is_err(),
+        "the stuck request was cut"
+    );
+}
+
+#[tokio::test]
 async fn sigint_stops_with_exit_code_zero() {
     let port = free_port();
     let storage = TestStorage::new().await;
