@@ -8,6 +8,7 @@ use crate::{
     builder::{ApiMeta, Hook, ModuleBuilder, RouteAdder},
     bus::BusBuilder,
     events::EventHandlerTable,
+    jobs::{self, NamedJob},
     module::Module,
     readiness::NamedCheck,
     storage::Migration,
@@ -25,8 +26,10 @@ pub struct MountedApi {
 pub struct Assembly {
     /// APIs in module order.
     pub apis: Vec<MountedApi>,
-    /// Migrations by module, in module order.
+    /// Migrations by module, core's own first, then in module order.
     pub migrations: Vec<(&'static str, &'static [Migration])>,
+    /// Periodic jobs, in module order.
+    pub jobs: Vec<NamedJob>,
     init: Vec<(&'static str, Hook)>,
     shutdown: Vec<(&'static str, Hook)>,
 }
@@ -57,7 +60,8 @@ pub fn assemble(
     let mut checks = core_checks;
     let mut assembly = Assembly {
         apis: Vec::new(),
-        migrations: Vec::new(),
+        migrations: vec![("core", jobs::MIGRATIONS)],
+        jobs: Vec::new(),
         init: Vec::new(),
         shutdown: Vec::new(),
     };
@@ -87,6 +91,14 @@ pub fn assemble(
                 owner: name,
                 name: check.name,
                 check: probe,
+            });
+        }
+        for (job_name, factory) in builder.jobs {
+            let job =
+                factory(&mctx).with_context(|| format!("module `{name}`: job `{job_name}`"))?;
+            assembly.jobs.push(NamedJob {
+                name: format!("{name}.{job_name}"),
+                job,
             });
         }
         for api in builder.apis {

@@ -21,6 +21,7 @@ use crate::{
     bus::{BusBuilder, Message, Request},
     config::{ConfigError, LoadedConfig},
     events::{Event, EventHandlerTable},
+    jobs::Job,
     readiness::{CheckOutcome, ReadinessCheck},
     storage::Migration,
 };
@@ -37,6 +38,7 @@ type Wiring = Box<
     dyn FnOnce(&ModuleContext<'_>, &mut BusBuilder, &mut EventHandlerTable) -> FactoryResult<()>
         + Send,
 >;
+type JobFactory = Box<dyn FnOnce(&ModuleContext<'_>) -> FactoryResult<Job> + Send>;
 type CheckFactory =
     Box<dyn FnOnce(&ModuleContext<'_>) -> FactoryResult<Arc<dyn ReadinessCheck>> + Send>;
 /// Checks a module's configuration section.
@@ -116,6 +118,7 @@ pub struct ModuleBuilder {
     pub(crate) apis: Vec<ApiRegistration>,
     pub(crate) wiring: Vec<Wiring>,
     pub(crate) checks: Vec<CheckRegistration>,
+    pub(crate) jobs: Vec<(&'static str, JobFactory)>,
     pub(crate) migrations: Vec<&'static [Migration]>,
     pub(crate) init: Vec<Hook>,
     pub(crate) shutdown: Vec<Hook>,
@@ -131,6 +134,7 @@ impl ModuleBuilder {
             apis: Vec::new(),
             wiring: Vec::new(),
             checks: Vec::new(),
+            jobs: Vec::new(),
             migrations: Vec::new(),
             init: Vec::new(),
             shutdown: Vec::new(),
@@ -243,6 +247,16 @@ impl ModuleBuilder {
                 Ok(Arc::new(check) as Arc<dyn ReadinessCheck>)
             }),
         });
+        self
+    }
+
+    /// Declares a periodic job, `<module>.<name>`, built from the context at start-up and
+    /// run once per its period over all instances (see [`crate::jobs`]).
+    pub fn job<F>(&mut self, name: &'static str, factory: F) -> &mut Self
+    where
+        F: FnOnce(&ModuleContext<'_>) -> FactoryResult<Job> + Send + 'static,
+    {
+        self.jobs.push((name, Box::new(factory)));
         self
     }
 

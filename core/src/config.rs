@@ -43,6 +43,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// The message queue events are forwarded to.
     pub mq: MqConfig,
+    /// Periodic jobs (housekeeping).
+    pub jobs: JobsConfig,
     /// One section per module, `[modules.<name>]`.
     pub modules: BTreeMap<String, figment::value::Value>,
 }
@@ -433,6 +435,26 @@ impl Default for CacheConfig {
             max_entries: 100_000,
             timeout_ms: 250,
             max_connections: 16,
+        }
+    }
+}
+
+/// `[jobs]`: the modules' periodic jobs (see [`crate::jobs`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Schedule jobs on this instance. Off on every instance, nothing is purged.
+    pub enabled: bool,
+    /// A run taking longer is stopped; an instance that died during a run holds the job
+    /// this long at most.
+    pub timeout_secs: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout_secs: 300,
         }
     }
 }

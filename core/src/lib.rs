@@ -8,7 +8,8 @@
 //! - [`problem`]: `application/problem+json` errors; [`payload`]: strict JSON bodies;
 //!   [`client`]: the address per-client limits are keyed by;
 //! - [`readiness`] checks, [`storage`] (database, migrations, cache), the [`events`]
-//!   dispatcher (bounded queue, worker pool) and the message queue [`mq`] (file or SQS).
+//!   dispatcher (bounded queue, worker pool) and the message queue [`mq`] (file or SQS);
+//! - [`jobs`]: periodic jobs, each period's run on one instance.
 //!
 //! Core depends on no module. Modules depend on core only, never on each other.
 
@@ -25,6 +26,7 @@ pub mod config;
 mod context;
 pub mod contracts;
 pub mod events;
+pub mod jobs;
 pub mod metrics;
 mod module;
 pub mod mq;

@@ -23,6 +23,14 @@ pub const HTTP_OVERLOAD_REJECTIONS_TOTAL: &str = "http_overload_rejections_total
 /// Connections closed because a request's header did not arrive within
 /// `server.header_read_timeout_ms`.
 pub const HTTP_HEADER_TIMEOUTS_TOTAL: &str = "http_header_timeouts_total";
+/// Periodic job runs on this instance, by job and outcome (`ok`, `failed`, `timed_out`).
+pub const JOBS_RUNS_TOTAL: &str = "jobs_runs_total";
+/// Items a job's runs removed or processed, by job.
+pub const JOBS_ITEMS_TOTAL: &str = "jobs_items_total";
+/// Job run duration histogram, by job.
+pub const JOBS_RUN_DURATION_SECONDS: &str = "jobs_run_duration_seconds";
+/// When a job last succeeded on this instance (Unix seconds), by job.
+pub const JOBS_LAST_SUCCESS_TIMESTAMP_SECONDS: &str = "jobs_last_success_timestamp_seconds";
 /// Query duration histogram, by module and operation.
 pub const DB_QUERY_DURATION_SECONDS: &str = "db_query_duration_seconds";
 /// Failed queries, by module, operation and kind.
@@ -140,6 +148,23 @@ fn describe() {
         HTTP_HEADER_TIMEOUTS_TOTAL,
         "Connections closed because a request header did not arrive within \
          server.header_read_timeout_ms."
+    );
+    describe_counter!(
+        JOBS_RUNS_TOTAL,
+        "Periodic job runs on this instance, by job and outcome (ok, failed, timed_out)."
+    );
+    describe_counter!(
+        JOBS_ITEMS_TOTAL,
+        "Items the runs of a periodic job removed or processed, by job."
+    );
+    describe_histogram!(
+        JOBS_RUN_DURATION_SECONDS,
+        Unit::Seconds,
+        "Periodic job run duration, by job."
+    );
+    describe_gauge!(
+        JOBS_LAST_SUCCESS_TIMESTAMP_SECONDS,
+        "When a periodic job last succeeded on this instance (Unix seconds), by job."
     );
     describe_histogram!(
         DB_QUERY_DURATION_SECONDS,

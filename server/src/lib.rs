@@ -6,7 +6,8 @@
 //! [`ShutdownHandle::shutdown`], then shuts down within one budget,
 //! `server.shutdown_timeout_ms`: `/readyz` answers 503 `draining` at once while the
 //! listeners keep serving for `server.shutdown_delay_ms`; then they stop accepting and
-//! let open connections finish their requests; then every accepted event is handled, the
+//! let open connections finish their requests; then the periodic jobs stop (a run under
+//! way may finish), every accepted event is handled, the
 //! modules shut down in reverse order, and what is left in the message queue is
 //! delivered. Whatever the budget cut short is counted in a [`ShutdownIncomplete`] error.
 //!
@@ -34,6 +35,7 @@ use trellis_core::{
     AppContext, Assembly, BuildInfo, ModuleInfo, assemble,
     client::TrustedProxies,
     config::LoadedConfig,
+    jobs::Scheduler,
     metrics,
     mq::MessageQueue,
     readiness::NamedCheck,
@@ -282,7 +284,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Self {
             ctx,
-            assembly,
+            mut assembly,
             public,
             admin,
             stop,
@@ -298,6 +300,8 @@ impl Application {
         let admin_addr = admin.as_ref().map(|admin| admin.addr);
         tracing::info!(addr = %public.addr, ?admin_addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
 
+        let jobs = std::mem::take(&mut assembly.jobs);
+        let scheduler = Scheduler::start(ctx.database(), &ctx.config().jobs, jobs);
         let connections = listener::Connections::default();
         let serving = async {
             let admin = async {
@@ -337,6 +341,7 @@ impl Application {
         // Accepted events are handled before the modules stop, and what their handlers
         // published is delivered before the process exits.
         let left = || deadline.saturating_duration_since(Instant::now());
+        scheduler.stop(deadline).await;
         let events = ctx.events().drain(left()).await;
         assembly.shutdown(&ctx, deadline).await;
         let messages = ctx.queue().close(left()).await;

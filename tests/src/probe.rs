@@ -12,6 +12,7 @@ use serde::Deserialize;
 use trellis_core::{
     Module, ModuleBuilder, ModuleRegistration,
     bus::{Bus, Message, Request},
+    jobs::Job,
     payload::JsonBody,
     problem::{ProblemError, ProblemJson},
     readiness::CheckOutcome,
@@ -24,11 +25,16 @@ use trellis_core::{
 pub struct ProbeConfig {
     /// What the `probe.flag` readiness check reports.
     pub ready: bool,
+    /// The period of the `probe.tick` job, which records each run in `probe_job_runs`.
+    pub job_every_ms: u64,
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        Self { ready: true }
+        Self {
+            ready: true,
+            job_every_ms: 3_600_000,
+        }
     }
 }
 
@@ -88,6 +94,31 @@ impl Module for ProbeModule {
                 })
             })
             .handle(|_| Ok(|Double(n): Double| async move { u64::from(n) * 2 }))
+            .job("tick", |ctx| {
+                let config: ProbeConfig = ctx.config()?;
+                let db = ctx.database();
+                // Which server ran it: one id per assembled server.
+                let instance = uuid::Uuid::new_v4().simple().to_string();
+                Ok(Job::every(
+                    Duration::from_millis(config.job_every_ms),
+                    move || {
+                        let (db, instance) = (db.clone(), instance.clone());
+                        async move {
+                            db.run(
+                                "record_job_run",
+                                sqlx::query(
+                                    "INSERT INTO probe_job_runs (instance, ran_at) VALUES ($1, $2)",
+                                )
+                                .bind(instance)
+                                .bind(trellis_core::clock::now_millis())
+                                .execute(db.pool()),
+                            )
+                            .await?;
+                            Ok(1)
+                        }
+                    },
+                ))
+            })
             .subscribe(|_| {
                 Ok(|ItemViewed(id): ItemViewed| async move {
                     tracing::debug!(id, "item viewed");
@@ -207,7 +238,8 @@ enum ItemResponse {
     NotFound(ProblemJson),
 }
 
-/// The probe's tables: notes, then a tag column (two versions on both backends).
+/// The probe's tables: notes, then a tag column, then the job's runs (three versions on
+/// both backends).
 pub static MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -220,6 +252,12 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "add probe_notes.tag",
         sqlite: "ALTER TABLE probe_notes ADD COLUMN tag TEXT NOT NULL DEFAULT 'none'",
         postgres: "ALTER TABLE probe_notes ADD COLUMN tag TEXT NOT NULL DEFAULT 'none'",
+    },
+    Migration {
+        version: 3,
+        name: "create probe_job_runs",
+        sqlite: "CREATE TABLE probe_job_runs (instance TEXT NOT NULL, ran_at BIGINT NOT NULL)",
+        postgres: "CREATE TABLE probe_job_runs (instance TEXT NOT NULL, ran_at BIGINT NOT NULL)",
     },
 ];
 

@@ -573,6 +573,21 @@ impl Auth {
         }
     }
 
+    /// The `purge` job's period.
+    pub fn purge_every(&self) -> Duration {
+        Duration::from_secs(self.config.purge_every_secs)
+    }
+
+    /// The `purge` job: sessions that ended (expired or revoked) more than
+    /// `purge_after_secs` ago, their refresh tokens, and the marks of accounts closed that
+    /// long ago with no session left. Returns the rows removed.
+    pub async fn purge(&self) -> anyhow::Result<u64> {
+        let ms =
+            i64::try_from(self.config.purge_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let before = now_millis().saturating_sub(ms);
+        Ok(self.repo.purge(before).await?)
+    }
+
     /// Bus subscriber: after a deletion committed, no cached session of the account may
     /// still pass as live.
     pub async fn forget_user_sessions(&self, user_id: &str) {

@@ -1,6 +1,7 @@
 //! The `auth` module: login and logout, short-lived JWT access tokens checked against a
 //! live session, rotating refresh tokens with reuse detection, roles and permissions, and
-//! login rate limits.
+//! login rate limits. Its `purge` job removes ended sessions after
+//! `purge_after_secs`.
 //!
 //! It never imports `user`: credentials are checked with `VerifyCredentials` on the bus,
 //! and it answers `Authenticate` (the bearer check every module's API uses) and
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use trellis_core::{
     Module, ModuleBuilder, ModuleRegistration, Shared,
     contracts::{Authenticate, CloseAccount, GuardAccount, RevokeUserSessions, UserDeleted},
+    jobs::Job,
 };
 
 use crate::{app::Auth, error::AuthModuleError};
@@ -59,6 +61,11 @@ pub struct AuthConfig {
     pub bootstrap_admin_email: String,
     /// Its password (set it from the environment: `TRELLIS_MODULES__AUTH__BOOTSTRAP_ADMIN_PASSWORD`).
     pub bootstrap_admin_password: SecretString,
+    /// How often the `auth.purge` job removes ended sessions (over all instances).
+    pub purge_every_secs: u64,
+    /// How long an ended (expired or revoked) session, with its refresh tokens, is kept
+    /// before the purge removes it.
+    pub purge_after_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -77,6 +84,8 @@ impl Default for AuthConfig {
             login_window_secs: 900,
             bootstrap_admin_email: String::new(),
             bootstrap_admin_password: SecretString::default(),
+            purge_every_secs: 3600,
+            purge_after_secs: 24 * 3600,
         }
     }
 }
@@ -105,8 +114,16 @@ impl Module for AuthModule {
         // One service for the API, the handlers and the init hook: one signer with one
         // key ring and one cache of verified tokens.
         let auth = Shared::<Arc<Auth>>::default();
-        let [api, authenticate, revoke, guard, close, deleted, init] =
-            std::array::from_fn(|_| auth.clone());
+        let [
+            api,
+            authenticate,
+            revoke,
+            guard,
+            close,
+            deleted,
+            purge,
+            init,
+        ] = std::array::from_fn(|_| auth.clone());
         module
             .config::<AuthConfig>()
             .migrations(repo::MIGRATIONS)
@@ -149,6 +166,13 @@ impl Module for AuthModule {
                     let auth = auth.clone();
                     async move { auth.forget_user_sessions(&event.user_id).await }
                 })
+            })
+            .job("purge", move |ctx| {
+                let auth = purge.get_or_build(ctx, service)?;
+                Ok(Job::every(auth.purge_every(), move || {
+                    let auth = auth.clone();
+                    async move { auth.purge().await }
+                }))
             })
             .on_init(move |ctx| async move {
                 let auth = init

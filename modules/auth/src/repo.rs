@@ -387,6 +387,59 @@ impl AuthRepo {
         Ok(())
     }
 
+    /// Removes sessions that ended before `before` with their refresh tokens, a batch per
+    /// transaction (so that no statement holds locks on a large table for long), then the
+    /// marks of accounts closed before it that have no session left. Returns the rows
+    /// removed.
+    pub async fn purge(&self, before: i64) -> Result<u64, DbError> {
+        const ENDED: &str = "SELECT id FROM auth_sessions \
+             WHERE expires_at < $1 OR revoked_at < $1 ORDER BY id LIMIT 500";
+        let mut removed = 0;
+        loop {
+            let tx = self.db.begin().await?;
+            let mut batch = 0;
+            for (operation, sql) in [
+                (
+                    "purge_refresh_tokens",
+                    format!("DELETE FROM auth_refresh_tokens WHERE session_id IN ({ENDED})"),
+                ),
+                (
+                    "purge_sessions",
+                    format!("DELETE FROM auth_sessions WHERE id IN ({ENDED})"),
+                ),
+            ] {
+                let done = self
+                    .db
+                    .run(operation, async {
+                        sqlx::query(sqlx::AssertSqlSafe(sql))
+                            .bind(before)
+                            .execute(tx.conn().await.get()?)
+                            .await
+                    })
+                    .await?;
+                removed += done.rows_affected();
+                batch = done.rows_affected();
+            }
+            tx.commit().await?;
+            if batch < 500 {
+                break;
+            }
+        }
+        let marks = self
+            .db
+            .run(
+                "purge_closed_accounts",
+                sqlx::query(
+                    "DELETE FROM auth_closed_accounts WHERE closed_at < $1 AND NOT EXISTS \
+                     (SELECT 1 FROM auth_sessions s WHERE s.user_id = auth_closed_accounts.user_id)",
+                )
+                .bind(before)
+                .execute(self.db.pool()),
+            )
+            .await?;
+        Ok(removed + marks.rows_affected())
+    }
+
     /// Forgets every cached session of the user, live or not: after a deletion has
     /// committed, a session cached as live a moment before must not outlive it.
     pub async fn forget_user_sessions(&self, user_id: &str) -> Result<(), DbError> {

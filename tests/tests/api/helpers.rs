@@ -117,6 +117,28 @@ impl TestStorage {
             .rows_affected()
     }
 
+    /// The first column of every row `query` returns, as integers (counts, times).
+    pub async fn fetch_i64s(&self, query: &str) -> Vec<i64> {
+        use sqlx::{Connection as _, Row as _};
+        sqlx::any::install_default_drivers();
+        let url = self
+            .settings
+            .iter()
+            .find(|(key, _)| *key == "database.url")
+            .map(|(_, url)| url.clone())
+            .expect("a database URL");
+        let mut conn = sqlx::AnyConnection::connect(&url)
+            .await
+            .expect("a connection to the test database");
+        sqlx::query(sqlx::AssertSqlSafe(query.to_owned()))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e}"))
+            .iter()
+            .map(|row| row.get::<i64, _>(0))
+            .collect()
+    }
+
     /// The settings as `TRELLIS_*` environment variables, for a server process.
     pub fn env(&self) -> Vec<(String, String)> {
         self.settings

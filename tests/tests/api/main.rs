@@ -10,6 +10,7 @@ mod common;
 mod connections;
 mod errors;
 mod faults;
+mod housekeeping;
 mod middleware;
 mod openapi;
 mod process;
