@@ -8,6 +8,11 @@
 //! (`mq_files_removed_total`); readiness reports the queue degraded from 90 % of the total
 //! on. Each piece of a batch is written with one `write` and flushed to the operating
 //! system; the file is synced at rotation and at close.
+//!
+//! One instance per folder: the backend holds an exclusive lock on `<directory>/.lock`
+//! (`flock`) from start to close, and a second instance given the same folder refuses to
+//! start, naming `mq.file.directory`. Several instances on one host each need a folder of
+//! their own (or the SQS backend).
 
 use std::{
     fs::{File, OpenOptions},
@@ -22,6 +27,7 @@ use super::{BatchLimits, EntryFailure, OutboundMessage, Transport};
 use crate::{config::FileMqConfig, metrics::MQ_FILES_REMOVED_TOTAL};
 
 const LIVE: &str = "events.ndjson";
+const LOCK: &str = ".lock";
 
 /// Disk use, as a share of `max_total_bytes`, from which readiness reports degraded.
 const NEAR_FULL_PERCENT: u64 = 90;
@@ -43,11 +49,14 @@ struct LiveFile {
     /// `None` after a write error: reopened on the next batch.
     file: Option<File>,
     size: u64,
+    /// The folder's lock, held until the transport closes.
+    lock: Option<File>,
 }
 
 impl FileTransport {
-    /// Creates the folder if needed and opens the live file for appending.
+    /// Creates the folder if needed, locks it and opens the live file for appending.
     pub fn open(config: &FileMqConfig) -> anyhow::Result<Self> {
+        let lock = lock_folder(&config.directory)?;
         let mut live = LiveFile {
             directory: config.directory.clone(),
             max_bytes: config.max_file_bytes,
@@ -55,6 +64,7 @@ impl FileTransport {
             max_files: config.max_files,
             file: None,
             size: 0,
+            lock: Some(lock),
         };
         live.reopen().map_err(|e| {
             anyhow::anyhow!(
@@ -206,6 +216,33 @@ impl LiveFile {
     }
 }
 
+/// Takes the folder's exclusive lock, or says which instance setting to change.
+fn lock_folder(directory: &Path) -> anyhow::Result<File> {
+    let path = directory.join(LOCK);
+    let opened = std::fs::create_dir_all(directory).and_then(|()| {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    });
+    let file = opened
+        .map_err(|e| anyhow::anyhow!("`mq.file.directory`: cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "`mq.file.directory`: {} is in use by another running instance (it holds {}); \
+             give each instance a folder of its own",
+            directory.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!(
+            "`mq.file.directory`: cannot lock {}: {e}",
+            path.display()
+        )),
+    }
+}
+
 /// The rotated event files under `directory` with their sizes, oldest first.
 fn rotated_files(directory: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
     let mut files = Vec::new();
@@ -320,7 +357,11 @@ impl Transport for FileTransport {
         let state = self.state.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                state.lock().unwrap_or_else(|p| p.into_inner()).sync()
+                let mut live = state.lock().unwrap_or_else(|p| p.into_inner());
+                let synced = live.sync();
+                // The folder is free for the next instance.
+                live.lock = None;
+                synced
             })
             .await
             .map_err(|e| e.to_string())?
@@ -369,6 +410,9 @@ mod tests {
         let mut numbers = Vec::new();
         for entry in std::fs::read_dir(directory).expect("folder") {
             let entry = entry.expect("entry");
+            if entry.file_name() == LOCK {
+                continue;
+            }
             let text = std::fs::read_to_string(entry.path()).expect("file");
             for line in text.lines() {
                 let value: serde_json::Value = serde_json::from_str(line).expect("JSON line");
@@ -379,6 +423,19 @@ mod tests {
         }
         numbers.sort_unstable();
         (files, numbers)
+    }
+
+    #[tokio::test]
+    async fn a_second_transport_on_the_same_folder_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = config(dir.path(), 1_000, 3_000, 100);
+        let first = FileTransport::open(&settings).expect("opens");
+        let refused = FileTransport::open(&settings).expect_err("the folder is taken");
+        let text = refused.to_string();
+        assert!(text.contains("`mq.file.directory`"), "{text}");
+        assert!(text.contains("another running instance"), "{text}");
+        first.close().await.expect("closes");
+        FileTransport::open(&settings).expect("free again after the close");
     }
 
     #[tokio::test]

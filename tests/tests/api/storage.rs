@@ -156,3 +156,20 @@ async fn an_instance_waits_out_another_instances_migrations_past_the_statement_t
     assert_eq!(app.get("/healthz").await.status(), 200);
     drop(release.await.expect("released"));
 }
+
+#[tokio::test]
+async fn a_second_instance_on_the_same_event_folder_refuses_to_start_naming_the_key() {
+    let app = spawn_app().await;
+    let mut config = crate::helpers::test_config();
+    for (key, value) in &app.storage.settings {
+        config = config.set(key, value).expect("setting applies");
+    }
+    let refused = match trellis_server::Application::build(config).await {
+        Ok(_) => panic!("a second instance started on the same event folder"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(refused.contains("`mq.file.directory`"), "{refused}");
+    assert!(refused.contains("another running instance"), "{refused}");
+    // The first one is unaffected.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
