@@ -223,21 +223,26 @@ mod tests {
             .collect()
     }
 
-    async fn context(modules: &[&'static dyn Module], config: LoadedConfig) -> AppContext {
+    /// A context, and the event folder it holds (one each: the backend locks it).
+    async fn context(
+        modules: &[&'static dyn Module],
+        config: LoadedConfig,
+    ) -> (AppContext, tempfile::TempDir) {
         let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
         let storage = Storage::ephemeral().await.expect("storage");
         let mut mq = crate::config::MqConfig::default();
-        // These tests emit no event; the folder stays empty.
-        mq.file.directory = std::env::temp_dir().join("trellis-core-assembly-tests");
+        let events = tempfile::tempdir().expect("tempdir");
+        mq.file.directory = events.path().to_path_buf();
         let queue = crate::mq::MessageQueue::connect(&mq).await.expect("queue");
-        AppContext::new(config, infos, BuildInfo::unknown(), storage, queue)
+        let ctx = AppContext::new(config, infos, BuildInfo::unknown(), storage, queue);
+        (ctx, events)
     }
 
     #[tokio::test]
     async fn init_runs_in_module_order_and_shutdown_in_reverse() {
         let log = Log::default();
         let modules = modules(&log, None);
-        let ctx = context(&modules, LoadedConfig::defaults()).await;
+        let (ctx, _events) = context(&modules, LoadedConfig::defaults()).await;
         let mut assembly = assemble(&modules, &ctx, Vec::new()).expect("assembles");
         assembly.init(&ctx).await.expect("init");
         assembly
@@ -266,7 +271,7 @@ mod tests {
         let config = LoadedConfig::defaults()
             .set("modules.beta.size", "huge")
             .expect("raw sections are checked by their module");
-        let ctx = context(&modules, config).await;
+        let (ctx, _events) = context(&modules, config).await;
         let err = assemble(&modules, &ctx, Vec::new())
             .err()
             .expect("bad config");
@@ -279,7 +284,7 @@ mod tests {
     async fn a_failing_factory_stops_start_up_naming_the_module() {
         let log = Log::default();
         let modules = modules(&log, Some("gamma"));
-        let ctx = context(&modules, LoadedConfig::defaults()).await;
+        let (ctx, _events) = context(&modules, LoadedConfig::defaults()).await;
         let err = assemble(&modules, &ctx, Vec::new())
             .err()
             .expect("factory fails");

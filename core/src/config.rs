@@ -423,8 +423,9 @@ pub struct CacheConfig {
     pub max_entries: u64,
     /// How long a Redis operation may take before it counts as failed.
     pub timeout_ms: u64,
-    /// Largest number of pooled Redis connections.
-    pub max_connections: usize,
+    /// With Redis: entries kept in each instance, invalidated by Redis the moment any
+    /// instance changes them (server-assisted client-side caching); 0 turns it off.
+    pub near_entries: usize,
 }
 
 impl Default for CacheConfig {
@@ -434,7 +435,7 @@ impl Default for CacheConfig {
             prefix: "trellis".into(),
             max_entries: 100_000,
             timeout_ms: 250,
-            max_connections: 16,
+            near_entries: 10_000,
         }
     }
 }
@@ -771,6 +772,25 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     if config.server.body_limit_bytes == 0 {
         problems.push("`server.body_limit_bytes`: must be greater than 0".into());
     }
+    let server = &config.server;
+    for (key, value) in [
+        ("header_read_timeout_ms", server.header_read_timeout_ms),
+        ("idle_timeout_ms", server.idle_timeout_ms),
+        ("max_connections", server.max_connections as u64),
+        ("max_in_flight", server.max_in_flight as u64),
+        ("shutdown_timeout_ms", server.shutdown_timeout_ms),
+    ] {
+        if value == 0 {
+            problems.push(format!("`server.{key}`: must be greater than 0"));
+        }
+    }
+    if server.shutdown_delay_ms >= server.shutdown_timeout_ms {
+        problems.push(
+            "`server.shutdown_delay_ms`: must be shorter than `server.shutdown_timeout_ms`, \
+             which bounds the whole shutdown"
+                .into(),
+        );
+    }
     if config.server.request_timeout_ms == 0 {
         problems.push("`server.request_timeout_ms`: must be greater than 0".into());
     }
@@ -801,9 +821,8 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     if cache.prefix.is_empty() || cache.prefix.contains(char::is_whitespace) {
         problems.push("`cache.prefix`: must be non-empty, without spaces".into());
     }
-    if cache.timeout_ms == 0 || cache.max_connections == 0 {
-        problems
-            .push("`cache.timeout_ms` and `cache.max_connections`: must be greater than 0".into());
+    if cache.timeout_ms == 0 {
+        problems.push("`cache.timeout_ms`: must be greater than 0".into());
     }
     let events = &config.events;
     if events.queue_capacity == 0 || events.queue_capacity > 1 << 28 || events.workers == 0 {

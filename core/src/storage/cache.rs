@@ -1,5 +1,6 @@
-//! The cache: an in-process store (moka) by default, Redis (deadpool-redis) when
-//! `cache.url` is set. Keys are `<prefix>:<module>:<key>`.
+//! The cache: an in-process store (moka) by default, Redis when `cache.url` is set, with
+//! the entries read kept near, in each instance, and invalidated by Redis itself
+//! ([`RedisStore`]). Keys are `<prefix>:<module>:<key>`.
 //!
 //! The cache never decides an answer: the database is the truth. A read that fails is a
 //! miss, a write that fails is skipped, so a Redis outage costs speed, not requests. The
@@ -15,7 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deadpool_redis::redis;
 use futures_util::future::BoxFuture;
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -62,6 +62,8 @@ pub trait CacheStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<i64, CacheError>>;
     /// Checks that the store answers.
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>>;
+    /// Drops every entry this process holds (removals may have been missed).
+    fn forget_all(&self) {}
     /// `memory` or `redis`.
     fn kind(&self) -> &'static str;
 }
@@ -72,6 +74,8 @@ pub struct Cache {
     store: Arc<dyn CacheStore>,
     prefix: Arc<str>,
     down: Arc<AtomicBool>,
+    /// Where removals are announced to the other instances, if anywhere.
+    announce: Option<sqlx::AnyPool>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -102,7 +106,50 @@ impl Cache {
             store,
             prefix: Arc::from(prefix),
             down: Arc::new(AtomicBool::new(false)),
+            announce: None,
         }
+    }
+
+    /// With the in-process cache on a PostgreSQL that several instances share: every
+    /// removal is announced to all of them (`NOTIFY`), and each drops its own copy
+    /// (`LISTEN`, on a connection of its own to `url`), so that a logout, a deletion or a
+    /// role change made through one instance is seen by every instance on its next
+    /// request. While that connection is lost, and when it is back, this instance drops
+    /// every entry it holds: removals may have been missed meanwhile.
+    pub fn announce_removals(&mut self, pool: sqlx::AnyPool, url: &str) {
+        self.announce = Some(pool);
+        let store = self.store.clone();
+        let url = url.to_owned();
+        tokio::spawn(async move {
+            let mut listening = None;
+            loop {
+                let listener = match listening.as_mut() {
+                    Some(listener) => listener,
+                    None => match subscribe(&url).await {
+                        Ok(listener) => listening.insert(listener),
+                        Err(error) => {
+                            tracing::warn!(%error, "cache removals: cannot listen; retrying");
+                            store.forget_all();
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    },
+                };
+                match listener.try_recv().await {
+                    Ok(Some(removal)) => {
+                        let _ = store.delete(removal.payload()).await;
+                    }
+                    // The connection was lost (and is made again on the next call).
+                    Ok(None) => store.forget_all(),
+                    Err(error) => {
+                        tracing::warn!(%error, "cache removals: listening failed; retrying");
+                        store.forget_all();
+                        listening = None;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
     }
 
     /// `memory` or `redis`.
@@ -161,6 +208,15 @@ impl Cache {
             );
         }
     }
+}
+
+/// The channel removals are announced on.
+const REMOVALS: &str = "trellis_cache_removals";
+
+async fn subscribe(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+    listener.listen(REMOVALS).await?;
+    Ok(listener)
 }
 
 /// A module's namespace in the cache.
@@ -249,10 +305,24 @@ impl ModuleCache {
     /// Removes the key. The error is returned: a caller invalidating an entry may need to
     /// know that the stale value could not be removed.
     pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        let result = self.cache.store.delete(&self.key(key)).await;
+        let key = self.key(key);
+        let result = self.cache.store.delete(&key).await;
         match &result {
             Ok(()) => self.cache.record_ok(),
             Err(error) => self.cache.record_error("delete", error),
+        }
+        if let Some(pool) = &self.cache.announce {
+            let announced = sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(REMOVALS)
+                .bind(&key)
+                .execute(pool)
+                .await;
+            if let Err(error) = announced {
+                // The other instances keep their copy until it expires.
+                return Err(CacheError::Unavailable(format!(
+                    "the removal could not be announced to the other instances: {error}"
+                )));
+            }
         }
         result
     }
@@ -406,34 +476,57 @@ impl CacheStore for MemoryStore {
         Box::pin(async { Ok(()) })
     }
 
+    fn forget_all(&self) {
+        self.entries.invalidate_all();
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }
 }
 
-/// Redis through a deadpool connection pool.
+/// Redis through one multiplexed connection (redis-rs's `ConnectionManager`, which
+/// reconnects by itself), with Redis's server-assisted client-side caching when
+/// `cache.near_entries` is above 0: a value read is kept in this process, and Redis tells
+/// every instance holding it the moment any instance changes or deletes the key (RESP3
+/// invalidation pushes). Reads of unchanged entries then cost no round trip, and a
+/// revocation on one instance is seen by every instance on its next request. A lost
+/// connection drops every near entry (the reconnection starts a new cache epoch).
 pub struct RedisStore {
-    pool: deadpool_redis::Pool,
+    conn: redis::aio::ConnectionManager,
     timeout: Duration,
     incr_script: redis::Script,
 }
 
 impl RedisStore {
-    /// A pool for `config.url`; connections are made on first use.
+    /// A connection to `config.url`, made on first use.
     pub fn new(config: &CacheConfig) -> anyhow::Result<Self> {
+        let bad =
+            |e: redis::RedisError| anyhow::anyhow!("`cache.url` `{}`: {e}", config.url.redacted());
         let timeout = Duration::from_millis(config.timeout_ms);
-        let pool = deadpool_redis::Config::from_url(config.url.expose())
-            .builder()
-            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", config.url.redacted()))?
-            .max_size(config.max_connections)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .build()
-            .map_err(|e| anyhow::anyhow!("`cache.url` `{}`: {e}", config.url.redacted()))?;
+        let mut info =
+            redis::IntoConnectionInfo::into_connection_info(config.url.expose()).map_err(bad)?;
+        let mut manager = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2);
+        if let Some(entries) = std::num::NonZeroUsize::new(config.near_entries) {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            info = info.set_redis_settings(settings);
+            manager = manager.set_cache_config(
+                redis::caching::CacheConfig::new()
+                    .set_mode(redis::caching::CacheMode::OptIn)
+                    .set_size(entries),
+            );
+        }
+        let client = redis::Client::open(info).map_err(bad)?;
+        let conn =
+            redis::aio::ConnectionManager::new_lazy_with_config(client, manager).map_err(bad)?;
         Ok(Self {
-            pool,
+            conn,
             timeout,
             // INCRBY, and start the window's expiry when the counter is new.
             incr_script: redis::Script::new(
@@ -446,16 +539,11 @@ impl RedisStore {
 
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, CacheError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
-            let conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| CacheError::Unavailable(e.to_string()))?;
-            op(conn).await.map_err(|e| {
+            op(self.conn.clone()).await.map_err(|e| {
                 // The server answered with an error about the value: not an outage.
                 if e.to_string().contains("not an integer") {
                     CacheError::NotAnInteger
@@ -477,7 +565,10 @@ fn ttl_millis(ttl: Duration) -> u64 {
 impl CacheStore for RedisStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, CacheError>> {
         Box::pin(self.run(move |mut conn| async move {
-            redis::cmd("GET").arg(key).query_async(&mut conn).await
+            let mut get = redis::cmd("GET");
+            get.arg(key)
+                .set_cache_config(redis::CommandCacheConfig::new().set_enable_cache(true));
+            get.query_async(&mut conn).await
         }))
     }
 

@@ -37,12 +37,16 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Connects the database and builds the cache that `config` describes.
+    /// Connects the database and builds the cache that `config` describes. The
+    /// in-process cache on PostgreSQL announces its removals to the other instances
+    /// ([`Cache::announce_removals`]); on SQLite it is one instance's own.
     pub async fn connect(config: &crate::config::Config) -> anyhow::Result<Self> {
-        Ok(Self {
-            database: Database::connect(&config.database).await?,
-            cache: Cache::from_config(&config.cache)?,
-        })
+        let database = Database::connect(&config.database).await?;
+        let mut cache = Cache::from_config(&config.cache)?;
+        if cache.kind() == "memory" && database.backend() == Backend::Postgres {
+            cache.announce_removals(database.pool().clone(), config.database.url.expose());
+        }
+        Ok(Self { database, cache })
     }
 
     /// A private in-memory SQLite database (one connection) and an in-process cache: for

@@ -11,6 +11,7 @@ mod connections;
 mod errors;
 mod faults;
 mod housekeeping;
+mod instances;
 mod middleware;
 mod openapi;
 mod process;
