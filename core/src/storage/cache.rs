@@ -60,6 +60,16 @@ pub trait CacheStore: Send + Sync + 'static {
         by: i64,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<i64, CacheError>>;
+    /// Takes `cost` tokens from the bucket under `key` (a generic cell rate algorithm:
+    /// one token per `interval`, at most `burst` saved up), or none when it has fewer;
+    /// then answers how long until it has enough.
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        cost: u64,
+        interval: Duration,
+        burst: u64,
+    ) -> BoxFuture<'a, Result<Option<Duration>, CacheError>>;
     /// Checks that the store answers.
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>>;
     /// Drops every entry this process holds (removals may have been missed).
@@ -350,6 +360,33 @@ impl ModuleCache {
         }
     }
 
+    /// Takes `cost` tokens from the bucket under `key`, refilled at `rate` tokens a
+    /// second up to `burst`; `Err(seconds to wait)` when it has fewer (nothing is taken
+    /// then). Shared by every instance when the cache is Redis (timed by Redis's clock).
+    /// When the cache is down it fails open, as [`Self::throttle`] does.
+    pub async fn take(&self, key: &str, cost: u64, rate: u32, burst: u64) -> Result<(), u64> {
+        let interval = Duration::from_secs(1) / rate.max(1);
+        let result = self
+            .cache
+            .store
+            .take(&self.key(key), cost, interval, burst)
+            .await;
+        match result {
+            Ok(None) => {
+                self.cache.record_ok();
+                Ok(())
+            }
+            Ok(Some(wait)) => {
+                self.cache.record_ok();
+                Err(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            }
+            Err(error) => {
+                self.cache.record_error("take", &error);
+                Ok(())
+            }
+        }
+    }
+
     /// The attempts counted under `key` in the current window (0 when the cache is down).
     pub async fn counted(&self, key: &str, window: Duration) -> i64 {
         self.incr(key, 0, window).await.unwrap_or(0)
@@ -472,6 +509,41 @@ impl CacheStore for MemoryStore {
         })
     }
 
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        cost: u64,
+        interval: Duration,
+        burst: u64,
+    ) -> BoxFuture<'a, Result<Option<Duration>, CacheError>> {
+        Box::pin(async move {
+            let mut wait = None;
+            self.entries
+                .entry(key.to_owned())
+                .and_compute_with(|current| {
+                    let now = Instant::now();
+                    // The bucket is the time it will be full again (its entry's deadline).
+                    let full_at = current
+                        .map(|entry| entry.into_value().expires_at)
+                        .filter(|at| *at > now)
+                        .unwrap_or(now);
+                    let op = match gcra(full_at.duration_since(now), cost, interval, burst) {
+                        Ok(full_in) => moka::ops::compute::Op::Put(Entry {
+                            value: Arc::from(Vec::new()),
+                            expires_at: now + full_in,
+                        }),
+                        Err(until) => {
+                            wait = Some(until);
+                            moka::ops::compute::Op::Nop
+                        }
+                    };
+                    std::future::ready(op)
+                })
+                .await;
+            Ok(wait)
+        })
+    }
+
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
         Box::pin(async { Ok(()) })
     }
@@ -496,6 +568,7 @@ pub struct RedisStore {
     conn: redis::aio::ConnectionManager,
     timeout: Duration,
     incr_script: redis::Script,
+    take_script: redis::Script,
 }
 
 impl RedisStore {
@@ -534,6 +607,19 @@ impl RedisStore {
                  if v == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
                  return v",
             ),
+            // The bucket as the time (Redis's, in microseconds) it will be full again;
+            // answers the microseconds to wait, 0 when the tokens were taken.
+            take_script: redis::Script::new(
+                "local t = redis.call('TIME') \
+                 local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+                 local cost, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]) \
+                 local full = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now) \
+                 local after = full + cost * interval \
+                 local wait = after - burst * interval - now \
+                 if wait > 0 then return math.ceil(wait) end \
+                 redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', math.ceil((after - now) / 1000) + 1) \
+                 return 0",
+            ),
         })
     }
 
@@ -555,6 +641,23 @@ impl RedisStore {
         tokio::time::timeout(self.timeout, work)
             .await
             .unwrap_or_else(|_| Err(CacheError::Timeout(self.timeout.as_millis() as u64)))
+    }
+}
+
+/// The generic cell rate algorithm: a bucket that is full `full_in` from now, asked for
+/// `cost` tokens at one per `interval` with at most `burst` saved up. `Ok(when it will be
+/// full again)` when the tokens are taken, `Err(how long until they could be)` when not.
+fn gcra(
+    full_in: Duration,
+    cost: u64,
+    interval: Duration,
+    burst: u64,
+) -> Result<Duration, Duration> {
+    let times = |n: u64| interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+    let after = full_in.saturating_add(times(cost));
+    match after.checked_sub(times(burst)) {
+        Some(wait) if !wait.is_zero() => Err(wait),
+        _ => Ok(after),
     }
 }
 
@@ -608,6 +711,27 @@ impl CacheStore for RedisStore {
                 .arg(ttl_millis(ttl))
                 .invoke_async(&mut conn)
                 .await
+        }))
+    }
+
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        cost: u64,
+        interval: Duration,
+        burst: u64,
+    ) -> BoxFuture<'a, Result<Option<Duration>, CacheError>> {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        Box::pin(self.run(move |mut conn| async move {
+            let wait_us: u64 = self
+                .take_script
+                .key(key)
+                .arg(cost)
+                .arg(micros(interval).max(1))
+                .arg(burst)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok((wait_us > 0).then(|| Duration::from_micros(wait_us)))
         }))
     }
 
@@ -677,6 +801,32 @@ mod tests {
             cache.incr("text", 1, ttl).await,
             Err(CacheError::NotAnInteger)
         ));
+    }
+
+    #[test]
+    fn the_cell_rate_algorithm_spends_the_burst_then_meters() {
+        let second = Duration::from_secs(1);
+        // An empty (full) bucket of 10, one token a second: 10 now, then one a second.
+        assert_eq!(gcra(Duration::ZERO, 10, second, 10), Ok(10 * second));
+        assert_eq!(gcra(10 * second, 1, second, 10), Err(second));
+        assert_eq!(gcra(9 * second, 1, second, 10), Ok(10 * second));
+        assert_eq!(gcra(Duration::ZERO, 11, second, 10), Err(second));
+    }
+
+    #[tokio::test]
+    async fn buckets_are_taken_from_whole_or_not_at_all_and_refill() {
+        let cache = memory().for_module("m");
+        // 100 a second, 10 saved up.
+        assert_eq!(cache.take("k", 10, 100, 10).await, Ok(()));
+        assert_eq!(cache.take("k", 5, 100, 10).await, Err(1));
+        assert_eq!(cache.take("other", 10, 100, 10).await, Ok(()), "per key");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            cache.take("k", 5, 100, 10).await,
+            Ok(()),
+            "refilled at the rate"
+        );
+        assert_eq!(cache.take("k", 5, 100, 10).await, Err(1));
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ mod cache;
 mod database;
 mod migrate;
 
-pub use cache::{Cache, CacheError, CacheStore, ModuleCache};
+pub use cache::{Cache, CacheError, CacheStore, MemoryStore, ModuleCache, RedisStore};
 pub use database::{Backend, Database, DbError, ModuleDb, Tx, TxConn, redact_url};
 pub use migrate::{MIGRATIONS_TABLE, migrate};
 

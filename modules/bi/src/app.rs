@@ -20,7 +20,7 @@ pub struct Ingest {
     events: EventDispatcher,
     config: Arc<BiConfig>,
     /// The senders' buckets, for client events.
-    limits: Option<Arc<IngestLimits>>,
+    limits: Option<IngestLimits>,
 }
 
 /// Events as one request carried them: one event, or a batch (then field pointers start
@@ -45,7 +45,7 @@ impl Ingest {
     /// The service for client events: with the senders' limits.
     pub fn for_clients(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
         let mut ingest = Self::from_context(ctx)?;
-        ingest.limits = Some(IngestLimits::start(&ingest.config)?);
+        ingest.limits = Some(IngestLimits::new(&ingest.config, ctx.cache())?);
         Ok(ingest)
     }
 
@@ -60,6 +60,7 @@ impl Ingest {
         if let Some(limits) = &self.limits {
             limits
                 .take(&submission.sender, submission.events.len())
+                .await
                 .map_err(|Limited { retry_after_secs }| BiError::RateLimited {
                     retry_after_secs,
                 })?;

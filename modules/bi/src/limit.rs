@@ -3,23 +3,15 @@
 //!
 //! Anonymous senders are counted by client address, authenticated ones by user, so that
 //! users behind one shared address (an office, a carrier's NAT) do not share a bucket with
-//! anonymous traffic from it. The buckets live in this process (one set per instance);
-//! idle ones are dropped every [`CLEANUP_EVERY`], which bounds their memory to the senders
-//! seen within a refill period.
+//! anonymous traffic from it. The buckets live in the module's cache
+//! ([`ModuleCache::take`]): shared by every instance when the cache is Redis, one set per
+//! instance with the in-process cache. A bucket is forgotten once it is full again.
 
-use std::{
-    net::IpAddr,
-    num::NonZeroU32,
-    sync::{Arc, Weak},
-    time::Duration,
-};
+use std::net::IpAddr;
 
-use governor::{DefaultKeyedRateLimiter, Quota, clock::Clock as _};
+use trellis_core::storage::ModuleCache;
 
 use crate::BiConfig;
-
-/// How often buckets that have filled up again are forgotten.
-pub const CLEANUP_EVERY: Duration = Duration::from_secs(10);
 
 /// Whose bucket a request's events are taken from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,118 +30,62 @@ pub struct Limited {
     pub retry_after_secs: u64,
 }
 
-/// The buckets of every sender.
-pub struct IngestLimits {
-    by_address: DefaultKeyedRateLimiter<IpAddr>,
-    by_user: DefaultKeyedRateLimiter<String>,
+/// A bucket's refill rate (events a second) and size.
+#[derive(Debug, Clone, Copy)]
+struct Quota {
+    rate: u32,
+    burst: u64,
 }
 
-impl std::fmt::Debug for IngestLimits {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IngestLimits")
-            .field("addresses", &self.by_address.len())
-            .field("users", &self.by_user.len())
-            .finish()
-    }
+/// The buckets of every sender.
+#[derive(Debug, Clone)]
+pub struct IngestLimits {
+    cache: ModuleCache,
+    by_address: Quota,
+    by_user: Quota,
 }
 
 impl IngestLimits {
-    /// The limits `config` sets, with their cleanup task (which ends when they are
-    /// dropped). A burst smaller than `max_batch` would refuse full batches for ever, so
-    /// it stops start-up naming the key.
-    pub fn start(config: &BiConfig) -> anyhow::Result<Arc<Self>> {
+    /// The limits `config` sets, kept in `cache`. A burst smaller than `max_batch` would
+    /// refuse full batches for ever, so it stops start-up naming the key.
+    pub fn new(config: &BiConfig, cache: ModuleCache) -> anyhow::Result<Self> {
         let quota = |rate: u32, burst: u32, key: &str| -> anyhow::Result<Quota> {
-            let rate = NonZeroU32::new(rate).ok_or_else(|| {
-                anyhow::anyhow!("`modules.bi.rate_per_{key}`: must be at least 1")
-            })?;
-            let burst = NonZeroU32::new(burst)
-                .filter(|b| b.get() as usize >= config.max_batch)
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "`modules.bi.burst_per_{key}`: must be at least `modules.bi.max_batch` ({})",
-                        config.max_batch
-                    )
-                })?;
-            Ok(Quota::per_second(rate).allow_burst(burst))
+            if rate == 0 {
+                anyhow::bail!("`modules.bi.rate_per_{key}`: must be at least 1");
+            }
+            if burst == 0 || (burst as usize) < config.max_batch {
+                anyhow::bail!(
+                    "`modules.bi.burst_per_{key}`: must be at least `modules.bi.max_batch` ({})",
+                    config.max_batch
+                );
+            }
+            Ok(Quota {
+                rate,
+                burst: u64::from(burst),
+            })
         };
-        let limits = Arc::new(Self {
-            by_address: DefaultKeyedRateLimiter::keyed(quota(
-                config.rate_per_address,
-                config.burst_per_address,
-                "address",
-            )?),
-            by_user: DefaultKeyedRateLimiter::keyed(quota(
-                config.rate_per_user,
-                config.burst_per_user,
-                "user",
-            )?),
-        });
-        tokio::spawn(cleanup(Arc::downgrade(&limits)));
-        Ok(limits)
+        Ok(Self {
+            cache,
+            by_address: quota(config.rate_per_address, config.burst_per_address, "address")?,
+            by_user: quota(config.rate_per_user, config.burst_per_user, "user")?,
+        })
     }
 
     /// Takes `events` tokens from `sender`'s bucket, or none when it has fewer.
-    pub fn take(&self, sender: &Sender, events: usize) -> Result<(), Limited> {
-        let Some(n) = u32::try_from(events).ok().and_then(NonZeroU32::new) else {
-            return match events {
-                0 => Ok(()),
-                _ => Err(Limited {
-                    retry_after_secs: u64::MAX,
-                }),
-            };
+    pub async fn take(&self, sender: &Sender, events: usize) -> Result<(), Limited> {
+        if events == 0 {
+            return Ok(());
+        }
+        let (key, quota) = match sender {
+            Sender::Address(address) => (format!("ingest:address:{address}"), self.by_address),
+            Sender::User(user) => (format!("ingest:user:{user}"), self.by_user),
         };
-        let (outcome, now) = match sender {
-            Sender::Address(address) => (
-                self.by_address.check_key_n(address, n),
-                self.by_address.clock().now(),
-            ),
-            Sender::User(user) => (
-                self.by_user.check_key_n(user, n),
-                self.by_user.clock().now(),
-            ),
-        };
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(now);
-                Err(Limited {
-                    retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-                }
-                .at_least_one())
-            }
-            // More than the burst: refused at start-up, kept for safety.
-            Err(_) => Err(Limited {
-                retry_after_secs: u64::MAX,
-            }),
-        }
-    }
-
-    fn forget_idle(&self) {
-        self.by_address.retain_recent();
-        self.by_address.shrink_to_fit();
-        self.by_user.retain_recent();
-        self.by_user.shrink_to_fit();
-    }
-}
-
-impl Limited {
-    fn at_least_one(self) -> Self {
-        Self {
-            retry_after_secs: self.retry_after_secs.max(1),
-        }
-    }
-}
-
-/// Forgets idle buckets every [`CLEANUP_EVERY`] while the limits are in use.
-async fn cleanup(limits: Weak<IngestLimits>) {
-    let mut ticker = tokio::time::interval(CLEANUP_EVERY);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        match limits.upgrade() {
-            Some(limits) => limits.forget_idle(),
-            None => return,
-        }
+        self.cache
+            .take(&key, events as u64, quota.rate, quota.burst)
+            .await
+            .map_err(|wait| Limited {
+                retry_after_secs: wait.max(1),
+            })
     }
 }
 
@@ -168,23 +104,31 @@ mod tests {
         }
     }
 
+    fn cache() -> ModuleCache {
+        let store = std::sync::Arc::new(trellis_core::storage::MemoryStore::new(1_000));
+        trellis_core::storage::Cache::with_store(store, "t").for_module("bi")
+    }
+
     #[tokio::test]
     async fn a_batch_costs_one_token_per_event_and_senders_do_not_share() {
-        let limits = IngestLimits::start(&config(1, 20)).expect("valid");
+        let limits = IngestLimits::new(&config(1, 20), cache()).expect("valid");
         let flooder = Sender::Address("192.0.2.1".parse().expect("ip"));
-        assert_eq!(limits.take(&flooder, 10), Ok(()));
-        assert_eq!(limits.take(&flooder, 10), Ok(()));
-        let refused = limits.take(&flooder, 10).expect_err("the bucket is empty");
+        assert_eq!(limits.take(&flooder, 10).await, Ok(()));
+        assert_eq!(limits.take(&flooder, 10).await, Ok(()));
+        let refused = limits
+            .take(&flooder, 10)
+            .await
+            .expect_err("the bucket is empty");
         assert!(
             (1..=10).contains(&refused.retry_after_secs),
             "ten events at one a second: {refused:?}"
         );
         let neighbour = Sender::Address("192.0.2.2".parse().expect("ip"));
-        assert_eq!(limits.take(&neighbour, 10), Ok(()));
+        assert_eq!(limits.take(&neighbour, 10).await, Ok(()));
         let user = Sender::User("u1".into());
-        assert_eq!(limits.take(&user, 10), Ok(()));
+        assert_eq!(limits.take(&user, 10).await, Ok(()));
         assert_eq!(
-            limits.take(&flooder, 0),
+            limits.take(&flooder, 0).await,
             Ok(()),
             "an empty batch costs nothing"
         );
@@ -192,12 +136,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_below_the_batch_size_stops_start_up_naming_the_key() {
-        let error = IngestLimits::start(&config(1, 5)).expect_err("burst < max_batch");
+        let error = IngestLimits::new(&config(1, 5), cache()).expect_err("burst < max_batch");
         assert!(
             error.to_string().contains("`modules.bi.burst_per_address`"),
             "{error}"
         );
-        let error = IngestLimits::start(&config(0, 50)).expect_err("rate 0");
+        let error = IngestLimits::new(&config(0, 50), cache()).expect_err("rate 0");
         assert!(
             error.to_string().contains("`modules.bi.rate_per_address`"),
             "{error}"

@@ -94,3 +94,40 @@ async fn with_in_process_caches_a_change_on_one_instance_is_seen_by_another_at_o
     }
     changes_on_one_instance_are_seen_by_the_other_at_once(&[("cache.url", json!(""))]).await;
 }
+
+#[tokio::test]
+async fn with_redis_an_address_spends_one_bi_budget_over_every_instance() {
+    if std::env::var("TEST_REDIS_URL").is_err() {
+        eprintln!("skipped: needs TEST_REDIS_URL (scripts/test.sh)");
+        return;
+    }
+    let limits = [
+        ("modules.bi.max_batch", json!(50)),
+        ("modules.bi.rate_per_address", json!(1)),
+        ("modules.bi.burst_per_address", json!(100)),
+    ];
+    let one = spawn_app_on(TestStorage::new().await, &limits).await;
+    let other = spawn_app_on(one.storage.sharing().await, &limits).await;
+    let batch = json!(
+        (0..50)
+            .map(|i| json!({"name": "shared.budget", "properties": {"i": i}}))
+            .collect::<Vec<_>>()
+    );
+    // The burst is two batches: one through each instance, then none through either.
+    assert_eq!(
+        one.post_json("/api/v1/bi/events", &batch).await.status(),
+        202
+    );
+    assert_eq!(
+        other.post_json("/api/v1/bi/events", &batch).await.status(),
+        202
+    );
+    assert_eq!(
+        one.post_json("/api/v1/bi/events", &batch).await.status(),
+        429
+    );
+    assert_eq!(
+        other.post_json("/api/v1/bi/events", &batch).await.status(),
+        429
+    );
+}
