@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The services the test suite runs against, on private ports: PostgreSQL 15 and Redis 7
 # from Debian's packages (PostgreSQL's data under /tmp: it must be able to traverse the
-# path), and moto's SQS-compatible server from PyPI in a virtualenv.
+# path), and moto's SQS-compatible server from PyPI in a virtualenv. `install` also
+# installs nginx (Debian), which the cluster tests start themselves, each with its own
+# configuration in front of the instances they run (tests/tests/api/cluster.rs).
 #
 #   scripts/services.sh install                  install what is missing
 #   scripts/services.sh start [pg|redis|sqs]     start (all by default); prints the settings
@@ -30,6 +32,7 @@ install_packages() {
   local need=()
   [ -x "$PGBIN/initdb" ] || need+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  [ -x /usr/sbin/nginx ] || need+=(nginx)
   if [ ${#need[@]} -gt 0 ]; then
     echo "services: installing ${need[*]} (Debian packages)"
     local sudo=""

@@ -2,8 +2,8 @@
 # The whole Trellis test suite, from a clean clone: installs what it needs, then runs
 # formatting, lints, the feature-subset builds, every Rust test on SQLite + the in-process
 # cache, the integration tests again on PostgreSQL 15 + Redis 7 (started here), the fault
-# tests, and the end-to-end checks (promtool, Swagger UI in headless Chromium,
-# schemathesis) against running servers.
+# tests, three instances behind nginx, and the end-to-end checks (promtool, Swagger UI in
+# headless Chromium, schemathesis) against running servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUN=${RUN:-$PWD/.run}
@@ -59,6 +59,9 @@ pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" \
 step "BI events through SQS (moto): exactly once, outage, SIGTERM, hostile input"
 pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" \
   cargo test -p trellis-tests --test api sqs -- --ignored --test-threads=1 --nocapture
+
+step "cluster: three instances behind nginx on PostgreSQL, Redis and moto"
+pg_redis cargo test -p trellis-tests --test api cluster -- --ignored --test-threads=1 --nocapture
 
 step "feature subsets: each binary serves and documents exactly its modules"
 for subset in "${subsets[@]}"; do

@@ -154,10 +154,15 @@ impl Readiness {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the server is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Runs every check concurrently; a check slower than `timeout` is down. While
     /// draining, runs none and reports down.
     pub async fn run(&self, timeout: Duration) -> ReadinessReport {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.is_draining() {
             return ReadinessReport {
                 status: CheckStatus::Down,
                 checks: Vec::new(),

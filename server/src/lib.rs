@@ -405,6 +405,7 @@ fn stack<E>(
         metrics: middleware::RequestMetrics::new(),
         vary_origin,
         proxies: (!proxies.is_empty()).then_some(proxies),
+        readiness: ctx.readiness().clone(),
     })
 }
 

@@ -22,7 +22,9 @@
 //! 9. [`Problems`]: router errors (no route, wrong method with its `Allow` header,
 //!    unparsable input) become problem+json;
 //! 10. on the way out, [`harden`]: `X-Content-Type-Options: nosniff` on every response,
-//!     `Cache-Control: no-store` on the API's, `Vary: Origin` while CORS is on.
+//!     `Cache-Control: no-store` on the API's, `Vary: Origin` while CORS is on; and while
+//!     the server drains, `Connection: close`, so that a proxy opens its next connection to
+//!     another instance instead of reusing one that is about to close.
 //!
 //! Steps 1 to 7 are one endpoint, [`Stack`], with a function per step. Each `async` layer
 //! keeps its own copy of the request (472 bytes) and the whole future of the layers inside
@@ -58,7 +60,7 @@ use trellis_core::{
         HTTP_REQUESTS_TOTAL,
     },
     problem::{InternalError, Problem, ProblemJson, RequestScope},
-    readiness::AdminRequest,
+    readiness::{AdminRequest, Readiness},
 };
 use trellis_openapi::RouteIndex;
 
@@ -95,6 +97,8 @@ pub struct Stack<E> {
     pub(crate) vary_origin: bool,
     /// `server.trusted_proxies`, when there are any.
     pub(crate) proxies: Option<TrustedProxies>,
+    /// Tells whether the server drains.
+    pub(crate) readiness: Readiness,
 }
 
 /// An incoming id is reused when it is 1 to 128 visible ASCII characters from a safe set,
@@ -133,6 +137,9 @@ impl<E: Endpoint> Endpoint for Stack<E> {
             headers.insert(X_REQUEST_ID.clone(), header);
         }
         harden(headers, api, self.vary_origin);
+        if self.readiness.is_draining() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         Ok(resp)
     }
 }

@@ -6,6 +6,7 @@ mod accounts;
 mod auth;
 mod bi;
 mod cache;
+mod cluster;
 mod common;
 mod connections;
 mod errors;

@@ -20,7 +20,7 @@ use crate::{
     process::{free_port, server, terminate, wait_exit, wait_healthy},
 };
 
-struct Sqs {
+pub(crate) struct Sqs {
     client: Client,
     endpoint: String,
     url: String,
@@ -28,7 +28,7 @@ struct Sqs {
 
 impl Sqs {
     /// A fresh queue on the server `TEST_SQS_ENDPOINT` names.
-    async fn queue() -> Self {
+    pub(crate) async fn queue() -> Self {
         let endpoint = std::env::var("TEST_SQS_ENDPOINT")
             .expect("TEST_SQS_ENDPOINT (scripts/services.sh start prints it)");
         assert_eq!(
@@ -60,15 +60,17 @@ impl Sqs {
     }
 
     /// Settings that point the server at this queue.
-    fn settings(&self) -> Vec<(&'static str, Value)> {
+    pub(crate) fn settings(&self) -> Vec<(&'static str, Value)> {
         // The backend last: each setting is checked as it applies.
         vec![
             ("mq.sqs.queue_url", json!(self.url)),
             ("mq.sqs.endpoint_url", json!(self.endpoint)),
             ("mq.sqs.region", json!("us-east-1")),
             ("mq.retry_backoff_max_ms", json!(500)),
-            // moto takes about 100 ms per SendMessageBatch: give the drain time.
+            // moto takes about 100 ms per SendMessageBatch: give the drain time, within
+            // a shutdown budget as long.
             ("mq.drain_timeout_ms", json!(120_000)),
+            ("server.shutdown_timeout_ms", json!(120_000)),
             // The loads here come from one address; the ingest limits are tested elsewhere.
             ("modules.bi.rate_per_address", json!(1_000_000)),
             ("modules.bi.burst_per_address", json!(1_000_000)),
@@ -78,7 +80,7 @@ impl Sqs {
 
     /// Starts reading (and deleting) messages as they arrive, as a real consumer does;
     /// moto slows down as its queues grow.
-    fn consume(&self) -> Consumer {
+    pub(crate) fn consume(&self) -> Consumer {
         let (client, url) = (self.client.clone(), self.url.clone());
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
@@ -123,21 +125,21 @@ impl Sqs {
 }
 
 /// Reads the queue in the background.
-struct Consumer {
+pub(crate) struct Consumer {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Vec<Value>>,
 }
 
 impl Consumer {
     /// Every body read, once the queue has stayed empty for three polls.
-    async fn finish(self) -> Vec<Value> {
+    pub(crate) async fn finish(self) -> Vec<Value> {
         self.stop.send_replace(true);
         self.task.await.expect("consumer")
     }
 }
 
 /// Ids per occurrence: (distinct ids, ids seen more than once).
-fn tally(bodies: &[Value]) -> (BTreeSet<String>, usize) {
+pub(crate) fn tally(bodies: &[Value]) -> (BTreeSet<String>, usize) {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for body in bodies {
         *counts
