@@ -11,6 +11,10 @@ BENCH_PREVIOUS names an earlier build's `trellis` binary: it then runs in the sa
 (`/healthz`, `/api/v1/users/me`, login) on its own defaults plus BENCH_PREVIOUS_ENV
 (`KEY=value` pairs, e.g. the limits it needs lifted), so a change on the request path is
 measured against the code before it in one run.
+
+With TEST_POSTGRES_URL and TEST_REDIS_URL (run.sh starts the services), the rounds also
+run Trellis on PostgreSQL + Redis, and two such instances behind nginx (nginx and both
+instances on CPU 0): authenticated reads and BI batches through the proxy.
 """
 
 import json
@@ -44,6 +48,12 @@ QUIETER = (
     ("trellis, level warn (no request span or access line)", {"TRELLIS_TELEMETRY__LEVEL": "warn"}),
 )
 commands = []
+POSTGRES = os.environ.get("TEST_POSTGRES_URL")
+REDIS = os.environ.get("TEST_REDIS_URL")
+PSQL = "/usr/lib/postgresql/15/bin/psql"
+NGINX = "/usr/sbin/nginx"
+SHARED_NAME = "trellis, PostgreSQL + Redis"
+PROXY_NAME = "nginx, two instances (PostgreSQL + Redis)"
 
 
 def log(msg):
@@ -160,6 +170,8 @@ def trellis_env(port, data):
     return {
         "TRELLIS_SERVER__PORT": str(port),
         "TRELLIS_DATABASE__URL": f"sqlite://{data}/trellis.db",
+        # A folder per server: the file backend locks its own.
+        "TRELLIS_MQ__FILE__DIRECTORY": f"{data}/events",
         # The login scenario logs in from one address as fast as it can, 64 at a time: an
         # attempt holds its share of the login budgets until it succeeds.
         "TRELLIS_MODULES__AUTH__LOGIN_FAILURES_PER_PAIR": "1000000000",
@@ -180,6 +192,41 @@ def trellis_env(port, data):
 def start_trellis(port, data, workdir, name="trellis", extra_env=None):
     env = dict(trellis_env(port, data), **(extra_env or {}))
     return Server(name, [str(RELEASE / "trellis")], port, env, cwd=workdir)
+
+
+def create_database(name):
+    """A fresh PostgreSQL database on the services' server; its URL."""
+    for statement in (f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"):
+        subprocess.run([PSQL, POSTGRES, "-q", "-c", statement], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return POSTGRES.rsplit("/", 1)[0] + "/" + name
+
+
+def shared_env(database, prefix, events):
+    return {
+        "TRELLIS_DATABASE__URL": database,
+        "TRELLIS_CACHE__URL": REDIS,
+        "TRELLIS_CACHE__PREFIX": prefix,
+        "TRELLIS_MQ__FILE__DIRECTORY": str(events),
+    }
+
+
+def start_nginx(work, port, upstreams):
+    """nginx on CPU 0 in front of `upstreams` (ports), as the cluster tests run it."""
+    conf = work / "nginx.conf"
+    servers = "".join(f"server 127.0.0.1:{p} max_fails=0; " for p in upstreams)
+    conf.write_text(
+        f"worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx-error.log warn;\n"
+        "events { worker_connections 4096; }\n"
+        f"http {{ access_log off; client_body_temp_path {work}/nb; proxy_temp_path {work}/np;\n"
+        f"  fastcgi_temp_path {work}/nf; uwsgi_temp_path {work}/nu; scgi_temp_path {work}/ns;\n"
+        f"  upstream trellis {{ {servers} keepalive 64; }}\n"
+        f"  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://trellis;\n"
+        "    proxy_http_version 1.1; proxy_set_header Connection \"\";\n"
+        "    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+        "    proxy_next_upstream error timeout http_502; } } }\n")
+    os.chmod(work, 0o755)
+    return Server(PROXY_NAME, [NGINX, "-c", str(conf), "-p", str(work)], port)
 
 
 def token_for(server, email):
@@ -258,6 +305,26 @@ def main():
         }, cwd=work)
         previous_auth = [f"Authorization: Bearer {token_for(previous, 'bench@example.com')}"]
     tokens = {trellis.name: auth, PREVIOUS_NAME: previous_auth}
+    shared, proxy, instances = None, None, []
+    if POSTGRES and REDIS:
+        for tool in (PSQL, NGINX):
+            if not Path(tool).exists():
+                raise SystemExit(f"bench: {tool} is missing (scripts/services.sh install installs it)")
+        shared_data = work / "data-shared"
+        shared_data.mkdir()
+        shared = start_trellis(18188, shared_data, work, SHARED_NAME, shared_env(
+            create_database("bench_single"), f"bench-{uuid.uuid4().hex}", shared_data / "events"))
+        tokens[SHARED_NAME] = [f"Authorization: Bearer {token_for(shared, 'bench@example.com')}"]
+        cluster_db = create_database("bench_cluster")
+        cluster_prefix = f"bench-{uuid.uuid4().hex}"
+        for index, port in enumerate((18191, 18192)):
+            instance_data = work / f"data-instance-{index}"
+            instance_data.mkdir()
+            instances.append(start_trellis(port, instance_data, work, f"instance {index}", dict(
+                shared_env(cluster_db, cluster_prefix, instance_data / "events"),
+                TRELLIS_SERVER__TRUSTED_PROXIES='["127.0.0.1"]')))
+        proxy = start_nginx(work, 18190, (18191, 18192))
+        tokens[PROXY_NAME] = [f"Authorization: Bearer {token_for(proxy, 'bench@example.com')}"]
 
     bi_lua = work / "bi.lua"
     events = [{"name": "bench.page_view", "properties": {"path": f"/products/{i}", "position": i},
@@ -271,6 +338,8 @@ def main():
         for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
             servers = (trellis, poem, openapi, *quieter) if scenario == "healthz" else (trellis, poem, openapi)
             servers += (previous,) if previous else ()
+            if scenario == "me" and shared:
+                servers += (shared, proxy)
             for server in servers:
                 log(f"round {round_ + 1}/{ROUNDS}: {scenario} on {server.name}")
                 settle(trellis.proc.pid)
@@ -284,6 +353,13 @@ def main():
         if r["non2xx"] or r["socket_errors"]:
             log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
         bi_runs.append(r)
+        if proxy:
+            log(f"round {round_ + 1}/{ROUNDS}: BI ingest, batches of {BI_BATCH}, through nginx")
+            settle(trellis.proc.pid)
+            r = wrk(proxy.url("/api/v1/bi/events"), script=bi_lua)
+            if r["non2xx"] or r["socket_errors"]:
+                log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
+            results.setdefault(("bi", PROXY_NAME), []).append(r)
 
     log("login rate and CPU per login")
     login_lua = work / "login.lua"
@@ -305,7 +381,8 @@ def main():
         previous_login = (r, (cpu1 - cpu0) / n * 1000 if n else float("nan"))
 
     rss_after = rss_mib(trellis.proc.pid)
-    for s in (poem, openapi, *quieter, *((previous,) if previous else ())):
+    for s in (poem, openapi, *quieter, *((previous,) if previous else ()),
+              *((shared, proxy, *instances) if shared else ())):
         s.stop()
 
     log("authenticated read with 1,000,000 users vs 1,000")
@@ -364,6 +441,30 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
     def verdict(ok):
         return "met" if ok else "**missed**"
 
+    shared_rows, shared_section = [], []
+    if ("me", SHARED_NAME) in results:
+        shared_vs_embedded = ratio(rps("me", SHARED_NAME), rps("me", "trellis"))
+        shared_rows = [
+            f"| authenticated `GET /api/v1/users/me`, PostgreSQL + Redis vs embedded default | ≥ 0.80 × | "
+            f"{shared_vs_embedded:.2f} × | {verdict(shared_vs_embedded >= 0.8)} |",
+        ]
+        proxy_me = rps("me", PROXY_NAME)
+        proxy_bi = [r["ok_rps"] * BI_BATCH for r in results[("bi", PROXY_NAME)]]
+        shared_section = [
+            "## Several instances behind nginx",
+            "",
+            "Two instances on one PostgreSQL and one Redis behind nginx (round robin, upstream "
+            "keep-alive), nginx and both instances pinned to CPU 0 with wrk on CPU 1: on two cores "
+            "this measures what the proxy and the shared state cost, not scaling.",
+            "",
+            "| scenario | one instance, embedded | one instance, PostgreSQL + Redis | nginx, two instances |",
+            "|---|---|---|---|",
+            f"| `GET /api/v1/users/me`, req/s | {fmt(rps('me', 'trellis'))} | {fmt(rps('me', SHARED_NAME))} | "
+            f"{fmt(proxy_me)} |",
+            f"| BI ingest, events/s (batches of {BI_BATCH}) | {fmt(bi_rates)} | | {fmt(proxy_bi)} |",
+            "",
+        ]
+
     lines = [
         "# Trellis benchmark results",
         "",
@@ -386,6 +487,7 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"| start to first 200, embedded default | ≤ 100 ms | {fmt(startup, 1)} ms | {verdict(startup_ms <= 100)} |",
         f"| RSS idle / after the load | ≤ 32 MB / ≤ 96 MB | {rss_idle:.1f} MiB / {rss_after:.1f} MiB | {verdict(rss_idle <= 32 and rss_after <= 96)} |",
         f"| authenticated read, {users:,} users vs ~1,000 | ≥ 0.9 × | {large_vs_small:.2f} × | {verdict(large_vs_small >= 0.9)} |",
+        *shared_rows,
         "",
         "## Throughput and latency",
         "",
@@ -416,6 +518,7 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"(p99 {login['p99_ms']:.0f} ms at 64 connections).",
         "",
         *previous_section(results, login, cpu_per_login_ms, previous_login),
+        *shared_section,
         "## BI ingest",
         "",
         f"`POST /api/v1/bi/events` with {BI_BATCH} events per request: {fmt(bi_rates)} events/s accepted "

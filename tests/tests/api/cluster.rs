@@ -41,7 +41,7 @@ struct Cluster {
     env: Vec<(String, String)>,
     instances: Vec<Instance>,
     proxy_port: u16,
-    nginx: Child,
+    nginx: Option<Child>,
     dir: tempfile::TempDir,
     client: reqwest::Client,
 }
@@ -100,7 +100,7 @@ impl Cluster {
                 })
                 .collect(),
             proxy_port: free_port(),
-            nginx: Command::new("true").spawn().expect("placeholder"),
+            nginx: None,
             dir,
             client: reqwest::Client::new(),
         };
@@ -110,7 +110,7 @@ impl Cluster {
         for instance in &cluster.instances {
             wait_healthy(instance.port).await;
         }
-        cluster.nginx = cluster.start_nginx();
+        cluster.nginx = Some(cluster.start_nginx());
         cluster.wait_proxy().await;
         cluster
     }
@@ -264,8 +264,14 @@ http {{
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = self.nginx.kill();
-        let _ = self.nginx.wait();
+        // SIGTERM: nginx's master stops its workers (SIGKILL would orphan them, holding
+        // the port).
+        if let Some(mut nginx) = self.nginx.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &nginx.id().to_string()])
+                .status();
+            let _ = nginx.wait();
+        }
         for instance in &mut self.instances {
             if let Some(mut child) = instance.child.take() {
                 let _ = child.kill();
@@ -556,7 +562,10 @@ async fn slow_header_senders_at_one_instance_stop_no_request_and_are_closed() {
             .send()
             .await
             .expect("direct");
-        assert_eq!((through_proxy.status().as_u16(), direct.status().as_u16()), (200, 200));
+        assert_eq!(
+            (through_proxy.status().as_u16(), direct.status().as_u16()),
+            (200, 200)
+        );
         assert!(
             asked.elapsed() < Duration::from_secs(1),
             "requests waited {:?}",
