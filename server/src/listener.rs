@@ -140,6 +140,8 @@ impl Connections {
         let refused = counter!(HTTP_OVERLOAD_REJECTIONS_TOTAL, "limit" => "connections");
         loop {
             let (stream, peer) = tokio::select! {
+                // Once stopping, no connection is taken that would only be closed unserved.
+                biased;
                 () = self.graceful.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -239,17 +241,14 @@ impl Connection {
             if let Some(mark) = over_capacity {
                 req.extensions_mut().insert(mark);
             }
-            if let Some(activity) = &activity {
-                activity.begin();
-            }
+            // Ends when the request does, answered or dropped (a reset HTTP/2 stream).
+            let in_service = activity.map(InService::begin);
             async move {
                 let resp = match endpoint.call(req).await {
                     Ok(resp) => resp,
                     Err(error) => error.into_response(),
                 };
-                if let Some(activity) = &activity {
-                    activity.end();
-                }
+                drop(in_service);
                 Ok::<_, Infallible>(hyper::Response::from(resp))
             }
         })
@@ -379,18 +378,26 @@ impl Activity {
         }
     }
 
-    fn begin(&self) {
-        self.in_service.fetch_add(1, Relaxed);
-        self.head_since.store(0, Relaxed);
-    }
-
-    fn end(&self) {
-        self.idle_since.store(self.now(), Relaxed);
-        self.in_service.fetch_sub(1, Relaxed);
-    }
-
     fn in_service(&self) -> usize {
         self.in_service.load(Relaxed) as usize
+    }
+}
+
+/// One request being served on a connection, until dropped.
+struct InService(Arc<Activity>);
+
+impl InService {
+    fn begin(activity: Arc<Activity>) -> Self {
+        activity.in_service.fetch_add(1, Relaxed);
+        activity.head_since.store(0, Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for InService {
+    fn drop(&mut self) {
+        self.0.idle_since.store(self.0.now(), Relaxed);
+        self.0.in_service.fetch_sub(1, Relaxed);
     }
 }
 
@@ -416,29 +423,33 @@ impl Check {
         }
     }
 
-    /// Decides at a wake-up, and sets the next one.
+    /// Decides at a wake-up, and sets the next one: never later than a header-read
+    /// timeout from now, since a request's header may start at any moment.
     fn run(&mut self, activity: &Activity) -> Verdict {
         let at = |ms: u64| activity.accepted + Duration::from_millis(ms);
         let now = Instant::now();
+        let soon = now + self.limits.header_read.min(self.limits.idle);
         if activity.in_service.load(Relaxed) > 0 {
             // A request's own time is `server.request_timeout_ms`'s business.
-            self.next = now + self.limits.idle;
+            self.next = soon;
             return Verdict::Fine;
         }
         let head = activity.head_since.load(Relaxed);
-        let (due, verdict) = match head {
-            0 => (
-                at(activity.idle_since.load(Relaxed)) + self.limits.idle,
-                Verdict::Idle,
-            ),
-            _ => (at(head) + self.limits.header_read, Verdict::HeaderTimeout),
-        };
-        if now < due {
+        if head > 0 {
+            let due = at(head) + self.limits.header_read;
+            if now >= due {
+                return Verdict::HeaderTimeout;
+            }
             self.next = due;
             return Verdict::Fine;
         }
-        self.next = now + self.limits.idle;
-        verdict
+        let due = at(activity.idle_since.load(Relaxed)) + self.limits.idle;
+        if now >= due {
+            self.next = now + self.limits.idle;
+            return Verdict::Idle;
+        }
+        self.next = due.min(soon);
+        Verdict::Fine
     }
 
     /// Whether nothing was read or written since the last call.

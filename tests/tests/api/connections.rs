@@ -138,6 +138,34 @@ async fn slow_header_senders_are_closed_after_the_header_timeout_while_others_ar
 }
 
 #[tokio::test]
+async fn a_slow_header_on_a_kept_alive_connection_is_closed_after_the_header_timeout() {
+    let app = spawn_app_with(&[
+        ("server.header_read_timeout_ms", json!(500)),
+        ("server.idle_timeout_ms", json!(10_000)),
+    ])
+    .await;
+    let mut stream = connect(app.addr).await;
+    assert_eq!(get_on(&mut stream, "/healthz").await.status, 200);
+    // Idle past a header timeout first: the next header is not due from the accept.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let started = Instant::now();
+    let head = "GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow: ";
+    for byte in head.bytes().chain(std::iter::repeat(b'a')) {
+        if stream.write_all(&[byte]).await.is_err()
+            || closed_within(&mut stream, Duration::from_millis(100)).await
+            || started.elapsed() > Duration::from_secs(5)
+        {
+            break;
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "a slow second request's header held the connection for {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connections_outlive_the_header_timeout_and_close_after_the_idle_timeout() {
     let app = spawn_app_with(&[
         ("server.header_read_timeout_ms", json!(300)),
