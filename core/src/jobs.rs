@@ -206,7 +206,6 @@ fn millis(duration: Duration) -> i64 {
 /// One job's loop: claim when due, run, record; until stopped.
 async fn schedule(claims: Claims, job: Job, timeout: Duration, stop: CancellationToken) {
     let name = claims.name.as_str();
-    let label = claims.name.clone();
     // A database that is down is retried at this pace, never faster than the period.
     let retry = job.every.min(Duration::from_secs(30));
     let mut registered = false;
@@ -217,7 +216,7 @@ async fn schedule(claims: Claims, job: Job, timeout: Duration, stop: Cancellatio
                 registered = true;
             }
             if claims.claim(job.every, timeout).await? {
-                run(&claims, &job, timeout, &label).await;
+                run(&claims, &job, timeout, name).await;
             }
             claims.wait().await
         };

@@ -97,10 +97,9 @@ impl TestStorage {
         events
     }
 
-    /// Runs one SQL statement on the test's database, behind the server's back (to stage
-    /// states the API cannot reach, such as a revocation that was missed).
-    pub async fn execute_sql(&self, statement: &str) -> u64 {
-        use sqlx::{Connection as _, Executor as _};
+    /// A connection of the test's own to its database.
+    async fn connection(&self) -> sqlx::AnyConnection {
+        use sqlx::Connection as _;
         sqlx::any::install_default_drivers();
         let url = self
             .settings
@@ -108,10 +107,18 @@ impl TestStorage {
             .find(|(key, _)| *key == "database.url")
             .map(|(_, url)| url.clone())
             .expect("a database URL");
-        let mut conn = sqlx::AnyConnection::connect(&url)
+        sqlx::AnyConnection::connect(&url)
             .await
-            .expect("a connection to the test database");
-        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned())))
+            .expect("a connection to the test database")
+    }
+
+    /// Runs one SQL statement on the test's database, behind the server's back (to stage
+    /// states the API cannot reach, such as a revocation that was missed).
+    pub async fn execute_sql(&self, statement: &str) -> u64 {
+        use sqlx::Executor as _;
+        self.connection()
+            .await
+            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned())))
             .await
             .unwrap_or_else(|e| panic!("{statement}: {e}"))
             .rows_affected()
@@ -119,19 +126,9 @@ impl TestStorage {
 
     /// The first column of every row `query` returns, as integers (counts, times).
     pub async fn fetch_i64s(&self, query: &str) -> Vec<i64> {
-        use sqlx::{Connection as _, Row as _};
-        sqlx::any::install_default_drivers();
-        let url = self
-            .settings
-            .iter()
-            .find(|(key, _)| *key == "database.url")
-            .map(|(_, url)| url.clone())
-            .expect("a database URL");
-        let mut conn = sqlx::AnyConnection::connect(&url)
-            .await
-            .expect("a connection to the test database");
+        use sqlx::Row as _;
         sqlx::query(sqlx::AssertSqlSafe(query.to_owned()))
-            .fetch_all(&mut conn)
+            .fetch_all(&mut self.connection().await)
             .await
             .unwrap_or_else(|e| panic!("{query}: {e}"))
             .iter()
