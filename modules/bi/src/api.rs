@@ -68,7 +68,7 @@ pub struct EventInput {
     #[serde(default, deserialize_with = "present")]
     pub properties: Option<BTreeMap<String, Value>>,
     /// UTM attribution.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_object")]
     pub utm: Option<UtmInput>,
 }
 
@@ -100,6 +100,39 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,
 ) -> Result<Option<T>, D::Error> {
     T::deserialize(deserializer).map(Some)
+}
+
+/// An optional object field: when present it must be an object (see [`AsObject`]).
+fn present_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    AsObject::deserialize(deserializer).map(|AsObject(value)| Some(value))
+}
+
+/// `T` read from a JSON object only: serde's derived structs also take an array of their
+/// fields in order (`"utm": []`, `[["a"]]` as a batch), which the schema refuses.
+struct AsObject<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for AsObject<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Only<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Only<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(Only(std::marker::PhantomData))
+            .map(AsObject)
+    }
 }
 
 /// An optional RFC 3339 date-time (no `null`), read as poem-openapi reads one.
@@ -189,7 +222,8 @@ impl<'de> Deserialize<'de> for EventsRequest {
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-                Vec::deserialize(SeqAccessDeserializer::new(seq)).map(EventsRequest::Batch)
+                Vec::<AsObject<EventInput>>::deserialize(SeqAccessDeserializer::new(seq))
+                    .map(|events| EventsRequest::Batch(events.into_iter().map(|e| e.0).collect()))
             }
         }
 
@@ -337,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn the_typed_path_refuses_whatever_the_schema_refuses() {
+    fn serde_refuses_bodies_the_schema_refuses() {
         let long_name = format!(r#"{{"name":"{}"}}"#, "a".repeat(65));
         let long_utm = format!(r#"{{"name":"a","utm":{{"term":"{}"}}}}"#, "x".repeat(201));
         let hostile = [
@@ -373,12 +407,148 @@ mod tests {
             &long_utm,
             r#"[{"name":"a"},{"name":"B"}]"#,
             r#"{"name":"a","properties":{"n":1e999}}"#,
+            r#"{"name":"a","utm":[]}"#,
+            r#"{"name":"a","utm":["s"]}"#,
+            r#"[["a"]]"#,
         ];
         for body in hostile {
             assert!(!serde_accepts(body), "serde must refuse {body}");
-            assert!(typed_accepts_only_schema_valid::<EventsRequest>(
-                body.as_bytes()
-            ));
+        }
+    }
+
+    // The typed path is sound when whatever serde accepts, the schema accepts too:
+    // checked over generated bodies, most of them event-shaped and many of them valid.
+    mod generated {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        use super::*;
+
+        fn text() -> BoxedStrategy<String> {
+            prop_oneof![
+                "[a-z][a-z0-9_]{0,8}(\\.[a-z][a-z0-9_]{0,5}){0,2}",
+                "[A-Za-z0-9_. -]{0,12}",
+                "\\PC{0,8}",
+                "[\\x00-\\x1f\\x7f-\\x9f]{1,3}",
+                "2026-0[1-9]-[0-2][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9](Z|\\+01:00|)",
+                Just("a".repeat(64)),
+                Just("a".repeat(65)),
+                Just("x".repeat(200)),
+                Just("x".repeat(201)),
+            ]
+            .boxed()
+        }
+
+        fn json() -> BoxedStrategy<Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("JSON numbers are finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                text().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    prop::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+                ]
+            })
+            .boxed()
+        }
+
+        fn name() -> BoxedStrategy<String> {
+            "[a-z][a-z0-9_]{0,8}(\\.[a-z][a-z0-9_]{0,5}){0,2}".boxed()
+        }
+
+        fn object(fields: Vec<(&'static str, Option<Value>)>) -> Value {
+            Value::Object(
+                fields
+                    .into_iter()
+                    .filter_map(|(key, value)| Some((key.to_owned(), value?)))
+                    .collect(),
+            )
+        }
+
+        /// UTM fields (and a stray one), each with text or any JSON.
+        fn utm() -> BoxedStrategy<Value> {
+            let field = || {
+                prop::option::weighted(
+                    0.4,
+                    prop_oneof![3 => text().prop_map(Value::from), 1 => json()],
+                )
+            };
+            (
+                field(),
+                field(),
+                field(),
+                field(),
+                field(),
+                prop::option::weighted(0.05, json()),
+            )
+                .prop_map(|(source, medium, campaign, term, content, stray)| {
+                    object(vec![
+                        ("source", source),
+                        ("medium", medium),
+                        ("campaign", campaign),
+                        ("term", term),
+                        ("content", content),
+                        ("stray", stray),
+                    ])
+                })
+                .boxed()
+        }
+
+        /// An event: each field absent or present, mostly well-formed, sometimes any JSON.
+        fn event() -> BoxedStrategy<Value> {
+            (
+                prop::option::weighted(0.9, prop_oneof![4 => name().prop_map(Value::from), 1 => text().prop_map(Value::from), 1 => json()]),
+                prop::option::weighted(0.5, prop_oneof![3 => text().prop_map(Value::from), 1 => json()]),
+                prop::option::weighted(
+                    0.5,
+                    prop_oneof![
+                        3 => prop::collection::btree_map("[a-z]{1,4}", json(), 0..4)
+                            .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+                        1 => json(),
+                    ],
+                ),
+                prop::option::weighted(0.5, prop_oneof![3 => utm(), 1 => json()]),
+                prop::option::weighted(0.05, json()),
+            )
+                .prop_map(|(name, timestamp, properties, utm, extra)| {
+                    object(vec![
+                        ("name", name),
+                        ("timestamp", timestamp),
+                        ("properties", properties),
+                        ("utm", utm),
+                        ("extra", extra),
+                    ])
+                })
+                .boxed()
+        }
+
+        fn body() -> BoxedStrategy<Value> {
+            prop_oneof![
+                4 => event(),
+                2 => prop::collection::vec(event(), 0..4).prop_map(Value::from),
+                1 => json(),
+            ]
+            .boxed()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn whatever_serde_accepts_the_schema_accepts(body in body()) {
+                let text = body.to_string();
+                prop_assert!(
+                    typed_accepts_only_schema_valid::<EventsRequest>(text.as_bytes()),
+                    "serde accepted what the schema refuses: {text}"
+                );
+            }
         }
     }
 }
