@@ -96,6 +96,13 @@ pub async fn refuse_hostile_requests(app: &TestApp) {
     let problem = assert_problem(app.post_json(EVENTS, &body).await, 400).await;
     assert_eq!(violations(&problem), [("body".into(), "/surprise".into())]);
 
+    // An array where an object belongs (serde's structs would take one).
+    let body = json!({"name": "ok", "utm": []});
+    let problem = assert_problem(app.post_json(EVENTS, &body).await, 400).await;
+    assert_eq!(violations(&problem), [("body".into(), "/utm".into())]);
+    let body = json!([["ok"]]);
+    assert_problem(app.post_json(EVENTS, &body).await, 400).await;
+
     for (content_type, raw, status) in [
         ("application/json", "{\"name\":", 400),
         ("application/json", "null", 400),
