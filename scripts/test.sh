@@ -39,6 +39,13 @@ for subset in "${subsets[@]}"; do
   cp target/debug/trellis "$RUN/trellis-$name"
 done
 
+step "feature subsets: the common-only server links no AWS SDK crate (SQS is the sqs feature)"
+if cargo tree -p trellis-server --no-default-features --features common -e normal --prefix none \
+  | grep -E '^aws-'; then
+  echo "the common-only server depends on the AWS SDK (above)"
+  exit 1
+fi
+
 step "cargo test (workspace, all features)"
 cargo test --workspace --all-features
 
@@ -67,7 +74,7 @@ step "feature subsets: each binary serves and documents exactly its modules"
 for subset in "${subsets[@]}"; do
   IFS='|' read -r name _ modules <<<"$subset"
   echo "subset '$name' -> modules [$modules]"
-  TEST_SUBSET_BIN="$RUN/trellis-$name" TEST_SUBSET_MODULES="$modules" \
+  TEST_SUBSET_BIN="$RUN/trellis-$name" TEST_SUBSET_MODULES="$modules" TEST_SUBSET_WITHOUT_SQS=1 \
     cargo test -q -p trellis-tests --test subset -- --ignored
 done
 

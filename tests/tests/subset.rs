@@ -113,4 +113,22 @@ async fn binary_serves_exactly_the_selected_modules() {
     }
     let _ = child.kill();
     let _ = child.wait();
+
+    if std::env::var_os("TEST_SUBSET_WITHOUT_SQS").is_some() {
+        // Built without the `sqs` feature: asking for SQS stops start-up and says why.
+        let refused = Command::new(&bin)
+            .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .env("TRELLIS_PROFILE", "test")
+            .env(
+                "TRELLIS_DATABASE__URL",
+                format!("sqlite://{}/subset.db", data.path().display()),
+            )
+            .env("TRELLIS_MQ__SQS__QUEUE_URL", "http://127.0.0.1:1/q")
+            .env("TRELLIS_MQ__BACKEND", "sqs")
+            .output()
+            .expect("runs");
+        assert!(!refused.status.success());
+        let text = String::from_utf8_lossy(&refused.stderr);
+        assert!(text.contains("cargo feature `sqs`"), "{text}");
+    }
 }

@@ -11,9 +11,11 @@
 //! process exits, within `mq.drain_timeout_ms`.
 //!
 //! Backends implement [`Transport`]: [`FileTransport`] (the embedded default,
-//! newline-delimited JSON with rotation) and [`SqsTransport`].
+//! newline-delimited JSON with rotation) and, with the cargo feature `sqs`,
+//! `SqsTransport`.
 
 mod file;
+#[cfg(feature = "sqs")]
 mod sqs;
 
 use std::{
@@ -30,6 +32,7 @@ use rand::Rng as _;
 use tokio::{sync::Semaphore, task::JoinHandle};
 
 pub use file::FileTransport;
+#[cfg(feature = "sqs")]
 pub use sqs::SqsTransport;
 
 use crate::{
@@ -133,7 +136,13 @@ impl MessageQueue {
     pub async fn connect(config: &MqConfig) -> anyhow::Result<Self> {
         let transport: Arc<dyn Transport> = match config.backend {
             MqBackend::File => Arc::new(FileTransport::open(&config.file)?),
+            #[cfg(feature = "sqs")]
             MqBackend::Sqs => Arc::new(SqsTransport::connect(&config.sqs).await?),
+            #[cfg(not(feature = "sqs"))]
+            MqBackend::Sqs => anyhow::bail!(
+                "`mq.backend` = \"sqs\": this build has no SQS backend (cargo feature `sqs` \
+                 of trellis-server)"
+            ),
         };
         Ok(Self::with_transport(config, transport))
     }
