@@ -39,10 +39,10 @@ for subset in "${subsets[@]}"; do
   cp target/debug/trellis "$RUN/trellis-$name"
 done
 
-step "feature subsets: the common-only server links no AWS SDK crate (SQS is the sqs feature)"
+step "feature subsets: the common-only server links no AWS SDK or Redis crate"
 if cargo tree -p trellis-server --no-default-features --features common -e normal --prefix none \
-  | grep -E '^aws-'; then
-  echo "the common-only server depends on the AWS SDK (above)"
+  | grep -E '^(aws-|redis )'; then
+  echo "the common-only server depends on a backend it was built without (above)"
   exit 1
 fi
 
@@ -74,7 +74,7 @@ step "feature subsets: each binary serves and documents exactly its modules"
 for subset in "${subsets[@]}"; do
   IFS='|' read -r name _ modules <<<"$subset"
   echo "subset '$name' -> modules [$modules]"
-  TEST_SUBSET_BIN="$RUN/trellis-$name" TEST_SUBSET_MODULES="$modules" TEST_SUBSET_WITHOUT_SQS=1 \
+  TEST_SUBSET_BIN="$RUN/trellis-$name" TEST_SUBSET_MODULES="$modules" TEST_SUBSET_WITHOUT_BACKENDS=1 \
     cargo test -q -p trellis-tests --test subset -- --ignored
 done
 

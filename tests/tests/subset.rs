@@ -114,21 +114,38 @@ async fn binary_serves_exactly_the_selected_modules() {
     let _ = child.kill();
     let _ = child.wait();
 
-    if std::env::var_os("TEST_SUBSET_WITHOUT_SQS").is_some() {
-        // Built without the `sqs` feature: asking for SQS stops start-up and says why.
-        let refused = Command::new(&bin)
-            .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-            .env("TRELLIS_PROFILE", "test")
-            .env(
-                "TRELLIS_DATABASE__URL",
-                format!("sqlite://{}/subset.db", data.path().display()),
-            )
-            .env("TRELLIS_MQ__SQS__QUEUE_URL", "http://127.0.0.1:1/q")
-            .env("TRELLIS_MQ__BACKEND", "sqs")
-            .output()
-            .expect("runs");
-        assert!(!refused.status.success());
-        let text = String::from_utf8_lossy(&refused.stderr);
-        assert!(text.contains("cargo feature `sqs`"), "{text}");
+    if std::env::var_os("TEST_SUBSET_WITHOUT_BACKENDS").is_some() {
+        // Built without the `sqs` and `redis` features: asking for either stops start-up
+        // and says why.
+        for (settings, feature) in [
+            (
+                [
+                    ("TRELLIS_MQ__SQS__QUEUE_URL", "http://127.0.0.1:1/q"),
+                    ("TRELLIS_MQ__BACKEND", "sqs"),
+                ],
+                "cargo feature `sqs`",
+            ),
+            (
+                [
+                    ("TRELLIS_CACHE__URL", "redis://127.0.0.1:1/0"),
+                    ("TRELLIS_CACHE__PREFIX", "subset"),
+                ],
+                "cargo feature `redis`",
+            ),
+        ] {
+            let refused = Command::new(&bin)
+                .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+                .env("TRELLIS_PROFILE", "test")
+                .env(
+                    "TRELLIS_DATABASE__URL",
+                    format!("sqlite://{}/subset.db", data.path().display()),
+                )
+                .envs(settings)
+                .output()
+                .expect("runs");
+            assert!(!refused.status.success(), "{feature}");
+            let text = String::from_utf8_lossy(&refused.stderr);
+            assert!(text.contains(feature), "{text}");
+        }
     }
 }

@@ -8,10 +8,14 @@
 mod cache;
 mod database;
 mod migrate;
+#[cfg(feature = "redis")]
+mod redis;
 
-pub use cache::{Cache, CacheError, CacheStore, MemoryStore, ModuleCache, RedisStore};
+pub use cache::{Cache, CacheError, CacheStore, MemoryStore, ModuleCache};
 pub use database::{Backend, Database, DbError, ModuleDb, Tx, TxConn, redact_url};
 pub use migrate::{MIGRATIONS_TABLE, migrate};
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 
 /// One schema migration of one module. Versions are per module and ascending; the applied
 /// set is recorded per module, so two modules' numbers never collide.
