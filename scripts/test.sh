@@ -46,6 +46,10 @@ if cargo tree -p trellis-server --no-default-features --features common -e norma
   exit 1
 fi
 
+step "OpenAPI document: redocly lint (recommended rules), no error"
+"${TRELLIS_TOOLS:-$PWD/.run/tools}/redocly/node_modules/.bin/redocly" lint openapi/openapi.json \
+  --format stylish
+
 step "cargo test (workspace, all features)"
 cargo test --workspace --all-features
 

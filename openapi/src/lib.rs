@@ -32,7 +32,7 @@ use poem::{
     http::{HeaderValue, Method},
 };
 use poem_openapi::{
-    ExtraHeader, OpenApi, OpenApiService,
+    ExtraHeader, LicenseObject, OpenApi, OpenApiService,
     registry::{
         MetaApi, MetaMediaType, MetaResponse, MetaSchema, MetaSchemaRef, MetaTag, Registry,
     },
@@ -266,6 +266,9 @@ pub fn service(api: ModulesApi, build: &BuildInfo) -> OpenApiService<ModulesApi,
         .description(
             "Every error is `application/problem+json` (RFC 9457) and carries the request id.",
         )
+        // The server that serves the document: clients resolve paths against its origin.
+        .server("/")
+        .license(LicenseObject::new(env!("CARGO_PKG_LICENSE")))
         .extra_response_header::<String, _>(ExtraHeader::new("X-Request-Id").description(
             "The request id: the caller's own when it sent a sane one, else generated.",
         ))
@@ -289,9 +292,10 @@ pub fn to_yaml(json: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Completes what poem-openapi cannot express: request bodies are closed objects. Every
-/// object schema reachable from a request body gets `additionalProperties: false`, which
-/// `trellis_core::payload::JsonBody` enforces (an unknown field is named in the problem).
+/// Completes what poem-openapi cannot express: public operations say so (`security: []`),
+/// and request bodies are closed objects. Every object schema reachable from a request
+/// body gets `additionalProperties: false`, which `trellis_core::payload::JsonBody`
+/// enforces (an unknown field is named in the problem).
 pub fn finish_document(spec: &str) -> String {
     let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(spec) else {
         return spec.to_owned();
@@ -308,6 +312,19 @@ pub fn finish_document(spec: &str) -> String {
                     collect_refs(&media["schema"], &mut pending);
                 }
             }
+        }
+    }
+    // An operation that declares no security is public, and says so (`security: []`):
+    // an absent one would inherit a root-level requirement.
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for op in paths
+            .values_mut()
+            .filter_map(|p| p.as_object_mut())
+            .flat_map(|p| p.values_mut())
+            .filter_map(|op| op.as_object_mut())
+        {
+            op.entry("security")
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
         }
     }
     // poem-openapi types every union `object`, even one with a non-object alternative
