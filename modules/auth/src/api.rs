@@ -2,7 +2,11 @@
 
 use poem::Request;
 use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
-use trellis_core::{auth::BearerAuth, clock::from_millis, payload::JsonBody};
+use trellis_core::{
+    auth::BearerAuth,
+    clock::{Timestamp, timestamp},
+    payload::JsonBody,
+};
 
 use crate::{
     app::{Auth, Client, TokenPair},
@@ -64,12 +68,12 @@ pub struct Session {
     pub id: String,
     /// Whether it is the session of this request's token.
     pub current: bool,
-    /// Created (RFC 3339).
-    pub created_at: String,
-    /// Last login or refresh (RFC 3339).
-    pub last_used_at: String,
-    /// Expires (RFC 3339).
-    pub expires_at: String,
+    /// Created.
+    pub created_at: Timestamp,
+    /// Last login or refresh.
+    pub last_used_at: Timestamp,
+    /// Expires.
+    pub expires_at: Timestamp,
     /// The client's user agent at login.
     pub user_agent: Option<String>,
 }
@@ -108,10 +112,6 @@ pub struct RoleList {
 pub struct UserRoles {
     /// Role names.
     pub roles: Vec<String>,
-}
-
-fn rfc3339(millis: i64) -> String {
-    humantime::format_rfc3339_seconds(from_millis(millis)).to_string()
 }
 
 trellis_core::problem_responses! {
@@ -258,9 +258,9 @@ impl AuthApi {
             .map(|s| Session {
                 current: s.id == auth.0.session_id,
                 id: s.id,
-                created_at: rfc3339(s.created_at),
-                last_used_at: rfc3339(s.last_used_at),
-                expires_at: rfc3339(s.expires_at),
+                created_at: timestamp(s.created_at),
+                last_used_at: timestamp(s.last_used_at),
+                expires_at: timestamp(s.expires_at),
                 user_agent: s.user_agent,
             })
             .collect();

@@ -2,7 +2,9 @@
 
 use poem::{Request, http::StatusCode};
 use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json};
+use time::format_description::well_known::Rfc3339;
 use trellis_core::{
+    clock::Timestamp,
     problem::Problem,
     readiness::{AdminRequest, CheckReport, CheckStatus},
 };
@@ -77,10 +79,10 @@ pub struct Info {
     pub git_branch: String,
     /// CI build number, or `local`.
     pub build_number: String,
-    /// When the binary was built (RFC 3339).
-    pub build_time: String,
-    /// When this process started (RFC 3339).
-    pub start_time: String,
+    /// When the binary was built (absent when the build did not record it).
+    pub build_time: Option<Timestamp>,
+    /// When this process started.
+    pub start_time: Timestamp,
     /// Seconds since this process started.
     pub uptime_seconds: u64,
 }
@@ -220,7 +222,7 @@ impl CommonApi {
             git_commit: build.git_commit.into(),
             git_branch: build.git_branch.into(),
             build_number: build.build_number.into(),
-            build_time: build.build_time.into(),
+            build_time: Timestamp::parse(build.build_time, &Rfc3339).ok(),
             start_time: info.started_at,
             uptime_seconds: info.uptime_seconds,
         }))

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use trellis_core::{AppContext, BuildInfo, ModuleInfo, readiness::ReadinessReport};
+use trellis_core::{
+    AppContext, BuildInfo, ModuleInfo, clock::Timestamp, readiness::ReadinessReport,
+};
 
 use crate::CommonConfig;
 
@@ -28,8 +30,8 @@ pub enum Caller {
 pub struct Info {
     /// Build facts.
     pub build: BuildInfo,
-    /// Start time, RFC 3339 (UTC).
-    pub started_at: String,
+    /// Start time.
+    pub started_at: Timestamp,
     /// Whole seconds since start.
     pub uptime_seconds: u64,
 }
@@ -59,7 +61,7 @@ impl Common {
     pub fn info(&self) -> Info {
         Info {
             build: self.ctx.build_info().clone(),
-            started_at: humantime::format_rfc3339_seconds(self.ctx.started_at()).to_string(),
+            started_at: Timestamp::from(self.ctx.started_at()),
             uptime_seconds: self.ctx.uptime().as_secs(),
         }
     }

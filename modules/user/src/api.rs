@@ -7,7 +7,10 @@ use poem_openapi::{
     payload::Json,
 };
 use trellis_core::{
-    auth::BearerAuth, client::client_address, clock::from_millis, payload::JsonBody,
+    auth::BearerAuth,
+    client::client_address,
+    clock::{Timestamp, timestamp},
+    payload::JsonBody,
 };
 
 use crate::{
@@ -92,10 +95,10 @@ pub struct User {
     pub first_name: String,
     /// Last name.
     pub last_name: String,
-    /// When the account was created (RFC 3339).
-    pub created_at: String,
-    /// When the account last changed (RFC 3339).
-    pub updated_at: String,
+    /// When the account was created.
+    pub created_at: Timestamp,
+    /// When the account last changed.
+    pub updated_at: Timestamp,
 }
 
 /// UTM attribution of an account.
@@ -127,8 +130,8 @@ pub struct UserDetails {
     pub utm_medium: Option<String>,
     /// `utm_content`.
     pub utm_content: Option<String>,
-    /// When the details last changed (RFC 3339).
-    pub updated_at: String,
+    /// When the details last changed.
+    pub updated_at: Timestamp,
 }
 
 /// A page of accounts.
@@ -141,10 +144,6 @@ pub struct UserPage {
     pub next_cursor: Option<String>,
 }
 
-fn rfc3339(millis: i64) -> String {
-    humantime::format_rfc3339_millis(from_millis(millis)).to_string()
-}
-
 impl From<UserRow> for User {
     fn from(row: UserRow) -> Self {
         Self {
@@ -152,8 +151,8 @@ impl From<UserRow> for User {
             email: row.email,
             first_name: row.first_name,
             last_name: row.last_name,
-            created_at: rfc3339(row.created_at),
-            updated_at: rfc3339(row.updated_at),
+            created_at: timestamp(row.created_at),
+            updated_at: timestamp(row.updated_at),
         }
     }
 }
@@ -164,7 +163,7 @@ fn details_view((details, updated_at): (Details, i64)) -> UserDetails {
         utm_campaign: details.campaign,
         utm_medium: details.medium,
         utm_content: details.content,
-        updated_at: rfc3339(updated_at),
+        updated_at: timestamp(updated_at),
     }
 }
 

@@ -91,3 +91,34 @@ async fn yaml_and_swagger_ui_are_served() {
             .contains("swagger")
     );
 }
+
+#[tokio::test]
+async fn every_time_in_an_answer_is_a_documented_rfc3339_date_time() {
+    let app = spawn_app().await;
+    let doc: Value = app.get("/openapi.json").await.json().await.expect("json");
+    let mut times = Vec::new();
+    for (name, schema) in doc["components"]["schemas"].as_object().expect("schemas") {
+        for (field, property) in schema["properties"].as_object().into_iter().flatten() {
+            if field.ends_with("_at") || field.ends_with("_time") || field == "timestamp" {
+                assert_eq!(
+                    (property["type"].as_str(), property["format"].as_str()),
+                    (Some("string"), Some("date-time")),
+                    "{name}.{field}"
+                );
+                times.push(format!("{name}.{field}"));
+            }
+        }
+    }
+    assert!(times.len() >= 8, "{times:?}");
+
+    // And what the answers carry parses as such.
+    let info: Value = app.get("/api/v1/info").await.json().await.expect("json");
+    for field in ["start_time", "build_time"] {
+        let text = info[field].as_str().expect("a time");
+        assert!(
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "{field}: {text}"
+        );
+    }
+}
