@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::{
+    connections::drip,
     helpers::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, TestStorage, env_name},
     process::{free_port, server, terminate, wait_exit, wait_healthy},
     sqs::{Sqs, tally},
@@ -526,24 +527,10 @@ async fn slow_header_senders_at_one_instance_stop_no_request_and_are_closed() {
             .await
             .expect("connect");
         drips.push(tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             let head = format!("GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow-{i}: ");
-            let mut byte = [0u8; 1];
-            for next in head.bytes().chain(std::iter::repeat(b'a')) {
-                if stream.write_all(&[next]).await.is_err() {
-                    break;
-                }
-                // One byte a second, watching for the server closing.
-                if let Ok(Ok(0) | Err(_)) =
-                    tokio::time::timeout(Duration::from_secs(1), stream.read(&mut byte)).await
-                {
-                    break;
-                }
-                if started.elapsed() > Duration::from_secs(15) {
-                    break;
-                }
-            }
-            started.elapsed()
+            // One byte a second, watching for the server closing.
+            let pace = Duration::from_secs(1);
+            drip(&mut stream, &head, pace, started, Duration::from_secs(15)).await
         }));
     }
     // Meanwhile every instance serves, the slowed one too.

@@ -83,6 +83,26 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     )
 }
 
+/// Sends `head` and then `a`s, a byte per `pace`, until the server closes the connection
+/// or `give_up` has passed since `started`; answers the time since `started`.
+pub(crate) async fn drip(
+    stream: &mut TcpStream,
+    head: &str,
+    pace: Duration,
+    started: Instant,
+    give_up: Duration,
+) -> Duration {
+    for byte in head.bytes().chain(std::iter::repeat(b'a')) {
+        if stream.write_all(&[byte]).await.is_err()
+            || closed_within(stream, pace).await
+            || started.elapsed() > give_up
+        {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
 async fn get_on(stream: &mut TcpStream, path: &str) -> RawResponse {
     let request = format!("GET {path} HTTP/1.1\r\nHost: trellis\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("write");
@@ -104,18 +124,8 @@ async fn slow_header_senders_are_closed_after_the_header_timeout_while_others_ar
         let mut stream = connect(app.addr).await;
         drips.push(tokio::spawn(async move {
             let head = format!("GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow-{i}: ");
-            for byte in head.bytes().chain(std::iter::repeat(b'a')) {
-                if stream.write_all(&[byte]).await.is_err() {
-                    return started.elapsed();
-                }
-                if closed_within(&mut stream, Duration::from_millis(200)).await {
-                    return started.elapsed();
-                }
-                if started.elapsed() > Duration::from_secs(8) {
-                    break;
-                }
-            }
-            started.elapsed()
+            let pace = Duration::from_millis(200);
+            drip(&mut stream, &head, pace, started, Duration::from_secs(8)).await
         }));
     }
     for _ in 0..10 {
@@ -148,20 +158,19 @@ async fn a_slow_header_on_a_kept_alive_connection_is_closed_after_the_header_tim
     assert_eq!(get_on(&mut stream, "/healthz").await.status, 200);
     // Idle past a header timeout first: the next header is not due from the accept.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let started = Instant::now();
     let head = "GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow: ";
-    for byte in head.bytes().chain(std::iter::repeat(b'a')) {
-        if stream.write_all(&[byte]).await.is_err()
-            || closed_within(&mut stream, Duration::from_millis(100)).await
-            || started.elapsed() > Duration::from_secs(5)
-        {
-            break;
-        }
-    }
+    let pace = Duration::from_millis(100);
+    let held = drip(
+        &mut stream,
+        head,
+        pace,
+        Instant::now(),
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "a slow second request's header held the connection for {:?}",
-        started.elapsed()
+        held < Duration::from_millis(1500),
+        "a slow second request's header held the connection for {held:?}"
     );
 }
 

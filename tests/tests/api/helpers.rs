@@ -98,7 +98,7 @@ impl TestStorage {
     }
 
     /// A connection of the test's own to its database.
-    async fn connection(&self) -> sqlx::AnyConnection {
+    pub async fn connection(&self) -> sqlx::AnyConnection {
         use sqlx::Connection as _;
         sqlx::any::install_default_drivers();
         let url = self

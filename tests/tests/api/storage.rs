@@ -2,7 +2,7 @@
 //! whichever backend the run selected (SQLite + in-process cache, or PostgreSQL + Redis).
 
 use serde_json::{Value, json};
-use sqlx::{Connection as _, Row as _};
+use sqlx::Row as _;
 
 use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_on};
 
@@ -66,15 +66,7 @@ async fn migrations_are_recorded_per_module_and_not_rerun_on_restart() {
         .expect("json");
     assert_eq!(again["text"], "survives a restart");
 
-    let url = app
-        .storage
-        .settings
-        .iter()
-        .find(|(key, _)| *key == "database.url")
-        .map(|(_, url)| url.clone())
-        .expect("database url");
-    sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect");
+    let mut conn = app.storage.connection().await;
     let rows = sqlx::query(
         "SELECT module, version FROM trellis_migrations \
          WHERE module IN ('probe', 'user') ORDER BY module, version",
@@ -126,20 +118,16 @@ async fn storage_metrics_are_exported() {
 #[tokio::test]
 async fn an_instance_waits_out_another_instances_migrations_past_the_statement_timeout() {
     let storage = crate::helpers::TestStorage::new().await;
-    let Some(url) = storage
+    let on_postgres = storage
         .settings
         .iter()
-        .find(|(key, value)| *key == "database.url" && value.starts_with("postgres"))
-        .map(|(_, url)| url.clone())
-    else {
+        .any(|(key, value)| *key == "database.url" && value.starts_with("postgres"));
+    if !on_postgres {
         return; // PostgreSQL only: SQLite has no advisory lock to wait on.
-    };
+    }
     // Another instance is migrating: it holds the lock for longer than the statement
     // timeout the waiting instance runs with.
-    sqlx::any::install_default_drivers();
-    let mut holder = sqlx::AnyConnection::connect(&url)
-        .await
-        .expect("connection");
+    let mut holder = storage.connection().await;
     sqlx::query("SELECT pg_advisory_lock(32776877234743667)")
         .execute(&mut holder)
         .await
