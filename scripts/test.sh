@@ -25,26 +25,32 @@ step "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 step "feature subsets: build the server with each module selection"
-# name|features|expected modules
+# name|features|expected modules|more checks (tests/tests/subset.rs). Every subset lacks
+# the redis and sqs features; those with a database have the SQLite driver only.
 subsets=(
-  "none||"
-  "common|common|common"
-  "common-user|common,user|common,user"
-  "common-user-auth|common,user,auth|auth,common,user"
-  "bi|bi|bi"
+  "none|||creates-nothing"
+  "common|common|common|creates-nothing"
+  "common-user|common,user,sqlite|common,user|no-postgres"
+  "common-user-auth|common,user,auth,sqlite|auth,common,user|no-postgres"
+  "bi|bi|bi|"
 )
 for subset in "${subsets[@]}"; do
-  IFS='|' read -r name features _ <<<"$subset"
+  IFS='|' read -r name features _ _ <<<"$subset"
   cargo build -p trellis-server --no-default-features ${features:+--features "$features"}
   cp target/debug/trellis "$RUN/trellis-$name"
 done
 
-step "feature subsets: the common-only server links no AWS SDK or Redis crate"
+step "feature subsets: the common-only server links no AWS SDK, Redis or sqlx crate"
 if cargo tree -p trellis-server --no-default-features --features common -e normal --prefix none \
-  | grep -E '^(aws-|redis )'; then
+  | grep -E '^(aws-|redis |sqlx)'; then
   echo "the common-only server depends on a backend it was built without (above)"
   exit 1
 fi
+
+step "each module alone: its own tests, with only the core features it turns on"
+for module in common user auth bi; do
+  cargo test -q -p "trellis-$module"
+done
 
 step "OpenAPI document: redocly lint (recommended rules), no error"
 "${TRELLIS_TOOLS:-$PWD/.run/tools}/redocly/node_modules/.bin/redocly" lint openapi/openapi.json \
@@ -76,9 +82,10 @@ pg_redis cargo test -p trellis-tests --test api cluster -- --ignored --test-thre
 
 step "feature subsets: each binary serves and documents exactly its modules"
 for subset in "${subsets[@]}"; do
-  IFS='|' read -r name _ modules <<<"$subset"
-  echo "subset '$name' -> modules [$modules]"
+  IFS='|' read -r name _ modules checks <<<"$subset"
+  echo "subset '$name' -> modules [$modules], checks [$checks]"
   TEST_SUBSET_BIN="$RUN/trellis-$name" TEST_SUBSET_MODULES="$modules" TEST_SUBSET_WITHOUT_BACKENDS=1 \
+    TEST_SUBSET_CHECKS="$checks" \
     cargo test -q -p trellis-tests --test subset -- --ignored
 done
 

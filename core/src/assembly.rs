@@ -8,9 +8,12 @@ use crate::{
     builder::{ApiMeta, Hook, ModuleBuilder, RouteAdder},
     bus::BusBuilder,
     events::EventHandlerTable,
-    jobs::{self, NamedJob},
     module::Module,
     readiness::NamedCheck,
+};
+#[cfg(feature = "storage")]
+use crate::{
+    jobs::{self, NamedJob, Scheduler},
     storage::Migration,
 };
 
@@ -27,9 +30,14 @@ pub struct Assembly {
     /// APIs in module order.
     pub apis: Vec<MountedApi>,
     /// Migrations by module, core's own first, then in module order.
+    #[cfg(feature = "storage")]
     pub migrations: Vec<(&'static str, &'static [Migration])>,
     /// Periodic jobs, in module order.
+    #[cfg(feature = "storage")]
     pub jobs: Vec<NamedJob>,
+    /// The jobs' scheduler, once started.
+    #[cfg(feature = "storage")]
+    scheduler: Option<Scheduler>,
     init: Vec<(&'static str, Hook)>,
     shutdown: Vec<(&'static str, Hook)>,
 }
@@ -49,19 +57,19 @@ pub fn declarations(modules: &[&'static dyn Module]) -> Vec<ModuleBuilder> {
 
 /// Builds and wires `modules` (already resolved, in order) against `ctx`: checks each
 /// module's config section, runs its factories, and starts the bus, the readiness checks
-/// and the event handler table. `core_checks` are core's own readiness checks.
-pub fn assemble(
-    modules: &[&'static dyn Module],
-    ctx: &AppContext,
-    core_checks: Vec<NamedCheck>,
-) -> anyhow::Result<Assembly> {
+/// (core's own for the backends, then the modules') and the event handler table.
+pub fn assemble(modules: &[&'static dyn Module], ctx: &AppContext) -> anyhow::Result<Assembly> {
     let mut bus = BusBuilder::default();
     let mut events = EventHandlerTable::default();
-    let mut checks = core_checks;
+    let mut checks = ctx.core_checks();
     let mut assembly = Assembly {
         apis: Vec::new(),
+        #[cfg(feature = "storage")]
         migrations: vec![("core", jobs::MIGRATIONS)],
+        #[cfg(feature = "storage")]
         jobs: Vec::new(),
+        #[cfg(feature = "storage")]
+        scheduler: None,
         init: Vec::new(),
         shutdown: Vec::new(),
     };
@@ -93,6 +101,7 @@ pub fn assemble(
                 check: probe,
             });
         }
+        #[cfg(feature = "storage")]
         for (job_name, factory) in builder.jobs {
             let job =
                 factory(&mctx).with_context(|| format!("module `{name}`: job `{job_name}`"))?;
@@ -108,6 +117,7 @@ pub fn assemble(
                 routes,
             });
         }
+        #[cfg(feature = "storage")]
         assembly
             .migrations
             .extend(builder.migrations.into_iter().map(|m| (name, m)));
@@ -126,10 +136,13 @@ pub fn assemble(
 }
 
 impl Assembly {
-    /// Runs the init hooks in module order; the first failure stops start-up.
+    /// Applies the migrations (core's, then the modules' in order), then runs the init
+    /// hooks in module order; the first failure stops start-up.
     pub async fn init(&mut self, ctx: &AppContext) -> anyhow::Result<()> {
+        #[cfg(feature = "storage")]
+        crate::storage::migrate(ctx.database(), &self.migrations).await?;
         for (module, hook) in self.init.drain(..) {
-            hook(ctx.clone())
+            hook(ModuleContext::new(ctx, module))
                 .await
                 .with_context(|| format!("module `{module}`: init failed"))?;
             tracing::debug!(module, "module initialised");
@@ -137,12 +150,34 @@ impl Assembly {
         Ok(())
     }
 
+    /// Starts the periodic jobs (see the `jobs` module); a build without storage has none.
+    pub fn start_jobs(&mut self, ctx: &AppContext) {
+        #[cfg(feature = "storage")]
+        {
+            let jobs = std::mem::take(&mut self.jobs);
+            self.scheduler = Some(Scheduler::start(ctx.database(), &ctx.config().jobs, jobs));
+        }
+        #[cfg(not(feature = "storage"))]
+        let _ = ctx;
+    }
+
+    /// Stops the periodic jobs: none starts again, and a run under way may finish by
+    /// `deadline`.
+    pub async fn stop_jobs(&mut self, deadline: tokio::time::Instant) {
+        #[cfg(feature = "storage")]
+        if let Some(scheduler) = self.scheduler.take() {
+            scheduler.stop(deadline).await;
+        }
+        #[cfg(not(feature = "storage"))]
+        let _ = deadline;
+    }
+
     /// Runs the shutdown hooks in reverse module order, all of them by `deadline`.
     /// Failures are logged; every hook gets its turn (one past the deadline gets none
     /// and is logged as timed out).
     pub async fn shutdown(mut self, ctx: &AppContext, deadline: tokio::time::Instant) {
         while let Some((module, hook)) = self.shutdown.pop() {
-            match tokio::time::timeout_at(deadline, hook(ctx.clone())).await {
+            match tokio::time::timeout_at(deadline, hook(ModuleContext::new(ctx, module))).await {
                 Ok(Ok(())) => tracing::info!(module, "module shut down"),
                 Ok(Err(error)) => {
                     tracing::error!(module, error = %format!("{error:#}"), "module shutdown failed")
@@ -162,9 +197,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{
-        BuildInfo, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome, storage::Storage,
-    };
+    use crate::{BuildInfo, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome};
 
     type Log = Arc<Mutex<Vec<String>>>;
 
@@ -223,18 +256,22 @@ mod tests {
             .collect()
     }
 
-    /// A context, and the event folder it holds (one each: the backend locks it).
+    /// A context on an in-memory database, and the event folder it holds (one each: the
+    /// backend locks it).
     async fn context(
         modules: &[&'static dyn Module],
         config: LoadedConfig,
     ) -> (AppContext, tempfile::TempDir) {
         let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
-        let storage = Storage::ephemeral().await.expect("storage");
-        let mut mq = crate::config::MqConfig::default();
         let events = tempfile::tempdir().expect("tempdir");
-        mq.file.directory = events.path().to_path_buf();
-        let queue = crate::mq::MessageQueue::connect(&mq).await.expect("queue");
-        let ctx = AppContext::new(config, infos, BuildInfo::unknown(), storage, queue);
+        let config = config
+            .set("database.url", "sqlite::memory:")
+            .and_then(|c| c.set("database.max_connections", 1))
+            .and_then(|c| c.set("mq.file.directory", events.path().display().to_string()))
+            .expect("settings");
+        let ctx = AppContext::connect(config, infos, BuildInfo::unknown())
+            .await
+            .expect("connects");
         (ctx, events)
     }
 
@@ -243,7 +280,7 @@ mod tests {
         let log = Log::default();
         let modules = modules(&log, None);
         let (ctx, _events) = context(&modules, LoadedConfig::defaults()).await;
-        let mut assembly = assemble(&modules, &ctx, Vec::new()).expect("assembles");
+        let mut assembly = assemble(&modules, &ctx).expect("assembles");
         assembly.init(&ctx).await.expect("init");
         assembly
             .shutdown(&ctx, tokio::time::Instant::now() + Duration::from_secs(1))
@@ -261,7 +298,18 @@ mod tests {
             ]
         );
         let report = ctx.readiness().run(Duration::from_secs(1)).await;
-        assert_eq!(report.checks.len(), 3);
+        let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "core.database",
+                "core.cache",
+                "core.queue",
+                "alpha.self",
+                "beta.self",
+                "gamma.self"
+            ]
+        );
     }
 
     #[tokio::test]
@@ -272,9 +320,7 @@ mod tests {
             .set("modules.beta.size", "huge")
             .expect("raw sections are checked by their module");
         let (ctx, _events) = context(&modules, config).await;
-        let err = assemble(&modules, &ctx, Vec::new())
-            .err()
-            .expect("bad config");
+        let err = assemble(&modules, &ctx).err().expect("bad config");
         let text = format!("{err:#}");
         assert!(text.contains("module `beta`"), "{text}");
         assert!(text.contains("`modules.beta.size`"), "{text}");
@@ -285,11 +331,55 @@ mod tests {
         let log = Log::default();
         let modules = modules(&log, Some("gamma"));
         let (ctx, _events) = context(&modules, LoadedConfig::defaults()).await;
-        let err = assemble(&modules, &ctx, Vec::new())
-            .err()
-            .expect("factory fails");
+        let err = assemble(&modules, &ctx).err().expect("factory fails");
         let text = format!("{err:#}");
         assert!(text.contains("module `gamma`"), "{text}");
         assert!(text.contains("cannot open the widget store"), "{text}");
+    }
+
+    /// Counts how often its service is built; its handler answers with the service's id.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+    #[derive(Debug)]
+    struct WhoServes;
+    impl crate::bus::Request for WhoServes {
+        type Response = usize;
+    }
+
+    impl Module for Counted {
+        fn name(&self) -> &'static str {
+            "counted"
+        }
+        fn version(&self) -> &'static str {
+            "1.0.0"
+        }
+        fn build(&self, m: &mut ModuleBuilder) {
+            let builds = self.0.clone();
+            m.service(move |_| {
+                Ok(Arc::new(
+                    builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                ))
+            })
+            .handle(|service: Arc<usize>, _: WhoServes| async move { *service })
+            .readiness("self", |_| Ok(|| async { CheckOutcome::up() }))
+            .on_init(|service, ctx| async move {
+                anyhow::ensure!(ctx.module() == "counted" && *service == 0);
+                Ok(())
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_module_service_is_built_once_and_shared_by_its_declarations() {
+        let builds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let module: &'static dyn Module = Box::leak(Box::new(Counted(builds.clone())));
+        let (ctx, _events) = context(&[module], LoadedConfig::defaults()).await;
+        let mut assembly = assemble(&[module], &ctx).expect("assembles");
+        assembly
+            .init(&ctx)
+            .await
+            .expect("the hook sees the service");
+        assert_eq!(ctx.bus().request(WhoServes).await, Ok(0));
+        assert_eq!(builds.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

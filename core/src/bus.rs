@@ -2,7 +2,20 @@
 //!
 //! - **Request/response** ([`Request`]): exactly one handler per message type, registered by
 //!   one module; asking with no handler registered is [`BusError::NoHandler`], naming the type.
-//! - **Publish/subscribe** ([`Message`]): any number of subscribers, each called in turn.
+//! - **Publish/subscribe** ([`Message`]): any number of subscribers, each in its own task,
+//!   so that one that panics harms no other and not the publisher. A subscriber says when
+//!   it runs:
+//!   - [`Delivery::Inline`]: before `publish` returns, for what the publisher's answer
+//!     depends on (a deleted account's sessions are gone before the deletion is answered).
+//!     Inline subscribers run concurrently; the publisher waits for each at most
+//!     `bus.subscriber_timeout_ms` (the subscriber itself runs on).
+//!   - [`Delivery::Detached`]: off the publisher's path, for what it need not wait for
+//!     (recording a BI event). At most `bus.detached_max_in_flight` run at once: beyond
+//!     that a publisher waits for a slot, so a slow subscriber slows publishers rather than
+//!     piling up work without bound. [`Bus::drain`] waits for them at shutdown.
+//!
+//!   Each run is measured (`bus_subscriber_duration_seconds`, by message, module and
+//!   outcome) and keeps the publisher's tracing span (its request id).
 //!
 //! Message types that several modules share live in [`crate::contracts`]. Handlers are
 //! registered through [`crate::ModuleBuilder`]; the server freezes the tables before serving,
@@ -11,10 +24,20 @@
 use std::{
     any::{Any, TypeId, type_name},
     collections::HashMap,
+    panic::AssertUnwindSafe,
     sync::{Arc, OnceLock},
+    time::{Duration, Instant},
 };
 
-use futures_util::future::BoxFuture;
+use futures_util::{FutureExt as _, future::BoxFuture};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::{
+    config::BusConfig,
+    metrics::{BUS_SUBSCRIBER_DURATION_SECONDS, BUS_SUBSCRIBER_TIMEOUTS_TOTAL},
+};
 
 /// A request/response message: exactly one module handles it.
 pub trait Request: Send + 'static {
@@ -63,6 +86,21 @@ type ErasedHandler<R> =
     Arc<dyn Fn(R) -> BoxFuture<'static, <R as Request>::Response> + Send + Sync>;
 type ErasedSubscriber<M> = Arc<dyn Fn(M) -> BoxFuture<'static, ()> + Send + Sync>;
 
+/// When a subscriber runs, relative to its publisher (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Before `publish` returns (waited for up to `bus.subscriber_timeout_ms`).
+    Inline,
+    /// Off the publisher's path.
+    Detached,
+}
+
+struct Subscriber<M> {
+    module: &'static str,
+    delivery: Delivery,
+    run: ErasedSubscriber<M>,
+}
+
 struct HandlerEntry {
     module: &'static str,
     handler: Box<dyn Any + Send + Sync>,
@@ -76,6 +114,26 @@ pub struct BusBuilder {
 }
 
 impl BusBuilder {
+    /// Registers `module`'s subscriber to `M`, run as `delivery` says.
+    pub fn subscribe<M, F, Fut>(&mut self, module: &'static str, delivery: Delivery, subscriber: F)
+    where
+        M: Message,
+        F: Fn(M) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let run: ErasedSubscriber<M> = Arc::new(move |msg| Box::pin(subscriber(msg)));
+        self.subscribers
+            .entry(TypeId::of::<M>())
+            .or_insert_with(|| Box::new(Vec::<Subscriber<M>>::new()))
+            .downcast_mut::<Vec<Subscriber<M>>>()
+            .expect("subscriber lists are keyed by their message type")
+            .push(Subscriber {
+                module,
+                delivery,
+                run,
+            });
+    }
+
     /// Registers `module`'s handler for `R`.
     pub fn handle<R, F, Fut>(
         &mut self,
@@ -105,22 +163,6 @@ impl BusBuilder {
         );
         Ok(())
     }
-
-    /// Adds a subscriber for `M`.
-    pub fn subscribe<M, F, Fut>(&mut self, subscriber: F)
-    where
-        M: Message,
-        F: Fn(M) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let erased: ErasedSubscriber<M> = Arc::new(move |msg| Box::pin(subscriber(msg)));
-        self.subscribers
-            .entry(TypeId::of::<M>())
-            .or_insert_with(|| Box::new(Vec::<ErasedSubscriber<M>>::new()))
-            .downcast_mut::<Vec<ErasedSubscriber<M>>>()
-            .expect("subscriber lists are keyed by their message type")
-            .push(erased);
-    }
 }
 
 struct Tables {
@@ -129,9 +171,23 @@ struct Tables {
 }
 
 /// The bus. Cheap to clone; shared through the context.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Bus {
     tables: Arc<OnceLock<Tables>>,
+    subscribers: Arc<Subscribers>,
+}
+
+/// What runs the subscribers.
+struct Subscribers {
+    timeout: Duration,
+    detached: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self::new(&BusConfig::default())
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -143,8 +199,15 @@ impl std::fmt::Debug for Bus {
 
 impl Bus {
     /// An empty bus, to be started with [`Bus::start`] once the modules are built.
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(config: &BusConfig) -> Self {
+        Self {
+            tables: Arc::default(),
+            subscribers: Arc::new(Subscribers {
+                timeout: Duration::from_millis(config.subscriber_timeout_ms),
+                detached: Arc::new(Semaphore::new(config.detached_max_in_flight)),
+                tracker: TaskTracker::new(),
+            }),
+        }
     }
 
     /// Freezes the collected handlers into this bus. Later calls are ignored (returns false).
@@ -180,21 +243,95 @@ impl Bus {
             .is_some_and(|t| t.handlers.contains_key(&TypeId::of::<R>()))
     }
 
-    /// Delivers `message` to every subscriber in registration order; returns how many.
+    /// Delivers `message` to every subscriber: starts the detached ones, and returns once
+    /// every inline one has finished or timed out. Answers how many subscribers there are.
     pub async fn publish<M: Message>(&self, message: M) -> usize {
         let Some(subscribers) = self
             .tables
             .get()
             .and_then(|t| t.subscribers.get(&TypeId::of::<M>()))
-            .and_then(|s| s.downcast_ref::<Vec<ErasedSubscriber<M>>>())
+            .and_then(|s| s.downcast_ref::<Vec<Subscriber<M>>>())
         else {
             return 0;
         };
+        let name = short_name::<M>();
+        let runtime = &self.subscribers;
+        let mut inline = Vec::new();
         for subscriber in subscribers {
-            subscriber(message.clone()).await;
+            let run = measured(name, subscriber.module, (subscriber.run)(message.clone()))
+                .instrument(tracing::Span::current());
+            match subscriber.delivery {
+                Delivery::Inline => inline.push((subscriber.module, tokio::spawn(run))),
+                Delivery::Detached => {
+                    // Waits for a slot when `detached_max_in_flight` are running. The
+                    // semaphore is never closed.
+                    let Ok(slot) = runtime.detached.clone().acquire_owned().await else {
+                        continue;
+                    };
+                    runtime.tracker.spawn(async move {
+                        run.await;
+                        drop(slot);
+                    });
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + runtime.timeout;
+        for (module, run) in inline {
+            if tokio::time::timeout_at(deadline, run).await.is_err() {
+                metrics::counter!(BUS_SUBSCRIBER_TIMEOUTS_TOTAL, "message" => name, "module" => module)
+                    .increment(1);
+                tracing::warn!(
+                    message = name,
+                    module,
+                    timeout_ms = runtime.timeout.as_millis() as u64,
+                    "a bus subscriber is still running; the publisher goes on without it"
+                );
+            }
         }
         subscribers.len()
     }
+
+    /// Waits until the detached subscribers running now, and those they start, have
+    /// finished, or until `deadline`. Answers how many were still running then.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> usize {
+        let tracker = &self.subscribers.tracker;
+        tracker.close();
+        if tokio::time::timeout_at(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                running = tracker.len(),
+                "detached bus subscribers were still running at the end of the shutdown budget"
+            );
+        }
+        tracker.len()
+    }
+}
+
+/// The message type's own name (`UserRegistered`), for logs and metric labels.
+fn short_name<M>() -> &'static str {
+    let full = type_name::<M>();
+    full.rsplit("::").next().unwrap_or(full)
+}
+
+/// Runs one subscriber, catching a panic, and records its duration and outcome.
+async fn measured(message: &'static str, module: &'static str, run: BoxFuture<'static, ()>) {
+    let started = Instant::now();
+    let outcome = match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(()) => "ok",
+        Err(_) => {
+            tracing::error!(message, module, "a bus subscriber panicked");
+            "panicked"
+        }
+    };
+    metrics::histogram!(
+        BUS_SUBSCRIBER_DURATION_SECONDS,
+        "message" => message,
+        "module" => module,
+        "outcome" => outcome
+    )
+    .record(started.elapsed());
 }
 
 #[cfg(test)]
@@ -218,7 +355,7 @@ mod tests {
         builder
             .handle("maths", |Double(n)| async move { n * 2 })
             .expect("first handler registers");
-        let bus = Bus::new();
+        let bus = Bus::default();
         assert!(bus.start(builder));
         assert_eq!(bus.request(Double(21)).await, Ok(42));
         assert!(bus.handles::<Double>());
@@ -226,7 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_without_handler_names_the_type() {
-        let bus = Bus::new();
+        let bus = Bus::default();
         bus.start(BusBuilder::default());
         let err = bus.request(Double(1)).await.expect_err("nobody handles it");
         assert!(matches!(err, BusError::NoHandler { .. }));
@@ -235,7 +372,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_before_start_is_an_error() {
-        let err = Bus::new()
+        let err = Bus::default()
             .request(Double(1))
             .await
             .expect_err("not started");
@@ -261,22 +398,134 @@ mod tests {
         let mut builder = BusBuilder::default();
         for _ in 0..3 {
             let seen = seen.clone();
-            builder.subscribe(move |Happened(n): Happened| {
+            builder.subscribe("test", Delivery::Inline, move |Happened(n): Happened| {
                 let seen = seen.clone();
                 async move {
                     seen.fetch_add(n, Ordering::SeqCst);
                 }
             });
         }
-        let bus = Bus::new();
+        let bus = Bus::default();
         bus.start(builder);
         assert_eq!(bus.publish(Happened(2)).await, 3);
         assert_eq!(seen.load(Ordering::SeqCst), 6);
     }
 
+    /// A bus with `subscribers` (module, delivery, what it does) for `Happened`.
+    fn bus_with(
+        config: &BusConfig,
+        subscribers: Vec<(&'static str, Delivery, BoxFuture<'static, ()>)>,
+    ) -> Bus {
+        let mut builder = BusBuilder::default();
+        for (module, delivery, run) in subscribers {
+            let run = futures_util::FutureExt::shared(run);
+            builder.subscribe(module, delivery, move |_: Happened| run.clone());
+        }
+        let bus = Bus::new(config);
+        bus.start(builder);
+        bus
+    }
+
+    #[tokio::test]
+    async fn a_panicking_subscriber_harms_neither_the_others_nor_the_publisher() {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let after = seen.clone();
+        let bus = bus_with(
+            &BusConfig::default(),
+            vec![
+                (
+                    "broken",
+                    Delivery::Inline,
+                    Box::pin(async { panic!("boom") }),
+                ),
+                (
+                    "fine",
+                    Delivery::Inline,
+                    Box::pin(async move {
+                        after.fetch_add(1, Ordering::SeqCst);
+                    }),
+                ),
+            ],
+        );
+        assert_eq!(bus.publish(Happened(1)).await, 2);
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_publisher_waits_for_an_inline_subscriber_at_most_the_timeout() {
+        let config = BusConfig {
+            subscriber_timeout_ms: 500,
+            ..BusConfig::default()
+        };
+        let bus = bus_with(
+            &config,
+            vec![(
+                "slow",
+                Delivery::Inline,
+                Box::pin(tokio::time::sleep(Duration::from_secs(60))),
+            )],
+        );
+        let started = tokio::time::Instant::now();
+        bus.publish(Happened(1)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn detached_subscribers_run_off_the_publishers_path_and_drain_at_shutdown() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let finished = done.clone();
+        let bus = bus_with(
+            &BusConfig::default(),
+            vec![(
+                "slow",
+                Delivery::Detached,
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                }),
+            )],
+        );
+        let started = tokio::time::Instant::now();
+        bus.publish(Happened(1)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "the publisher did not wait"
+        );
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        let left = bus.drain(started + Duration::from_secs(10)).await;
+        assert_eq!((left, done.load(Ordering::SeqCst)), (0, 1));
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_set_of_detached_subscribers_makes_publishers_wait_for_a_slot() {
+        let config = BusConfig {
+            detached_max_in_flight: 1,
+            ..BusConfig::default()
+        };
+        let bus = bus_with(
+            &config,
+            vec![(
+                "slow",
+                Delivery::Detached,
+                Box::pin(tokio::time::sleep(Duration::from_secs(1))),
+            )],
+        );
+        let started = tokio::time::Instant::now();
+        bus.publish(Happened(1)).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        bus.publish(Happened(2)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "waited for the slot"
+        );
+    }
+
     #[tokio::test]
     async fn publish_without_subscribers_is_fine() {
-        let bus = Bus::new();
+        let bus = Bus::default();
         bus.start(BusBuilder::default());
         assert_eq!(bus.publish(Happened(1)).await, 0);
     }

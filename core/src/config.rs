@@ -39,6 +39,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// The cache.
     pub cache: CacheConfig,
+    /// The bus's subscribers.
+    pub bus: BusConfig,
     /// The event dispatcher.
     pub events: EventsConfig,
     /// The message queue events are forwarded to.
@@ -460,6 +462,26 @@ impl Default for JobsConfig {
     }
 }
 
+/// `[bus]`: how the bus runs its subscribers (see [`crate::bus`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// A publisher waits this long at most for each inline subscriber; the subscriber
+    /// runs on.
+    pub subscriber_timeout_ms: u64,
+    /// Detached subscribers running at once, at most; a publisher waits for a slot.
+    pub detached_max_in_flight: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            subscriber_timeout_ms: 2000,
+            detached_max_in_flight: 1024,
+        }
+    }
+}
+
 /// `[events]`: the event dispatcher (a bounded queue and a pool of workers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -824,6 +846,13 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     if cache.timeout_ms == 0 {
         problems.push("`cache.timeout_ms`: must be greater than 0".into());
     }
+    let bus = &config.bus;
+    if bus.subscriber_timeout_ms == 0 {
+        problems.push("`bus.subscriber_timeout_ms`: must be greater than 0".into());
+    }
+    if !(1..=1 << 20).contains(&bus.detached_max_in_flight) {
+        problems.push("`bus.detached_max_in_flight`: must be between 1 and 1048576".into());
+    }
     let events = &config.events;
     if events.queue_capacity == 0 || events.queue_capacity > 1 << 28 || events.workers == 0 {
         problems.push(
@@ -840,6 +869,15 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     let mq = &config.mq;
     if mq.buffer == 0 || mq.concurrency == 0 {
         problems.push("`mq.buffer` and `mq.concurrency`: must be greater than 0".into());
+    }
+    // Checked here, not when the queue opens: a build whose modules publish nothing opens
+    // no queue, and should still not take a setting it cannot honour.
+    if mq.backend == MqBackend::Sqs && !cfg!(feature = "sqs") {
+        problems.push(
+            "`mq.backend` = \"sqs\": this build has no SQS backend (cargo feature `sqs` of \
+             trellis-server)"
+                .into(),
+        );
     }
     if mq.backend == MqBackend::Sqs && mq.sqs.queue_url.is_empty() {
         problems.push("`mq.sqs.queue_url`: required when `mq.backend` is `sqs`".into());

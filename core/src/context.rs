@@ -7,14 +7,17 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
+#[cfg(feature = "queue")]
+use crate::mq::MessageQueue;
+#[cfg(feature = "storage")]
+use crate::storage::{Database, ModuleDb};
 use crate::{
     bus::Bus,
     config::{Config, ConfigError, LoadedConfig},
     events::EventDispatcher,
     module::ModuleInfo,
-    mq::MessageQueue,
-    readiness::Readiness,
-    storage::{Database, ModuleCache, ModuleDb, Storage},
+    readiness::{NamedCheck, Readiness},
+    storage::{ModuleCache, Storage},
 };
 
 /// Facts about the build, embedded by the server's build script.
@@ -53,6 +56,7 @@ struct Inner {
     bus: Bus,
     readiness: Readiness,
     events: EventDispatcher,
+    #[cfg(feature = "queue")]
     queue: MessageQueue,
     modules: Vec<ModuleInfo>,
     build: BuildInfo,
@@ -76,21 +80,33 @@ impl std::fmt::Debug for AppContext {
 }
 
 impl AppContext {
-    /// A context for `modules`, whose bus, readiness checks and event dispatcher are
-    /// started by [`assemble`](crate::assemble).
-    pub fn new(
+    /// Connects what `config` describes and this build has (the database, the cache, the
+    /// message queue) and makes a context for `modules`, whose bus, readiness checks and
+    /// event dispatcher are started by [`assemble`](crate::assemble).
+    pub async fn connect(
         config: LoadedConfig,
         modules: Vec<ModuleInfo>,
         build: BuildInfo,
-        storage: Storage,
-        queue: MessageQueue,
-    ) -> Self {
-        Self {
+    ) -> anyhow::Result<Self> {
+        let storage = Storage::connect(&config.config).await?;
+        tracing::info!(
+            database = storage.database_kind(),
+            cache = storage.cache.kind(),
+            "storage connected"
+        );
+        #[cfg(feature = "queue")]
+        let queue = {
+            let queue = MessageQueue::connect(&config.config.mq).await?;
+            tracing::info!(backend = queue.backend(), "message queue connected");
+            queue
+        };
+        Ok(Self {
             inner: Arc::new(Inner {
                 events: EventDispatcher::new(&config.config.events),
+                bus: Bus::new(&config.config.bus),
+                #[cfg(feature = "queue")]
                 queue,
                 config,
-                bus: Bus::new(),
                 readiness: Readiness::default(),
                 modules,
                 build,
@@ -98,7 +114,7 @@ impl AppContext {
                 started_at: SystemTime::now(),
                 started: Instant::now(),
             }),
-        }
+        })
     }
 
     /// The typed configuration.
@@ -127,6 +143,7 @@ impl AppContext {
     }
 
     /// The message queue.
+    #[cfg(feature = "queue")]
     pub fn queue(&self) -> &MessageQueue {
         &self.inner.queue
     }
@@ -147,8 +164,56 @@ impl AppContext {
     }
 
     /// The database (core's own use; modules use [`ModuleContext::database`]).
+    #[cfg(feature = "storage")]
     pub fn database(&self) -> &Database {
         &self.inner.storage.database
+    }
+
+    /// Core's readiness checks, for what this build has: the database (down when
+    /// unreachable), the cache (degraded when unreachable: requests fall back to the
+    /// database) and the message queue (degraded when unreachable: messages wait in its
+    /// buffer).
+    pub(crate) fn core_checks(&self) -> Vec<NamedCheck> {
+        let mut checks = Vec::new();
+        #[cfg(feature = "storage")]
+        checks.push(NamedCheck::new("core", "database", {
+            let database = self.database().clone();
+            move || {
+                let database = database.clone();
+                async move { database.ping().await }
+            }
+        }));
+        checks.push(NamedCheck::new("core", "cache", {
+            let cache = self.storage().cache.clone();
+            move || {
+                let cache = cache.clone();
+                async move { cache.ping().await }
+            }
+        }));
+        #[cfg(feature = "queue")]
+        checks.push(NamedCheck::new("core", "queue", {
+            let queue = self.queue().clone();
+            move || {
+                let queue = queue.clone();
+                async move { queue.check().await }
+            }
+        }));
+        checks
+    }
+
+    /// Closes the backends at the end of a shutdown: delivers what is left in the
+    /// message queue's buffer within `budget` and closes the database. Answers how many
+    /// messages were left undelivered.
+    pub async fn close_backends(&self, budget: Duration) -> usize {
+        #[cfg(feature = "queue")]
+        let undelivered = self.queue().close(budget).await;
+        #[cfg(not(feature = "queue"))]
+        let undelivered = {
+            let _ = budget;
+            0
+        };
+        self.storage().close().await;
+        undelivered
     }
 
     /// When the server started (wall clock).
@@ -162,17 +227,22 @@ impl AppContext {
     }
 }
 
-/// One module's view of the context, handed to its factories.
-#[derive(Debug, Clone, Copy)]
-pub struct ModuleContext<'a> {
-    app: &'a AppContext,
+/// One module's view of the context, handed to its factories and hooks: its own
+/// configuration section, database and cache namespace, and the shared bus, events and
+/// queue. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ModuleContext {
+    app: AppContext,
     module: &'static str,
 }
 
-impl<'a> ModuleContext<'a> {
+impl ModuleContext {
     /// `module`'s view of `app`.
-    pub fn new(app: &'a AppContext, module: &'static str) -> Self {
-        Self { app, module }
+    pub fn new(app: &AppContext, module: &'static str) -> Self {
+        Self {
+            app: app.clone(),
+            module,
+        }
     }
 
     /// The module's name.
@@ -185,28 +255,36 @@ impl<'a> ModuleContext<'a> {
         self.app.loaded_config().module_section(self.module)
     }
 
-    /// The whole application context.
-    pub fn app(&self) -> &'a AppContext {
-        self.app
+    /// The configuration profile the server runs with (`dev`, `test`, `production`, ...).
+    pub fn profile(&self) -> &str {
+        &self.app.loaded_config().profile
+    }
+
+    /// The whole application context, for a module that reports on the server itself
+    /// (`common`: its modules, build, readiness, uptime).
+    pub fn app(&self) -> &AppContext {
+        &self.app
     }
 
     /// The bus.
-    pub fn bus(&self) -> &'a Bus {
+    pub fn bus(&self) -> &Bus {
         self.app.bus()
     }
 
     /// The module's database handle (queries timed and labelled with the module).
+    #[cfg(feature = "storage")]
     pub fn database(&self) -> ModuleDb {
         self.app.inner.storage.database.for_module(self.module)
     }
 
     /// The event dispatcher (to emit events).
-    pub fn events(&self) -> &'a EventDispatcher {
+    pub fn events(&self) -> &EventDispatcher {
         self.app.events()
     }
 
     /// The message queue (to publish messages).
-    pub fn queue(&self) -> &'a MessageQueue {
+    #[cfg(feature = "queue")]
+    pub fn queue(&self) -> &MessageQueue {
         self.app.queue()
     }
 

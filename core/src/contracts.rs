@@ -9,10 +9,11 @@
 //! - Domain events (published, past tense): `UserRegistered`, `UserUpdated`, `UserDeleted`,
 //!   `PasswordChanged` from `user`; `UserLoggedIn`, `LoginFailed`, `SessionRevoked` from `auth`.
 
+#[cfg(feature = "storage")]
+use crate::storage::Tx;
 use crate::{
     auth::{AuthError, Principal},
     bus::{Message, Request},
-    storage::Tx,
 };
 
 /// A user as other modules see it.
@@ -46,6 +47,7 @@ pub enum AccountError {
     Unavailable(String),
 }
 
+#[cfg(feature = "storage")]
 impl From<crate::storage::DbError> for AccountError {
     fn from(error: crate::storage::DbError) -> Self {
         Self::Unavailable(error.to_string())
@@ -126,6 +128,7 @@ impl Request for GuardAccount {
 /// The account `user_id` is being deleted in `tx`: end its sessions and refresh tokens and
 /// remove its grants in the same transaction, or refuse (the last super-administrator, an
 /// outranked actor), which rolls the deletion back.
+#[cfg(feature = "storage")]
 #[derive(Debug, Clone)]
 pub struct CloseAccount {
     /// Who deletes.
@@ -136,6 +139,7 @@ pub struct CloseAccount {
     pub tx: Tx,
 }
 
+#[cfg(feature = "storage")]
 impl Request for CloseAccount {
     type Response = Result<(), AccountError>;
 }

@@ -8,10 +8,22 @@
 //! - [`problem`]: `application/problem+json` errors; [`payload`]: strict JSON bodies;
 //!   [`client`]: the address per-client limits are keyed by;
 //! - [`readiness`] checks, [`storage`] (database, migrations, cache), the [`events`]
-//!   dispatcher (bounded queue, worker pool) and the message queue [`mq`] (file or SQS);
-//! - [`jobs`]: periodic jobs, each period's run on one instance.
+//!   dispatcher (bounded queue, worker pool) and the message queue `mq` (file or SQS);
+//! - `jobs`: periodic jobs, each period's run on one instance.
 //!
 //! Core depends on no module. Modules depend on core only, never on each other.
+//!
+//! # Cargo features
+//!
+//! All on by default; a module turns on what it needs, the server picks the drivers.
+//!
+//! | feature | brings |
+//! |---|---|
+//! | `storage` | the database ([`storage::Database`], [`storage::ModuleDb`]), migrations, `jobs` |
+//! | `sqlite`, `postgres` | the database drivers (`storage` included) |
+//! | `queue` | the message queue `mq` with its file backend |
+//! | `sqs` | the message queue's SQS backend (`queue` included) |
+//! | `redis` | the Redis cache store |
 
 #![warn(missing_docs)]
 
@@ -26,9 +38,11 @@ pub mod config;
 mod context;
 pub mod contracts;
 pub mod events;
+#[cfg(feature = "storage")]
 pub mod jobs;
 pub mod metrics;
 mod module;
+#[cfg(feature = "queue")]
 pub mod mq;
 pub mod payload;
 pub mod problem;
@@ -37,7 +51,9 @@ pub mod storage;
 pub mod telemetry;
 
 pub use assembly::{Assembly, MountedApi, assemble, declarations};
-pub use builder::{ApiMeta, FactoryResult, Hook, ModuleBuilder, RouteAdder, RouteTable, Shared};
+pub use builder::{
+    ApiMeta, FactoryResult, Hook, ModuleBuilder, RouteAdder, RouteTable, ServiceBuilder,
+};
 pub use context::{AppContext, BuildInfo, ModuleContext};
 pub use module::{
     Module, ModuleInfo, ModuleRegistration, RegistryError, registered_modules, resolve,

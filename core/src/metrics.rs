@@ -75,6 +75,11 @@ pub const MQ_SEND_DURATION_SECONDS: &str = "mq_send_duration_seconds";
 pub const MQ_UP: &str = "mq_up";
 /// Rotated event files the file backend removed at its limits.
 pub const MQ_FILES_REMOVED_TOTAL: &str = "mq_files_removed_total";
+/// Bus subscriber duration histogram, by message, module and outcome (`ok`, `panicked`).
+pub const BUS_SUBSCRIBER_DURATION_SECONDS: &str = "bus_subscriber_duration_seconds";
+/// Publishers that stopped waiting for a subscriber (`bus.subscriber_timeout_ms`), by
+/// message and module.
+pub const BUS_SUBSCRIBER_TIMEOUTS_TOTAL: &str = "bus_subscriber_timeouts_total";
 /// Always 1; labels carry the build facts.
 pub const BUILD_INFO: &str = "trellis_build_info";
 
@@ -86,31 +91,19 @@ static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.into()),
-                    &config.latency_buckets,
-                )
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(DB_QUERY_DURATION_SECONDS.into()),
-                        &config.latency_buckets,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(EVENT_HANDLER_DURATION_SECONDS.into()),
-                        &config.latency_buckets,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(MQ_SEND_DURATION_SECONDS.into()),
-                        &config.latency_buckets,
-                    )
-                })
-                .map_err(|e| format!("`metrics.latency_buckets`: {e}"))?
-                .build_recorder();
+            let recorder = [
+                HTTP_REQUEST_DURATION_SECONDS,
+                DB_QUERY_DURATION_SECONDS,
+                EVENT_HANDLER_DURATION_SECONDS,
+                MQ_SEND_DURATION_SECONDS,
+                BUS_SUBSCRIBER_DURATION_SECONDS,
+            ]
+            .into_iter()
+            .try_fold(PrometheusBuilder::new(), |builder, name| {
+                builder.set_buckets_for_metric(Matcher::Full(name.into()), &config.latency_buckets)
+            })
+            .map_err(|e| format!("`metrics.latency_buckets`: {e}"))?
+            .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder)
                 .map_err(|_| String::from("another metrics recorder is already installed"))?;
@@ -122,6 +115,15 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
 }
 
 fn describe() {
+    describe_histogram!(
+        BUS_SUBSCRIBER_DURATION_SECONDS,
+        Unit::Seconds,
+        "Bus subscriber run time, by message, module and outcome (ok, panicked)."
+    );
+    describe_counter!(
+        BUS_SUBSCRIBER_TIMEOUTS_TOTAL,
+        "Publishers that stopped waiting for a subscriber after bus.subscriber_timeout_ms, by message and module."
+    );
     describe_counter!(
         HTTP_REQUESTS_TOTAL,
         "HTTP requests served, by method, route template and status."

@@ -21,9 +21,11 @@ use crate::builder::ModuleBuilder;
 ///    when only the OpenAPI document is wanted. Anything that needs the running server is a
 ///    factory closure that receives a [`ModuleContext`](crate::ModuleContext).
 /// 3. **Wire.** In module order the server checks each module's configuration section,
-///    calls the factories (handlers, APIs, checks) with the module's context and starts the
-///    bus. A factory error stops start-up, naming the module.
-/// 4. **Init.** Migrations are applied, then the `on_init` hooks run, in module order.
+///    builds the module's service ([`ModuleBuilder::service`]) from its context, calls the
+///    factories (handlers, APIs, checks, jobs) and starts the bus. A factory error stops
+///    start-up, naming the module.
+/// 4. **Init.** Migrations are applied, then the `on_init` hooks run, in module order, each
+///    with its module's context (its configuration, database and cache).
 /// 5. **Serve.** Routes are mounted under one middleware stack and one OpenAPI document.
 /// 6. **Shutdown.** After the listener stops and in-flight requests finish, the
 ///    `on_shutdown` hooks run in reverse module order.

@@ -103,6 +103,17 @@ pub struct NamedCheck {
     pub check: Arc<dyn ReadinessCheck>,
 }
 
+impl NamedCheck {
+    /// `<owner>.<name>`, probed by `check`.
+    pub fn new(owner: &'static str, name: &'static str, check: impl ReadinessCheck) -> Self {
+        Self {
+            owner,
+            name,
+            check: Arc::new(check),
+        }
+    }
+}
+
 /// One check's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckReport {

@@ -32,15 +32,8 @@ use poem::{
 };
 use tokio::{net::TcpListener, sync::watch, time::Instant};
 use trellis_core::{
-    AppContext, Assembly, BuildInfo, ModuleInfo, assemble,
-    client::TrustedProxies,
-    config::LoadedConfig,
-    jobs::Scheduler,
-    metrics,
-    mq::MessageQueue,
-    readiness::NamedCheck,
-    registered_modules,
-    storage::{Storage, migrate},
+    AppContext, Assembly, BuildInfo, ModuleInfo, assemble, client::TrustedProxies,
+    config::LoadedConfig, metrics, registered_modules,
 };
 use trellis_openapi::{ModulesApi, RecordRoute, RouteIndex, check_conflicts, compiled_apis};
 
@@ -131,18 +124,8 @@ impl Application {
             .enabled
             .then(|| metrics::install(&config.config.metrics))
             .transpose()?;
-        let storage = Storage::connect(&config.config).await?;
-        tracing::info!(
-            database = storage.database.backend().as_str(),
-            cache = storage.cache.kind(),
-            "storage connected"
-        );
-        let queue = MessageQueue::connect(&config.config.mq).await?;
-        tracing::info!(backend = queue.backend(), "message queue connected");
-        let core_checks = core_checks(&storage, &queue);
-        let ctx = AppContext::new(config, infos, build.clone(), storage, queue);
-        let mut assembly = assemble(&modules, &ctx, core_checks)?;
-        migrate(ctx.database(), &assembly.migrations).await?;
+        let ctx = AppContext::connect(config, infos, build.clone()).await?;
+        let mut assembly = assemble(&modules, &ctx)?;
         assembly.init(&ctx).await?;
 
         let server = &ctx.config().server;
@@ -178,11 +161,11 @@ impl Application {
             )
             .set(1.0);
             tokio::spawn(metrics::upkeep(handle.clone(), Duration::from_secs(5)));
-            let database = ctx.database().clone();
+            let storage = ctx.storage().clone();
             RecordRoute::new(
                 "/metrics",
                 make_sync(move |_| {
-                    database.record_pool_metrics();
+                    storage.record_metrics();
                     Response::builder()
                         .content_type("text/plain; version=0.0.4; charset=utf-8")
                         .body(handle.render())
@@ -300,8 +283,7 @@ impl Application {
         let admin_addr = admin.as_ref().map(|admin| admin.addr);
         tracing::info!(addr = %public.addr, ?admin_addr, modules = ?ctx.modules().iter().map(|m| m.name).collect::<Vec<_>>(), "trellis is serving");
 
-        let jobs = std::mem::take(&mut assembly.jobs);
-        let scheduler = Scheduler::start(ctx.database(), &ctx.config().jobs, jobs);
+        assembly.start_jobs(&ctx);
         let connections = listener::Connections::default();
         let serving = async {
             let admin = async {
@@ -341,11 +323,12 @@ impl Application {
         // Accepted events are handled before the modules stop, and what their handlers
         // published is delivered before the process exits.
         let left = || deadline.saturating_duration_since(Instant::now());
-        scheduler.stop(deadline).await;
+        assembly.stop_jobs(deadline).await;
+        // What detached bus subscribers were doing may still emit events.
+        ctx.bus().drain(deadline).await;
         let events = ctx.events().drain(left()).await;
         assembly.shutdown(&ctx, deadline).await;
-        let messages = ctx.queue().close(left()).await;
-        ctx.database().close().await;
+        let messages = ctx.close_backends(left()).await;
         let incomplete = ShutdownIncomplete {
             connections: unfinished.connections,
             requests: unfinished.requests,
@@ -416,41 +399,6 @@ fn static_text(content_type: &'static str, body: String) -> impl poem::Endpoint<
             .content_type(content_type)
             .body(body.clone())
     })
-}
-
-/// Core's readiness checks: the database (down when unreachable), the cache (degraded
-/// when unreachable: requests fall back to the database) and the message queue (degraded
-/// when unreachable: messages wait in its buffer).
-fn core_checks(storage: &Storage, queue: &MessageQueue) -> Vec<NamedCheck> {
-    let database = storage.database.clone();
-    let cache = storage.cache.clone();
-    let queue = queue.clone();
-    vec![
-        NamedCheck {
-            owner: "core",
-            name: "database",
-            check: Arc::new(move || {
-                let database = database.clone();
-                async move { database.ping().await }
-            }),
-        },
-        NamedCheck {
-            owner: "core",
-            name: "cache",
-            check: Arc::new(move || {
-                let cache = cache.clone();
-                async move { cache.ping().await }
-            }),
-        },
-        NamedCheck {
-            owner: "core",
-            name: "queue",
-            check: Arc::new(move || {
-                let queue = queue.clone();
-                async move { queue.check().await }
-            }),
-        },
-    ]
 }
 
 async fn os_signal() {

@@ -3,7 +3,10 @@
 //!
 //! The test script builds `trellis` with each feature set and runs this test with
 //! `TEST_SUBSET_BIN` (the binary) and `TEST_SUBSET_MODULES` (comma-separated
-//! expected modules, possibly empty). It is ignored in a plain `cargo test`.
+//! expected modules, possibly empty), and `TEST_SUBSET_CHECKS`, more checks for builds
+//! without some backends (comma-separated): `creates-nothing` (started in an empty folder,
+//! the server leaves it empty) and `no-postgres` (a PostgreSQL URL stops start-up naming
+//! the feature). It is ignored in a plain `cargo test`.
 
 use std::{
     collections::BTreeSet,
@@ -48,7 +51,7 @@ async fn binary_serves_exactly_the_selected_modules() {
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let data = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(&bin)
-        .current_dir(workspace)
+        .current_dir(&workspace)
         .env("TRELLIS_PROFILE", "test")
         .env(
             "TRELLIS_DATABASE__URL",
@@ -114,6 +117,25 @@ async fn binary_serves_exactly_the_selected_modules() {
     let _ = child.kill();
     let _ = child.wait();
 
+    let checks = std::env::var("TEST_SUBSET_CHECKS").unwrap_or_default();
+    if checks.split(',').any(|c| c == "creates-nothing") {
+        creates_nothing(&bin, &client).await;
+    }
+    if checks.split(',').any(|c| c == "no-postgres") {
+        let refused = Command::new(&bin)
+            .current_dir(&workspace)
+            .env("TRELLIS_PROFILE", "test")
+            .env(
+                "TRELLIS_DATABASE__URL",
+                "postgres://trellis@127.0.0.1:1/trellis",
+            )
+            .output()
+            .expect("runs");
+        assert!(!refused.status.success(), "a PostgreSQL URL was taken");
+        let text = String::from_utf8_lossy(&refused.stderr);
+        assert!(text.contains("cargo feature `postgres`"), "{text}");
+    }
+
     if std::env::var_os("TEST_SUBSET_WITHOUT_BACKENDS").is_some() {
         // Built without the `sqs` and `redis` features: asking for either stops start-up
         // and says why.
@@ -134,7 +156,7 @@ async fn binary_serves_exactly_the_selected_modules() {
             ),
         ] {
             let refused = Command::new(&bin)
-                .current_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+                .current_dir(&workspace)
                 .env("TRELLIS_PROFILE", "test")
                 .env(
                     "TRELLIS_DATABASE__URL",
@@ -147,5 +169,65 @@ async fn binary_serves_exactly_the_selected_modules() {
             let text = String::from_utf8_lossy(&refused.stderr);
             assert!(text.contains(feature), "{text}");
         }
+    }
+}
+
+/// Started in an empty folder on the default settings (the database and the event folder
+/// under `data/`), served and stopped, a server whose modules need no database and no
+/// message queue leaves the folder empty.
+async fn creates_nothing(bin: &str, client: &reqwest::Client) {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let folder = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut child = Stopped(
+        Command::new(bin)
+            .current_dir(folder.path())
+            .env("TRELLIS_CONFIG_DIR", &config)
+            .env("TRELLIS_SERVER__PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // The document is served by the server itself, whichever modules it has.
+    loop {
+        assert!(Instant::now() < deadline, "server did not start");
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            panic!("the server exited at start-up: {status}");
+        }
+        let served = client
+            .get(format!("http://127.0.0.1:{port}/openapi.json"))
+            .send()
+            .await;
+        if served.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped = Command::new("kill")
+        .arg(child.0.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    let status = child.0.wait().expect("exits");
+    assert!(status.success(), "{status}");
+    let left: Vec<_> = std::fs::read_dir(folder.path())
+        .expect("folder")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(left.is_empty(), "the server created {left:?}");
+}
+
+/// A server process, killed if the test ends before stopping it.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -138,11 +138,9 @@ impl MessageQueue {
             MqBackend::File => Arc::new(FileTransport::open(&config.file)?),
             #[cfg(feature = "sqs")]
             MqBackend::Sqs => Arc::new(SqsTransport::connect(&config.sqs).await?),
+            // Refused by the configuration's validation.
             #[cfg(not(feature = "sqs"))]
-            MqBackend::Sqs => anyhow::bail!(
-                "`mq.backend` = \"sqs\": this build has no SQS backend (cargo feature `sqs` \
-                 of trellis-server)"
-            ),
+            MqBackend::Sqs => anyhow::bail!("`mq.backend` = \"sqs\": no SQS backend"),
         };
         Ok(Self::with_transport(config, transport))
     }

@@ -85,6 +85,7 @@ pub struct Cache {
     prefix: Arc<str>,
     down: Arc<AtomicBool>,
     /// Where removals are announced to the other instances, if anywhere.
+    #[cfg(feature = "postgres")]
     announce: Option<sqlx::AnyPool>,
 }
 
@@ -124,6 +125,7 @@ impl Cache {
             store,
             prefix: Arc::from(prefix),
             down: Arc::new(AtomicBool::new(false)),
+            #[cfg(feature = "postgres")]
             announce: None,
         }
     }
@@ -134,6 +136,7 @@ impl Cache {
     /// role change made through one instance is seen by every instance on its next
     /// request. While that connection is lost, and when it is back, this instance drops
     /// every entry it holds: removals may have been missed meanwhile.
+    #[cfg(feature = "postgres")]
     pub fn announce_removals(&mut self, pool: sqlx::AnyPool, url: &str) {
         self.announce = Some(pool);
         let store = self.store.clone();
@@ -229,8 +232,10 @@ impl Cache {
 }
 
 /// The channel removals are announced on.
+#[cfg(feature = "postgres")]
 const REMOVALS: &str = "trellis_cache_removals";
 
+#[cfg(feature = "postgres")]
 async fn subscribe(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect(url).await?;
     listener.listen(REMOVALS).await?;
@@ -329,6 +334,7 @@ impl ModuleCache {
             Ok(()) => self.cache.record_ok(),
             Err(error) => self.cache.record_error("delete", error),
         }
+        #[cfg(feature = "postgres")]
         if let Some(pool) = &self.cache.announce {
             let announced = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(REMOVALS)

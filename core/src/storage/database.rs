@@ -132,12 +132,22 @@ impl Database {
 /// Checks the URL, creates the SQLite folder, and asks SQLite to create the file.
 fn prepare_url(url: &str) -> anyhow::Result<(Backend, String)> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        anyhow::ensure!(
+            cfg!(feature = "postgres"),
+            "`database.url` names PostgreSQL: this build has no PostgreSQL driver (cargo \
+             feature `postgres` of trellis-server)"
+        );
         return Ok((Backend::Postgres, url.to_owned()));
     }
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
         .context("`database.url`: must start with `sqlite:` or `postgres://`")?;
+    anyhow::ensure!(
+        cfg!(feature = "sqlite"),
+        "`database.url` names SQLite: this build has no SQLite driver (cargo feature \
+         `sqlite` of trellis-server)"
+    );
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path == ":memory:" {
         return Ok((Backend::Sqlite, String::from("sqlite::memory:")));
@@ -161,20 +171,6 @@ fn prepare_url(url: &str) -> anyhow::Result<(Backend, String)> {
         format!("sqlite://{path}?{query}&mode=rwc")
     };
     Ok((Backend::Sqlite, url))
-}
-
-/// The URL without its password, for messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// A module's database handle: the pool plus the module's name for metrics.
@@ -392,6 +388,7 @@ impl ProblemError for DbError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::redact_url;
 
     #[test]
     fn sqlite_urls_get_create_mode_and_a_folder() {

@@ -57,7 +57,7 @@ pub struct Auth {
 impl Auth {
     /// The service over the module's context. Its signing keys are installed by
     /// [`Auth::load_keys`] once the database is migrated.
-    pub fn from_context(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
+    pub fn from_context(ctx: &ModuleContext) -> anyhow::Result<Self> {
         let config: AuthConfig = ctx.config()?;
         Ok(Self {
             repo: AuthRepo::new(

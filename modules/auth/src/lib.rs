@@ -22,7 +22,7 @@ use std::sync::Arc;
 use secrecy::SecretString;
 use serde::Deserialize;
 use trellis_core::{
-    Module, ModuleBuilder, ModuleRegistration, Shared,
+    Module, ModuleBuilder, ModuleRegistration,
     contracts::{Authenticate, CloseAccount, GuardAccount, RevokeUserSessions, UserDeleted},
     jobs::Job,
 };
@@ -111,83 +111,41 @@ impl Module for AuthModule {
     }
 
     fn build(&self, module: &mut ModuleBuilder) {
-        // One service for the API, the handlers and the init hook: one signer with one
-        // key ring and one cache of verified tokens.
-        let auth = Shared::<Arc<Auth>>::default();
-        let [
-            api,
-            authenticate,
-            revoke,
-            guard,
-            close,
-            deleted,
-            purge,
-            init,
-        ] = std::array::from_fn(|_| auth.clone());
         module
             .config::<AuthConfig>()
             .migrations(repo::MIGRATIONS)
-            .api(move |ctx| Ok(api::AuthApi::new(api.get_or_build(ctx, service)?)))
-            .handle(move |ctx| {
-                let auth = authenticate.get_or_build(ctx, service)?;
-                Ok(move |request: Authenticate| {
-                    let auth = auth.clone();
-                    async move { auth.authenticate(&request.token).await }
-                })
+            // One service for the API, the handlers, the job and the init hook: one signer
+            // with one key ring and one cache of verified tokens. Shared by reference: the
+            // bearer check runs on every authenticated request, so it clones a pointer.
+            .service(|ctx| Auth::from_context(ctx).map(Arc::new))
+            .api(|auth| Ok(api::AuthApi::new(auth)))
+            .handle(|auth, request: Authenticate| async move {
+                auth.authenticate(&request.token).await
             })
-            .handle(move |ctx| {
-                let auth = revoke.get_or_build(ctx, service)?;
-                Ok(move |request: RevokeUserSessions| {
-                    let auth = auth.clone();
-                    async move {
-                        auth.revoke_all(&request.user_id, request.except.as_deref(), request.reason)
-                            .await
-                            .map_err(AuthModuleError::into_account_error)
-                    }
-                })
+            .handle(|auth, request: RevokeUserSessions| async move {
+                auth.revoke_all(&request.user_id, request.except.as_deref(), request.reason)
+                    .await
+                    .map_err(AuthModuleError::into_account_error)
             })
-            .handle(move |ctx| {
-                let auth = guard.get_or_build(ctx, service)?;
-                Ok(move |request: GuardAccount| {
-                    let auth = auth.clone();
-                    async move { auth.guard(&request.actor, &request.user_id).await }
-                })
+            .handle(|auth, request: GuardAccount| async move {
+                auth.guard(&request.actor, &request.user_id).await
             })
-            .handle(move |ctx| {
-                let auth = close.get_or_build(ctx, service)?;
-                Ok(move |request: CloseAccount| {
-                    let auth = auth.clone();
-                    async move { auth.close_account(request).await }
-                })
+            .handle(|auth, request: CloseAccount| async move { auth.close_account(request).await })
+            // Before the deletion is answered: the account's cached sessions are gone.
+            .subscribe(|auth, event: UserDeleted| async move {
+                auth.forget_user_sessions(&event.user_id).await
             })
-            .subscribe(move |ctx| {
-                let auth = deleted.get_or_build(ctx, service)?;
-                Ok(move |event: UserDeleted| {
-                    let auth = auth.clone();
-                    async move { auth.forget_user_sessions(&event.user_id).await }
-                })
-            })
-            .job("purge", move |ctx| {
-                let auth = purge.get_or_build(ctx, service)?;
+            .job("purge", |auth| {
                 Ok(Job::every(auth.purge_every(), move || {
                     let auth = auth.clone();
                     async move { auth.purge().await }
                 }))
             })
-            .on_init(move |ctx| async move {
-                let auth = init
-                    .get()
-                    .ok_or_else(|| anyhow::anyhow!("the auth service was not built"))?;
-                auth.load_keys(ctx.loaded_config().profile.as_str()).await?;
+            .on_init(|auth, ctx| async move {
+                auth.load_keys(ctx.profile()).await?;
                 auth.bootstrap_admin(ctx.bus()).await
             });
     }
-}
-
-/// The service, shared by reference: the bearer check runs on every authenticated request,
-/// so its handler clones a pointer, not the service.
-fn service(ctx: &trellis_core::ModuleContext<'_>) -> anyhow::Result<Arc<Auth>> {
-    Auth::from_context(ctx).map(Arc::new)
 }
 
 trellis_core::inventory::submit! { ModuleRegistration::of(&AuthModule) }

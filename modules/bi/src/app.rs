@@ -14,13 +14,13 @@ use crate::{
     limit::{IngestLimits, Limited, Sender},
 };
 
-/// Accepts BI events.
+/// Accepts BI events: the module's service.
 #[derive(Debug, Clone)]
 pub struct Ingest {
     events: EventDispatcher,
     config: Arc<BiConfig>,
     /// The senders' buckets, for client events.
-    limits: Option<IngestLimits>,
+    limits: IngestLimits,
 }
 
 /// Events as one request carried them: one event, or a batch (then field pointers start
@@ -34,19 +34,13 @@ pub struct Submission {
 }
 
 impl Ingest {
-    pub fn from_context(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
+    pub fn from_context(ctx: &ModuleContext) -> anyhow::Result<Self> {
+        let config = ctx.config::<BiConfig>()?;
         Ok(Self {
             events: ctx.events().clone(),
-            config: Arc::new(ctx.config::<BiConfig>()?),
-            limits: None,
+            limits: IngestLimits::new(&config, ctx.cache())?,
+            config: Arc::new(config),
         })
-    }
-
-    /// The service for client events: with the senders' limits.
-    pub fn for_clients(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
-        let mut ingest = Self::from_context(ctx)?;
-        ingest.limits = Some(IngestLimits::new(&ingest.config, ctx.cache())?);
-        Ok(ingest)
     }
 
     /// Checks every event and the sender's limit, then queues them all or none. Answers
@@ -57,14 +51,10 @@ impl Ingest {
         origin: Origin,
     ) -> Result<Vec<String>, BiError> {
         let sizes = self.check(&submission).map_err(BiError::Invalid)?;
-        if let Some(limits) = &self.limits {
-            limits
-                .take(&submission.sender, submission.events.len())
-                .await
-                .map_err(|Limited { retry_after_secs }| BiError::RateLimited {
-                    retry_after_secs,
-                })?;
-        }
+        self.limits
+            .take(&submission.sender, submission.events.len())
+            .await
+            .map_err(|Limited { retry_after_secs }| BiError::RateLimited { retry_after_secs })?;
         let events: Vec<BiEvent> = submission
             .events
             .into_iter()

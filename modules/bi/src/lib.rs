@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use trellis_core::{
-    Module, ModuleBuilder, ModuleRegistration,
+    Module, ModuleBuilder, ModuleRegistration, ServiceBuilder,
     contracts::{
         LoginFailed, PasswordChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
         UserUpdated,
@@ -84,34 +84,31 @@ impl Module for BiModule {
     }
 
     fn build(&self, module: &mut ModuleBuilder) {
-        module
-            .config::<BiConfig>()
-            .api(|ctx| Ok(api::BiApi::new(Ingest::for_clients(ctx)?)))
-            .on_event(|ctx| {
-                let forwarder = Forwarder::new(ctx.queue().clone());
-                Ok(move |event: Arc<BiEvent>| {
-                    let forwarder = forwarder.clone();
-                    async move { forwarder.forward(&event).await }
-                })
-            });
-        subscribe::<UserRegistered>(module);
-        subscribe::<UserUpdated>(module);
-        subscribe::<UserDeleted>(module);
-        subscribe::<PasswordChanged>(module);
-        subscribe::<UserLoggedIn>(module);
-        subscribe::<LoginFailed>(module);
-        subscribe::<SessionRevoked>(module);
+        // The dispatcher's handler forwards every accepted event to the message queue.
+        module.config::<BiConfig>().on_event(|ctx| {
+            let forwarder = Forwarder::new(ctx.queue().clone());
+            Ok(move |event: Arc<BiEvent>| {
+                let forwarder = forwarder.clone();
+                async move { forwarder.forward(&event).await }
+            })
+        });
+        let mut ingest = module.service(Ingest::from_context);
+        ingest.api(|ingest| Ok(api::BiApi::new(ingest)));
+        subscribe::<UserRegistered>(&mut ingest);
+        subscribe::<UserUpdated>(&mut ingest);
+        subscribe::<UserDeleted>(&mut ingest);
+        subscribe::<PasswordChanged>(&mut ingest);
+        subscribe::<UserLoggedIn>(&mut ingest);
+        subscribe::<LoginFailed>(&mut ingest);
+        subscribe::<SessionRevoked>(&mut ingest);
     }
 }
 
-/// Turns the published message `M` into a BI event (unless `internal_events` is off).
-fn subscribe<M: domain::Internal>(module: &mut ModuleBuilder) {
-    module.subscribe(|ctx| {
-        let ingest = Ingest::from_context(ctx)?;
-        Ok(move |message: M| {
-            let ingest = ingest.clone();
-            async move { ingest.record_internal(&message).await }
-        })
+/// Turns the published message `M` into a BI event (unless `internal_events` is off), off
+/// the publisher's path: a registration or a login does not wait for its BI event.
+fn subscribe<M: domain::Internal>(ingest: &mut ServiceBuilder<'_, Ingest>) {
+    ingest.subscribe_detached(|ingest, message: M| async move {
+        ingest.record_internal(&message).await
     });
 }
 

@@ -49,13 +49,10 @@ impl Module for CommonModule {
     }
 
     fn build(&self, module: &mut ModuleBuilder) {
-        module.config::<CommonConfig>().api(|ctx| {
-            let config: CommonConfig = ctx.config()?;
-            Ok(api::CommonApi::new(app::Common::new(
-                ctx.app().clone(),
-                config,
-            )))
-        });
+        module
+            .config::<CommonConfig>()
+            .service(|ctx| Ok(app::Common::new(ctx.app().clone(), ctx.config()?)))
+            .api(|common| Ok(api::CommonApi::new(common)));
     }
 }
 

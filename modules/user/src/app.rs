@@ -57,7 +57,7 @@ pub struct Users {
 
 impl Users {
     /// The service over the module's context.
-    pub fn from_context(ctx: &ModuleContext<'_>) -> anyhow::Result<Self> {
+    pub fn from_context(ctx: &ModuleContext) -> anyhow::Result<Self> {
         let config: UserConfig = ctx.config()?;
         crate::password::describe_metrics();
         Ok(Self {

@@ -18,7 +18,7 @@ mod repo;
 
 use serde::Deserialize;
 use trellis_core::{
-    Module, ModuleBuilder, ModuleRegistration, Shared,
+    Module, ModuleBuilder, ModuleRegistration,
     contracts::{BootstrapAccount, FindUser, VerifyCredentials},
 };
 
@@ -79,42 +79,23 @@ impl Module for UserModule {
     }
 
     fn build(&self, module: &mut ModuleBuilder) {
-        // One service for the API and every handler: one hashing capacity, one cache.
-        let users = Shared::<Users>::default();
-        let (api, verify, find, bootstrap) = (users.clone(), users.clone(), users.clone(), users);
         module
             .config::<UserConfig>()
             .migrations(repo::MIGRATIONS)
-            .api(move |ctx| {
-                Ok(api::UserApi::new(
-                    api.get_or_build(ctx, Users::from_context)?,
-                ))
+            // One service for the API and every handler: one hashing capacity, one cache.
+            .service(Users::from_context)
+            .api(|users| Ok(api::UserApi::new(users)))
+            .handle(|users, request: VerifyCredentials| async move {
+                users
+                    .verify_credentials(&request.email, request.password)
+                    .await
             })
-            .handle(move |ctx| {
-                let users = verify.get_or_build(ctx, Users::from_context)?;
-                Ok(move |request: VerifyCredentials| {
-                    let users = users.clone();
-                    async move {
-                        users
-                            .verify_credentials(&request.email, request.password)
-                            .await
-                    }
-                })
-            })
-            .handle(move |ctx| {
-                let users = find.get_or_build(ctx, Users::from_context)?;
-                Ok(move |request: FindUser| {
-                    let users = users.clone();
-                    async move { users.find_identity(&request.id).await }
-                })
-            })
-            .handle(move |ctx| {
-                let users = bootstrap.get_or_build(ctx, Users::from_context)?;
-                Ok(move |request: BootstrapAccount| {
-                    let users = users.clone();
-                    async move { users.bootstrap(request).await }
-                })
-            });
+            .handle(
+                |users, request: FindUser| async move { users.find_identity(&request.id).await },
+            )
+            .handle(
+                |users, request: BootstrapAccount| async move { users.bootstrap(request).await },
+            );
     }
 }
 
