@@ -168,8 +168,8 @@ pub struct CorsConfig {
     pub exposed_headers: Vec<String>,
     /// Whether cookies and authorization may be sent.
     pub allow_credentials: bool,
-    /// How long a preflight answer may be cached, in seconds.
-    pub max_age_secs: i32,
+    /// How long a preflight answer may be cached (sent in whole seconds).
+    pub max_age_ms: u64,
 }
 
 impl Default for CorsConfig {
@@ -184,7 +184,7 @@ impl Default for CorsConfig {
                 .to_vec(),
             exposed_headers: vec!["x-request-id".into()],
             allow_credentials: false,
-            max_age_secs: 600,
+            max_age_ms: 600_000,
         }
     }
 }
@@ -450,14 +450,14 @@ pub struct JobsConfig {
     pub enabled: bool,
     /// A run taking longer is stopped; an instance that died during a run holds the job
     /// this long at most.
-    pub timeout_secs: u64,
+    pub timeout_ms: u64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            timeout_secs: 300,
+            timeout_ms: 300_000,
         }
     }
 }
@@ -995,6 +995,39 @@ mod tests {
             .extract()
             .expect("default.toml parses");
         assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn every_duration_setting_is_in_milliseconds() {
+        fn keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+            for (key, value) in table {
+                let path = format!("{prefix}{key}");
+                match value {
+                    toml::Value::Table(inner) => keys(&format!("{path}."), inner, out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let text = std::fs::read_to_string(dir.join("default.toml")).expect("default.toml");
+        let mut all = Vec::new();
+        keys("", &text.parse().expect("default.toml parses"), &mut all);
+        let duration_words = [
+            "timeout", "ttl", "delay", "interval", "window", "age", "every",
+        ];
+        let wrong: Vec<&String> = all
+            .iter()
+            .filter(|key| {
+                let name = key.rsplit('.').next().unwrap_or(key);
+                let other_unit = ["_secs", "_seconds", "_s", "_minutes", "_mins", "_hours"]
+                    .iter()
+                    .any(|unit| name.ends_with(unit));
+                let looks_like_duration = duration_words.iter().any(|w| name.contains(w));
+                other_unit || (looks_like_duration && !name.ends_with("_ms"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "durations not in `_ms`: {wrong:?}");
+        assert!(all.iter().any(|key| key == "jobs.timeout_ms"), "{all:?}");
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! The claim is one conditional `UPDATE` of the job's row in `trellis_jobs` (the same
 //! statement on SQLite and PostgreSQL): it moves the next due time one period ahead and
 //! takes a lease, only if the job is due and not leased. An instance that dies during a
-//! run leaves the lease to expire (`jobs.timeout_secs` past the start); the run of the
-//! next period goes ahead elsewhere. A run longer than `jobs.timeout_secs` is stopped.
+//! run leaves the lease to expire (`jobs.timeout_ms` past the start); the run of the
+//! next period goes ahead elsewhere. A run longer than `jobs.timeout_ms` is stopped.
 //!
 //! Metrics: `jobs_runs_total{job, outcome}`, `jobs_items_total{job}` (what the runs
 //! removed or processed), `jobs_run_duration_seconds{job}` and
@@ -102,7 +102,7 @@ impl Scheduler {
         let mut tasks = JoinSet::new();
         if config.enabled {
             let owner: Arc<str> = Arc::from(uuid::Uuid::new_v4().simple().to_string());
-            let timeout = Duration::from_secs(config.timeout_secs.max(1));
+            let timeout = Duration::from_millis(config.timeout_ms.max(1000));
             for job in jobs {
                 let claims = Claims {
                     db: db.clone(),

@@ -457,7 +457,7 @@ fn build_cors(config: &trellis_core::config::CorsConfig) -> anyhow::Result<Optio
     }
     let mut cors = Cors::new()
         .allow_credentials(config.allow_credentials)
-        .max_age(config.max_age_secs);
+        .max_age(i32::try_from(config.max_age_ms / 1000).unwrap_or(i32::MAX));
     if !any_origin {
         cors = cors.allow_origins(config.allowed_origins.iter().map(String::as_str));
     }

@@ -59,11 +59,15 @@ impl Auth {
     /// [`Auth::load_keys`] once the database is migrated.
     pub fn from_context(ctx: &ModuleContext) -> anyhow::Result<Self> {
         let config: AuthConfig = ctx.config()?;
+        anyhow::ensure!(
+            config.access_ttl_ms >= 1000,
+            "`modules.auth.access_ttl_ms`: must be at least 1000 (tokens count whole seconds)"
+        );
         Ok(Self {
             repo: AuthRepo::new(
                 ctx.database(),
                 ctx.cache(),
-                Duration::from_secs(config.session_cache_secs),
+                Duration::from_millis(config.session_cache_ms),
             ),
             bus: ctx.bus().clone(),
             signer: Signer::new(&config.issuer),
@@ -165,7 +169,7 @@ impl Auth {
     }
 
     fn window(&self) -> Duration {
-        Duration::from_secs(self.config.login_window_secs)
+        Duration::from_millis(self.config.login_window_ms)
     }
 
     /// Counts this attempt against the client's own budgets before the password is
@@ -205,7 +209,7 @@ impl Auth {
 
     /// Past `login_failures_per_account` failures, an account is slowed for addresses
     /// that never logged into it: each failure makes the next attempt wait twice as long
-    /// (up to `login_delay_max_secs`). A distributed guesser gets a few tries a minute;
+    /// (up to `login_delay_max_ms`). A distributed guesser gets a few tries a minute;
     /// the owner, from an address they logged in from before, is not held up at all.
     async fn account_wait(&self, keys: &LoginKeys) -> Result<(), AuthModuleError> {
         if keys.known_address(self).await {
@@ -234,16 +238,19 @@ impl Auth {
             .unwrap_or_default();
         let over = failures - self.config.login_failures_per_account;
         if over > 0 {
-            let delay = 1u64
+            // 1 s, 2 s, 4 s, ... up to the maximum.
+            let doubling = 1u64
                 .checked_shl(u32::try_from(over - 1).unwrap_or(u32::MAX))
-                .unwrap_or(u64::MAX)
-                .min(self.config.login_delay_max_secs);
-            let until = now_millis() + i64::try_from(delay * 1000).unwrap_or(i64::MAX);
+                .unwrap_or(u64::MAX);
+            let delay_ms = doubling
+                .saturating_mul(1000)
+                .min(self.config.login_delay_max_ms);
+            let until = now_millis() + i64::try_from(delay_ms).unwrap_or(i64::MAX);
             cache
                 .set(
                     &keys.wait,
                     until.to_string().into_bytes(),
-                    Duration::from_secs(delay),
+                    Duration::from_millis(delay_ms),
                 )
                 .await;
         }
@@ -310,8 +317,7 @@ impl Auth {
         keys.remember_address(self).await;
         let session_id = uuid::Uuid::new_v4().to_string();
         let now_ms = now_millis();
-        let expires_at =
-            now_ms + i64::try_from(self.config.session_ttl_secs * 1000).unwrap_or(i64::MAX);
+        let expires_at = now_ms + i64::try_from(self.config.session_ttl_ms).unwrap_or(i64::MAX);
         let address = client.address.map(|a| a.to_string());
         let inserted = self
             .repo
@@ -354,12 +360,12 @@ impl Auth {
             sub: user_id.to_owned(),
             sid: session_id.to_owned(),
             iat,
-            exp: iat + self.config.access_ttl_secs,
+            exp: iat + self.config.access_ttl_ms / 1000,
             iss: self.config.issuer.clone(),
         })?;
         Ok(TokenPair {
             access_token,
-            expires_in: self.config.access_ttl_secs,
+            expires_in: self.config.access_ttl_ms / 1000,
             refresh_token,
             session_id: session_id.to_owned(),
         })
@@ -575,15 +581,14 @@ impl Auth {
 
     /// The `purge` job's period.
     pub fn purge_every(&self) -> Duration {
-        Duration::from_secs(self.config.purge_every_secs)
+        Duration::from_millis(self.config.purge_every_ms)
     }
 
     /// The `purge` job: sessions that ended (expired or revoked) more than
-    /// `purge_after_secs` ago, their refresh tokens, and the marks of accounts closed that
+    /// `purge_after_ms` ago, their refresh tokens, and the marks of accounts closed that
     /// long ago with no session left. Returns the rows removed.
     pub async fn purge(&self) -> anyhow::Result<u64> {
-        let ms =
-            i64::try_from(self.config.purge_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let ms = i64::try_from(self.config.purge_after_ms).unwrap_or(i64::MAX);
         let before = now_millis().saturating_sub(ms);
         Ok(self.repo.purge(before).await?)
     }
@@ -635,7 +640,7 @@ impl LoginKeys {
 
     async fn remember_address(&self, auth: &Auth) {
         if let Some(key) = &self.known {
-            let ttl = Duration::from_secs(auth.config.session_ttl_secs);
+            let ttl = Duration::from_millis(auth.config.session_ttl_ms);
             auth.repo.cache().set(key, b"1".to_vec(), ttl).await;
         }
     }

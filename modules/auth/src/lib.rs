@@ -1,7 +1,7 @@
 //! The `auth` module: login and logout, short-lived JWT access tokens checked against a
 //! live session, rotating refresh tokens with reuse detection, roles and permissions, and
 //! login rate limits. Its `purge` job removes ended sessions after
-//! `purge_after_secs`.
+//! `purge_after_ms`.
 //!
 //! It never imports `user`: credentials are checked with `VerifyCredentials` on the bus,
 //! and it answers `Authenticate` (the bearer check every module's API uses) and
@@ -40,12 +40,12 @@ pub struct AuthConfig {
     pub jwt_previous_secrets: Vec<SecretString>,
     /// The `iss` claim written and required.
     pub issuer: String,
-    /// Access token lifetime.
-    pub access_ttl_secs: u64,
+    /// Access token lifetime (tokens count whole seconds).
+    pub access_ttl_ms: u64,
     /// Session (and refresh token) lifetime.
-    pub session_ttl_secs: u64,
+    pub session_ttl_ms: u64,
     /// How long a live session is remembered in the cache.
-    pub session_cache_secs: u64,
+    pub session_cache_ms: u64,
     /// Failed logins allowed per (account, client address) per window.
     pub login_failures_per_pair: i64,
     /// Failed logins allowed per client address, over all accounts, per window.
@@ -54,18 +54,18 @@ pub struct AuthConfig {
     /// from an address that never logged into the account waits a doubling delay.
     pub login_failures_per_account: i64,
     /// The longest such delay.
-    pub login_delay_max_secs: u64,
+    pub login_delay_max_ms: u64,
     /// The window the failures are counted in.
-    pub login_window_secs: u64,
+    pub login_window_ms: u64,
     /// E-mail of the super-administrator created on first start (empty: none).
     pub bootstrap_admin_email: String,
     /// Its password (set it from the environment: `TRELLIS_MODULES__AUTH__BOOTSTRAP_ADMIN_PASSWORD`).
     pub bootstrap_admin_password: SecretString,
     /// How often the `auth.purge` job removes ended sessions (over all instances).
-    pub purge_every_secs: u64,
+    pub purge_every_ms: u64,
     /// How long an ended (expired or revoked) session, with its refresh tokens, is kept
     /// before the purge removes it.
-    pub purge_after_secs: u64,
+    pub purge_after_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -74,18 +74,18 @@ impl Default for AuthConfig {
             jwt_secret: SecretString::default(),
             jwt_previous_secrets: Vec::new(),
             issuer: "trellis".into(),
-            access_ttl_secs: 900,
-            session_ttl_secs: 30 * 24 * 3600,
-            session_cache_secs: 30,
+            access_ttl_ms: 15 * 60 * 1000,
+            session_ttl_ms: 30 * 24 * 3600 * 1000,
+            session_cache_ms: 30_000,
             login_failures_per_pair: 5,
             login_failures_per_address: 50,
             login_failures_per_account: 20,
-            login_delay_max_secs: 60,
-            login_window_secs: 900,
+            login_delay_max_ms: 60_000,
+            login_window_ms: 15 * 60 * 1000,
             bootstrap_admin_email: String::new(),
             bootstrap_admin_password: SecretString::default(),
-            purge_every_secs: 3600,
-            purge_after_secs: 24 * 3600,
+            purge_every_ms: 3600 * 1000,
+            purge_after_ms: 24 * 3600 * 1000,
         }
     }
 }

@@ -64,7 +64,7 @@ impl Users {
             repo: UserRepo::new(
                 ctx.database(),
                 ctx.cache(),
-                Duration::from_secs(config.cache_secs),
+                Duration::from_millis(config.cache_ms),
             ),
             bus: ctx.bus().clone(),
             hasher: Hasher::new(config.hash_concurrency, config.hash_queue),
@@ -84,7 +84,7 @@ impl Users {
         let Some(client) = client else {
             return Ok(());
         };
-        let window = Duration::from_secs(self.config.throttle_window_secs);
+        let window = Duration::from_millis(self.config.throttle_window_ms);
         self.repo
             .cache()
             .throttle(&format!("{action}:{client}"), limit, window)

@@ -33,7 +33,7 @@ pub struct UserConfig {
     /// Largest page size a client may ask for.
     pub max_page_size: u32,
     /// How long an account is cached in front of the database (seconds).
-    pub cache_secs: u64,
+    pub cache_ms: u64,
     /// Password hashes computed at once (0: one per CPU); each takes 19 MiB.
     pub hash_concurrency: usize,
     /// Password hashes waiting for their turn; past that, 503 with `Retry-After`.
@@ -44,7 +44,7 @@ pub struct UserConfig {
     /// throttle window.
     pub password_checks_per_address: i64,
     /// The throttle window (seconds).
-    pub throttle_window_secs: u64,
+    pub throttle_window_ms: u64,
 }
 
 impl Default for UserConfig {
@@ -52,12 +52,12 @@ impl Default for UserConfig {
         Self {
             default_page_size: 20,
             max_page_size: 100,
-            cache_secs: 30,
+            cache_ms: 30_000,
             hash_concurrency: 0,
             hash_queue: 64,
             registrations_per_address: 20,
             password_checks_per_address: 10,
-            throttle_window_secs: 900,
+            throttle_window_ms: 15 * 60 * 1000,
         }
     }
 }

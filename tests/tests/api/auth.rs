@@ -235,7 +235,7 @@ async fn login_answers_the_same_for_unknown_email_and_wrong_password() {
 async fn login_rate_limit_trips_and_recovers() {
     let app = spawn_app_with(&[
         ("modules.auth.login_failures_per_pair", json!(3)),
-        ("modules.auth.login_window_secs", json!(2)),
+        ("modules.auth.login_window_ms", json!(2000)),
     ])
     .await;
     app.register("limited@example.com", "correct horse battery")

@@ -46,8 +46,8 @@ async fn a_job_runs_on_exactly_one_instance_per_period() {
 #[tokio::test]
 async fn the_purge_removes_ended_sessions_and_their_refresh_tokens_and_keeps_live_ones() {
     let app = spawn_app_with(&[
-        ("modules.auth.purge_every_secs", json!(1)),
-        ("modules.auth.purge_after_secs", json!(0)),
+        ("modules.auth.purge_every_ms", json!(1000)),
+        ("modules.auth.purge_after_ms", json!(0)),
     ])
     .await;
     app.register("purged@example.com", "correct horse battery")

@@ -407,7 +407,7 @@ async fn strangers_cannot_lock_the_owner_out() {
 async fn a_distributed_guesser_is_slowed_but_the_owner_gets_in() {
     let app = spawn_app_with(&[
         ("modules.auth.login_failures_per_account", json!(3)),
-        ("modules.auth.login_delay_max_secs", json!(60)),
+        ("modules.auth.login_delay_max_ms", json!(60_000)),
     ])
     .await;
     app.register("target@example.com", PASSWORD).await;
