@@ -20,8 +20,9 @@ use trellis_core::{
 
 use crate::{
     AuthConfig,
+    domain::ListedSession,
     error::AuthModuleError,
-    repo::{AuthRepo, SUPER_ADMIN, SessionForCreate, SessionRow},
+    repo::{AuthRepo, SUPER_ADMIN, SessionForCreate},
     secrets,
     tokens::{Claims, Key, KeyRing, Signer, digest, new_refresh_token},
 };
@@ -441,7 +442,7 @@ impl Auth {
     pub async fn sessions(
         &self,
         principal: &Principal,
-    ) -> Result<Vec<SessionRow>, AuthModuleError> {
+    ) -> Result<Vec<ListedSession>, AuthModuleError> {
         Ok(self
             .repo
             .live_sessions(&principal.user_id, now_millis())

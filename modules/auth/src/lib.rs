@@ -12,6 +12,7 @@
 
 mod api;
 mod app;
+mod domain;
 mod error;
 mod repo;
 mod secrets;

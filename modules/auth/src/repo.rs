@@ -5,6 +5,8 @@ use std::{collections::BTreeSet, time::Duration};
 use serde::{Deserialize, Serialize};
 use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb, Tx};
 
+use crate::domain::ListedSession;
+
 const SCHEMA: &str = "
     CREATE TABLE auth_sessions (
         id TEXT PRIMARY KEY,
@@ -82,16 +84,6 @@ pub const SUPER_ADMIN: &str = "SUPER_ADMIN";
 /// A live session's owner, unless the account was closed.
 const LIVE: &str = "revoked_at IS NULL AND expires_at > $2 \
      AND NOT EXISTS (SELECT 1 FROM auth_closed_accounts c WHERE c.user_id = auth_sessions.user_id)";
-
-/// A session as listed to its owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRow {
-    pub id: String,
-    pub created_at: i64,
-    pub last_used_at: i64,
-    pub expires_at: i64,
-    pub user_agent: Option<String>,
-}
 
 /// What a refresh token leads to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -561,7 +553,11 @@ impl AuthRepo {
         Ok((secret, done.rows_affected() == 1))
     }
 
-    pub async fn live_sessions(&self, user_id: &str, now: i64) -> Result<Vec<SessionRow>, DbError> {
+    pub async fn live_sessions(
+        &self,
+        user_id: &str,
+        now: i64,
+    ) -> Result<Vec<ListedSession>, DbError> {
         let rows: Vec<(String, i64, i64, i64, Option<String>)> = self
             .db
             .run(
@@ -578,7 +574,7 @@ impl AuthRepo {
         Ok(rows
             .into_iter()
             .map(
-                |(id, created_at, last_used_at, expires_at, user_agent)| SessionRow {
+                |(id, created_at, last_used_at, expires_at, user_agent)| ListedSession {
                     id,
                     created_at,
                     last_used_at,

@@ -15,9 +15,10 @@ use trellis_core::{
 
 use crate::{
     app::{CurrentPassword, Page, Users},
-    domain::{Details, Email, NewUser, Password, PersonName, UserChanges, UtmValue, Violations},
+    domain::{
+        Account, Details, Email, NewUser, Password, PersonName, UserChanges, UtmValue, Violations,
+    },
     error::UserError,
-    repo::UserRow,
 };
 
 /// A new account.
@@ -144,8 +145,8 @@ pub struct UserPage {
     pub next_cursor: Option<String>,
 }
 
-impl From<UserRow> for User {
-    fn from(row: UserRow) -> Self {
+impl From<Account> for User {
+    fn from(row: Account) -> Self {
         Self {
             id: row.id,
             email: row.email,

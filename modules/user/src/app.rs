@@ -19,10 +19,10 @@ use trellis_core::{
 
 use crate::{
     UserConfig,
-    domain::{Details, Email, NewUser, Password, PersonName, UserChanges},
+    domain::{Account, Details, Email, NewUser, Password, PersonName, UserChanges},
     error::UserError,
     password::Hasher,
-    repo::{UserForCreate, UserRepo, UserRow},
+    repo::{UserForCreate, UserRepo},
 };
 
 /// The permission to read, change and list other users.
@@ -32,7 +32,7 @@ pub const MANAGE_USERS: &str = "users:manage";
 #[derive(Debug, Clone)]
 pub struct Page {
     /// The users.
-    pub users: Vec<UserRow>,
+    pub users: Vec<Account>,
     /// Pass back to get the next page; absent on the last one.
     pub next_cursor: Option<String>,
 }
@@ -153,13 +153,13 @@ impl Users {
         &self,
         user: NewUser,
         client: Option<&str>,
-    ) -> Result<UserRow, UserError> {
+    ) -> Result<Account, UserError> {
         self.throttle("register", client, self.config.registrations_per_address)
             .await?;
         self.create(user).await
     }
 
-    async fn create(&self, user: NewUser) -> Result<UserRow, UserError> {
+    async fn create(&self, user: NewUser) -> Result<Account, UserError> {
         let id = uuid::Uuid::new_v4().to_string();
         let hash = self.hasher.hash(user.password).await??;
         let now = now_millis();
@@ -180,7 +180,7 @@ impl Users {
                 email: user.email.as_str().to_owned(),
             })
             .await;
-        Ok(UserRow {
+        Ok(Account {
             id,
             email: user.email.as_str().to_owned(),
             first_name: user.first_name.as_str().to_owned(),
@@ -195,7 +195,7 @@ impl Users {
     }
 
     /// A user the principal may see.
-    pub async fn get(&self, principal: &Principal, id: &str) -> Result<UserRow, UserError> {
+    pub async fn get(&self, principal: &Principal, id: &str) -> Result<Account, UserError> {
         if !Self::may_access(principal, id) {
             return Err(UserError::NotFound);
         }
@@ -211,7 +211,7 @@ impl Users {
         id: &str,
         changes: UserChanges,
         current: Option<CurrentPassword<'_>>,
-    ) -> Result<UserRow, UserError> {
+    ) -> Result<Account, UserError> {
         if !Self::may_access(principal, id) {
             return Err(UserError::NotFound);
         }

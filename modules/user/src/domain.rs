@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
 use trellis_core::problem::FieldViolation;
 
 /// A normalised (trimmed, lower-case) e-mail address.
@@ -229,4 +230,22 @@ mod tests {
         assert_eq!(UtmValue::parse(Some("  ")), Ok(UtmValue(None)));
         assert!(UtmValue::parse(Some(&"u".repeat(201))).is_err());
     }
+}
+
+/// An account as the service sees it (without its password hash); what the repository
+/// loads and the cache keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// Id.
+    pub id: String,
+    /// E-mail.
+    pub email: String,
+    /// First name.
+    pub first_name: String,
+    /// Last name.
+    pub last_name: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
 }

@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb, Tx};
 
-use crate::domain::{Details, UserChanges};
+use crate::domain::{Account, Details, UserChanges};
 
 const SCHEMA: &str = "
         CREATE TABLE users (
@@ -38,26 +37,9 @@ pub static MIGRATIONS: &[Migration] = &[Migration {
     postgres: SCHEMA,
 }];
 
-/// A stored account (without its password hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserRow {
-    /// Id.
-    pub id: String,
-    /// E-mail.
-    pub email: String,
-    /// First name.
-    pub first_name: String,
-    /// Last name.
-    pub last_name: String,
-    /// Unix milliseconds.
-    pub created_at: i64,
-    /// Unix milliseconds.
-    pub updated_at: i64,
-}
-
 type Row = (String, String, String, String, i64, i64);
 
-impl From<Row> for UserRow {
+impl From<Row> for Account {
     fn from((id, email, first_name, last_name, created_at, updated_at): Row) -> Self {
         Self {
             id,
@@ -139,7 +121,7 @@ impl UserRepo {
     }
 
     /// The active account `id`: from the cache, else the database (then cached).
-    pub async fn find_active(&self, id: &str) -> Result<Option<UserRow>, DbError> {
+    pub async fn find_active(&self, id: &str) -> Result<Option<Account>, DbError> {
         self.cache
             .read_through(&user_key(id), self.cache_ttl, || async {
                 let row: Option<Row> = self
@@ -153,7 +135,7 @@ impl UserRepo {
                         .fetch_optional(self.db.pool()),
                     )
                     .await?;
-                Ok(row.map(UserRow::from))
+                Ok(row.map(Account::from))
             })
             .await
     }
@@ -162,7 +144,7 @@ impl UserRepo {
     pub async fn find_credentials(
         &self,
         email: &str,
-    ) -> Result<Option<(UserRow, String)>, DbError> {
+    ) -> Result<Option<(Account, String)>, DbError> {
         let row: Option<(String, String, String, String, i64, i64, String)> = self
             .db
             .run(
@@ -176,7 +158,7 @@ impl UserRepo {
             .await?;
         Ok(row.map(|(id, email, first, last, created, updated, hash)| {
             (
-                UserRow::from((id, email, first, last, created, updated)),
+                Account::from((id, email, first, last, created, updated)),
                 hash,
             )
         }))
@@ -187,7 +169,7 @@ impl UserRepo {
         id: &str,
         changes: &UserChanges,
         now: i64,
-    ) -> Result<Option<UserRow>, DbError> {
+    ) -> Result<Option<Account>, DbError> {
         let row: Option<Row> = self
             .db
             .run(
@@ -206,7 +188,7 @@ impl UserRepo {
             )
             .await?;
         self.forget(id).await;
-        Ok(row.map(UserRow::from))
+        Ok(row.map(Account::from))
     }
 
     /// Begins a transaction other modules can join.
@@ -334,7 +316,7 @@ impl UserRepo {
         prefix: &str,
         after: &str,
         limit: u32,
-    ) -> Result<Vec<UserRow>, DbError> {
+    ) -> Result<Vec<Account>, DbError> {
         let pattern = format!("{}%", escape_like(prefix));
         let rows: Vec<Row> = self
             .db
@@ -350,7 +332,7 @@ impl UserRepo {
                 .fetch_all(self.db.pool()),
             )
             .await?;
-        Ok(rows.into_iter().map(UserRow::from).collect())
+        Ok(rows.into_iter().map(Account::from).collect())
     }
 }
 

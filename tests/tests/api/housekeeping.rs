@@ -30,9 +30,12 @@ async fn a_job_runs_on_exactly_one_instance_per_period() {
         "{} runs: {runs:?}",
         runs.len()
     );
+    // `ran_at` is written by the run, after its claim: a run that waited for the database
+    // records a later time. Two instances running one period would be milliseconds apart;
+    // half a period apart is two periods.
     for pair in runs.windows(2) {
         assert!(
-            pair[1] - pair[0] >= 350,
+            pair[1] - pair[0] >= 200,
             "two runs {} ms apart in one period: {runs:?}",
             pair[1] - pair[0]
         );
