@@ -348,12 +348,7 @@ impl<S: Clone + Send + Sync + 'static> ServiceBuilder<'_, S> {
         H: Fn(S, M) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let service = self.getter();
-        self.module.subscribe(move |_| {
-            let service = service()?;
-            Ok(move |message: M| subscriber(service.clone(), message))
-        });
-        self
+        self.subscribe_with(Delivery::Inline, subscriber)
     }
 
     /// Subscribes to `M` off the publisher's path (see [`ModuleBuilder::subscribe_detached`]).
@@ -363,8 +358,17 @@ impl<S: Clone + Send + Sync + 'static> ServiceBuilder<'_, S> {
         H: Fn(S, M) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        self.subscribe_with(Delivery::Detached, subscriber)
+    }
+
+    fn subscribe_with<M, H, Fut>(&mut self, delivery: Delivery, subscriber: H) -> &mut Self
+    where
+        M: Message,
+        H: Fn(S, M) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let service = self.getter();
-        self.module.subscribe_detached(move |_| {
+        self.module.subscribe_with(delivery, move |_| {
             let service = service()?;
             Ok(move |message: M| subscriber(service.clone(), message))
         });

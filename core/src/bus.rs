@@ -261,7 +261,9 @@ impl Bus {
             let run = measured(name, subscriber.module, (subscriber.run)(message.clone()))
                 .instrument(tracing::Span::current());
             match subscriber.delivery {
-                Delivery::Inline => inline.push((subscriber.module, tokio::spawn(run))),
+                // Tracked too: one the publisher stopped waiting for still finishes at
+                // shutdown.
+                Delivery::Inline => inline.push((subscriber.module, runtime.tracker.spawn(run))),
                 Delivery::Detached => {
                     // Waits for a slot when `detached_max_in_flight` are running. The
                     // semaphore is never closed.
@@ -291,8 +293,9 @@ impl Bus {
         subscribers.len()
     }
 
-    /// Waits until the detached subscribers running now, and those they start, have
-    /// finished, or until `deadline`. Answers how many were still running then.
+    /// Waits until the subscribers still running (detached ones, and inline ones whose
+    /// publisher stopped waiting), and those they start, have finished, or until
+    /// `deadline`. Answers how many were still running then.
     pub async fn drain(&self, deadline: tokio::time::Instant) -> usize {
         let tracker = &self.subscribers.tracker;
         tracker.close();
@@ -468,6 +471,32 @@ mod tests {
         let started = tokio::time::Instant::now();
         bus.publish(Happened(1)).await;
         assert_eq!(started.elapsed(), Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inline_subscriber_left_behind_still_finishes_before_shutdown() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let finished = done.clone();
+        let config = BusConfig {
+            subscriber_timeout_ms: 500,
+            ..BusConfig::default()
+        };
+        let bus = bus_with(
+            &config,
+            vec![(
+                "slow",
+                Delivery::Inline,
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                }),
+            )],
+        );
+        let started = tokio::time::Instant::now();
+        bus.publish(Happened(1)).await;
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        assert_eq!(bus.drain(started + Duration::from_secs(10)).await, 0);
+        assert_eq!(done.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
