@@ -7,9 +7,10 @@
 //! `server.shutdown_timeout_ms`: `/readyz` answers 503 `draining` at once while the
 //! listeners keep serving for `server.shutdown_delay_ms`; then they stop accepting and
 //! let open connections finish their requests; then the periodic jobs stop (a run under
-//! way may finish), every accepted event is handled, the
-//! modules shut down in reverse order, and what is left in the message queue is
-//! delivered. Whatever the budget cut short is counted in a [`ShutdownIncomplete`] error.
+//! way may finish), the bus subscribers still running finish, every accepted event is
+//! handled, the modules shut down in reverse order, and what is left in the message queue
+//! is delivered. Whatever the budget cut short of the requests, events and messages is
+//! counted in a [`ShutdownIncomplete`] error (subscribers cut short are logged).
 //!
 //! The server never names a module: it finds them through the registry
 //! ([`trellis_core::registered_modules`]); `modules.rs` only makes sure the crates the
