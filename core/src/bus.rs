@@ -528,6 +528,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn drain_counts_the_subscribers_its_deadline_cut_short() {
+        let bus = bus_with(
+            &BusConfig::default(),
+            vec![(
+                "stuck",
+                Delivery::Detached,
+                Box::pin(tokio::time::sleep(Duration::from_secs(60))),
+            )],
+        );
+        bus.publish(Happened(1)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        assert_eq!(bus.drain(deadline).await, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_full_set_of_detached_subscribers_makes_publishers_wait_for_a_slot() {
         let config = BusConfig {
             detached_max_in_flight: 1,

@@ -9,8 +9,8 @@
 //! let open connections finish their requests; then the periodic jobs stop (a run under
 //! way may finish), the bus subscribers still running finish, every accepted event is
 //! handled, the modules shut down in reverse order, and what is left in the message queue
-//! is delivered. Whatever the budget cut short of the requests, events and messages is
-//! counted in a [`ShutdownIncomplete`] error (subscribers cut short are logged).
+//! is delivered. Whatever the budget cut short is counted in a [`ShutdownIncomplete`]
+//! error.
 //!
 //! The server never names a module: it finds them through the registry
 //! ([`trellis_core::registered_modules`]); `modules.rs` only makes sure the crates the
@@ -78,14 +78,17 @@ impl ShutdownHandle {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the shutdown budget ran out: {connections} connections closed with {requests} requests \
-     unanswered, {events} accepted events unhandled, {messages} messages undelivered \
-     (`server.shutdown_timeout_ms`, `events.drain_timeout_ms`, `mq.drain_timeout_ms`)"
+     unanswered, {subscribers} bus subscribers unfinished, {events} accepted events \
+     unhandled, {messages} messages undelivered (`server.shutdown_timeout_ms`, \
+     `events.drain_timeout_ms`, `mq.drain_timeout_ms`)"
 )]
 pub struct ShutdownIncomplete {
     /// Connections still open when the requests' share of the budget ended.
     pub connections: usize,
     /// Requests they were serving.
     pub requests: usize,
+    /// Bus subscribers still running.
+    pub subscribers: usize,
     /// Accepted events left unhandled.
     pub events: usize,
     /// Messages left in the message queue's buffer.
@@ -326,13 +329,14 @@ impl Application {
         let left = || deadline.saturating_duration_since(Instant::now());
         assembly.stop_jobs(deadline).await;
         // What detached bus subscribers were doing may still emit events.
-        ctx.bus().drain(deadline).await;
+        let subscribers = ctx.bus().drain(deadline).await;
         let events = ctx.events().drain(left()).await;
         assembly.shutdown(&ctx, deadline).await;
         let messages = ctx.close_backends(left()).await;
         let incomplete = ShutdownIncomplete {
             connections: unfinished.connections,
             requests: unfinished.requests,
+            subscribers,
             events,
             messages,
         };
