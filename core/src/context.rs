@@ -16,7 +16,7 @@ use crate::{
     config::{Config, ConfigError, LoadedConfig},
     events::EventDispatcher,
     module::ModuleInfo,
-    readiness::{NamedCheck, Readiness},
+    readiness::{CheckOutcome, NamedCheck, Readiness},
     storage::{ModuleCache, Storage},
 };
 
@@ -174,29 +174,33 @@ impl AppContext {
     /// database) and the message queue (degraded when unreachable: messages wait in its
     /// buffer).
     pub(crate) fn core_checks(&self) -> Vec<NamedCheck> {
+        /// `core.<name>`: `probe` on a clone of `handle` each time.
+        fn check<T, Fut>(
+            name: &'static str,
+            handle: T,
+            probe: impl Fn(T) -> Fut + Send + Sync + 'static,
+        ) -> NamedCheck
+        where
+            T: Clone + Send + Sync + 'static,
+            Fut: Future<Output = CheckOutcome> + Send + 'static,
+        {
+            NamedCheck::new("core", name, move || probe(handle.clone()))
+        }
         let mut checks = Vec::new();
         #[cfg(feature = "storage")]
-        checks.push(NamedCheck::new("core", "database", {
-            let database = self.database().clone();
-            move || {
-                let database = database.clone();
-                async move { database.ping().await }
-            }
-        }));
-        checks.push(NamedCheck::new("core", "cache", {
-            let cache = self.storage().cache.clone();
-            move || {
-                let cache = cache.clone();
-                async move { cache.ping().await }
-            }
-        }));
+        checks.push(check(
+            "database",
+            self.database().clone(),
+            |db| async move { db.ping().await },
+        ));
+        checks.push(check(
+            "cache",
+            self.storage().cache.clone(),
+            |cache| async move { cache.ping().await },
+        ));
         #[cfg(feature = "queue")]
-        checks.push(NamedCheck::new("core", "queue", {
-            let queue = self.queue().clone();
-            move || {
-                let queue = queue.clone();
-                async move { queue.check().await }
-            }
+        checks.push(check("queue", self.queue().clone(), |queue| async move {
+            queue.check().await
         }));
         checks
     }
