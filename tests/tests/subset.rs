@@ -44,36 +44,18 @@ async fn binary_serves_exactly_the_selected_modules() {
     assert_eq!(tags, expected, "modules with operations in the document");
 
     // The running server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let data = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(&bin)
+    let client = reqwest::Client::new();
+    let mut command = Command::new(&bin);
+    command
         .current_dir(&workspace)
         .env("TRELLIS_PROFILE", "test")
         .env(
             "TRELLIS_DATABASE__URL",
             format!("sqlite://{}/subset.db", data.path().display()),
-        )
-        .env("TRELLIS_SERVER__PORT", port.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("starts");
-    let client = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let served: Value = loop {
-        assert!(Instant::now() < deadline, "server did not start");
-        if let Some(status) = child.try_wait().expect("wait") {
-            panic!("the server exited at start-up: {status}");
-        }
-        if let Ok(r) = client.get(format!("{base}/openapi.json")).send().await {
-            break r.json().await.expect("json");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        );
+    let (server, base, served) = serve(command, &client).await;
     assert_eq!(served, doc, "served and printed documents agree");
 
     let modules = client
@@ -114,8 +96,7 @@ async fn binary_serves_exactly_the_selected_modules() {
             "authentication is not available on this server"
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 
     let checks = std::env::var("TEST_SUBSET_CHECKS").unwrap_or_default();
     if checks.split(',').any(|c| c == "creates-nothing") {
@@ -178,36 +159,12 @@ async fn binary_serves_exactly_the_selected_modules() {
 async fn creates_nothing(bin: &str, client: &reqwest::Client) {
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
     let folder = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let mut child = Stopped(
-        Command::new(bin)
-            .current_dir(folder.path())
-            .env("TRELLIS_CONFIG_DIR", &config)
-            .env("TRELLIS_SERVER__PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    // The document is served by the server itself, whichever modules it has.
-    loop {
-        assert!(Instant::now() < deadline, "server did not start");
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            panic!("the server exited at start-up: {status}");
-        }
-        let served = client
-            .get(format!("http://127.0.0.1:{port}/openapi.json"))
-            .send()
-            .await;
-        if served.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut command = Command::new(bin);
+    command
+        .current_dir(folder.path())
+        .env("TRELLIS_CONFIG_DIR", &config)
+        .stderr(Stdio::null());
+    let (mut child, _, _) = serve(command, client).await;
     let stopped = Command::new("kill")
         .arg(child.0.id().to_string())
         .status()
@@ -220,6 +177,38 @@ async fn creates_nothing(bin: &str, client: &reqwest::Client) {
         .map(|e| e.expect("entry").path())
         .collect();
     assert!(left.is_empty(), "the server created {left:?}");
+}
+
+/// Starts `command` on a free port and waits until it serves its OpenAPI document (the
+/// server's own, whichever modules it has). Answers the process, its base URL and the
+/// document.
+async fn serve(mut command: Command, client: &reqwest::Client) -> (Stopped, String, Value) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut child = Stopped(
+        command
+            .env("TRELLIS_SERVER__PORT", port.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starts"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "server did not start");
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            panic!("the server exited at start-up: {status}");
+        }
+        if let Ok(r) = client.get(format!("{base}/openapi.json")).send().await
+            && r.status() == 200
+        {
+            let document = r.json().await.expect("json");
+            return (child, base, document);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A server process, killed if the test ends before stopping it.
