@@ -129,6 +129,9 @@ pub fn assemble(modules: &[&'static dyn Module], ctx: &AppContext) -> anyhow::Re
             .extend(builder.shutdown.into_iter().map(|h| (name, h)));
     }
 
+    for observer in ctx.take_observers() {
+        observer(&mut bus, &mut events);
+    }
     ctx.bus().start(bus);
     ctx.events().start(events);
     ctx.readiness().start(checks);
@@ -197,7 +200,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{BuildInfo, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome};
+    use crate::{BuildInfo, Extras, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome};
 
     type Log = Arc<Mutex<Vec<String>>>;
 
@@ -262,6 +265,14 @@ mod tests {
         modules: &[&'static dyn Module],
         config: LoadedConfig,
     ) -> (AppContext, tempfile::TempDir) {
+        context_with(modules, config, Extras::default()).await
+    }
+
+    async fn context_with(
+        modules: &[&'static dyn Module],
+        config: LoadedConfig,
+        extras: Extras,
+    ) -> (AppContext, tempfile::TempDir) {
         let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
         let events = tempfile::tempdir().expect("tempdir");
         let config = config
@@ -269,7 +280,7 @@ mod tests {
             .and_then(|c| c.set("database.max_connections", 1))
             .and_then(|c| c.set("mq.file.directory", events.path().display().to_string()))
             .expect("settings");
-        let ctx = AppContext::connect(config, infos, BuildInfo::unknown())
+        let ctx = AppContext::connect(config, infos, BuildInfo::unknown(), extras)
             .await
             .expect("connects");
         (ctx, events)
@@ -381,5 +392,34 @@ mod tests {
             .expect("the hook sees the service");
         assert_eq!(ctx.bus().request(WhoServes).await, Ok(0));
         assert_eq!(builds.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Pinged(u32);
+    impl crate::bus::Message for Pinged {}
+
+    #[tokio::test]
+    async fn extras_hand_the_modules_their_clock_and_the_caller_what_was_published() {
+        let manual = crate::clock::ManualClock::at(5_000);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let extras = Extras::default()
+            .clock(manual.clock())
+            .observe_bus(move |message: Pinged| log.lock().expect("log").push(message));
+        let module: &'static dyn Module = Box::leak(Box::new(Counted(Arc::new(
+            std::sync::atomic::AtomicUsize::new(0),
+        ))));
+        let (ctx, _events) = context_with(&[module], LoadedConfig::defaults(), extras).await;
+        assemble(&[module], &ctx).expect("assembles");
+
+        assert_eq!(
+            ctx.bus().publish(Pinged(7)).await,
+            1,
+            "the observer subscribes"
+        );
+        assert_eq!(*seen.lock().expect("log"), [Pinged(7)]);
+        let mctx = ModuleContext::new(&ctx, "counted");
+        manual.advance(Duration::from_secs(3));
+        assert_eq!(mctx.clock().now_millis(), 8_000);
     }
 }

@@ -1,7 +1,7 @@
 //! The context: everything a module may reach at run time, passed explicitly (no globals).
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -12,9 +12,10 @@ use crate::mq::MessageQueue;
 #[cfg(feature = "storage")]
 use crate::storage::{Database, ModuleDb};
 use crate::{
-    bus::Bus,
+    bus::{Bus, BusBuilder, Delivery, Message},
+    clock::Clock,
     config::{Config, ConfigError, LoadedConfig},
-    events::EventDispatcher,
+    events::{Event, EventDispatcher, EventHandlerTable},
     module::ModuleInfo,
     readiness::{CheckOutcome, NamedCheck, Readiness},
     storage::{ModuleCache, Storage},
@@ -51,8 +52,59 @@ impl BuildInfo {
     }
 }
 
+/// What the program building a server adds besides its configuration: the clock the
+/// modules read, and observers of what they publish on the bus and emit as events. A
+/// production server takes the default; `trellis-testkit` uses it to hand a test a
+/// manual clock and the messages a module sent.
+#[derive(Default)]
+pub struct Extras {
+    clock: Clock,
+    observers: Vec<Observer>,
+}
+
+/// Wires one observer into the bus or the event handler table.
+pub(crate) type Observer = Box<dyn FnOnce(&mut BusBuilder, &mut EventHandlerTable) + Send>;
+
+/// The module name observers are registered (and measured) under.
+const OBSERVER: &str = "observer";
+
+impl Extras {
+    /// The modules read `clock` instead of the system's.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Calls `observer` with every `M` published on the bus, as an inline subscriber.
+    pub fn observe_bus<M: Message>(mut self, observer: impl Fn(M) + Send + Sync + 'static) -> Self {
+        self.observers.push(Box::new(move |bus, _| {
+            bus.subscribe(OBSERVER, Delivery::Inline, move |message: M| {
+                observer(message);
+                std::future::ready(())
+            });
+        }));
+        self
+    }
+
+    /// Calls `observer` with every `E` emitted, as one more handler of `E`.
+    pub fn observe_events<E: Event>(
+        mut self,
+        observer: impl Fn(Arc<E>) + Send + Sync + 'static,
+    ) -> Self {
+        self.observers.push(Box::new(move |_, events| {
+            events.add(OBSERVER, move |event: Arc<E>| {
+                observer(event);
+                std::future::ready(Ok(()))
+            });
+        }));
+        self
+    }
+}
+
 struct Inner {
     config: LoadedConfig,
+    clock: Clock,
+    observers: Mutex<Vec<Observer>>,
     bus: Bus,
     readiness: Readiness,
     events: EventDispatcher,
@@ -87,6 +139,7 @@ impl AppContext {
         config: LoadedConfig,
         modules: Vec<ModuleInfo>,
         build: BuildInfo,
+        extras: Extras,
     ) -> anyhow::Result<Self> {
         let storage = Storage::connect(&config.config).await?;
         tracing::info!(
@@ -107,6 +160,8 @@ impl AppContext {
                 #[cfg(feature = "queue")]
                 queue,
                 config,
+                clock: extras.clock,
+                observers: Mutex::new(extras.observers),
                 readiness: Readiness::default(),
                 modules,
                 build,
@@ -120,6 +175,22 @@ impl AppContext {
     /// The typed configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config.config
+    }
+
+    /// The clock the modules read.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// The observers from [`Extras`], once: [`assemble`](crate::assemble) wires them.
+    pub(crate) fn take_observers(&self) -> Vec<Observer> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .observers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     /// The configuration with its layers (for module sections).
@@ -257,6 +328,11 @@ impl ModuleContext {
     /// The module's own section, `[modules.<name>]`, as `C`.
     pub fn config<C: DeserializeOwned>(&self) -> Result<C, ConfigError> {
         self.app.loaded_config().module_section(self.module)
+    }
+
+    /// The clock to read the time from (a test may move it by hand).
+    pub fn clock(&self) -> &Clock {
+        self.app.clock()
     }
 
     /// The configuration profile the server runs with (`dev`, `test`, `production`, ...).

@@ -54,7 +54,7 @@ pub use assembly::{Assembly, MountedApi, assemble, declarations};
 pub use builder::{
     ApiMeta, FactoryResult, Hook, ModuleBuilder, RouteAdder, RouteTable, ServiceBuilder,
 };
-pub use context::{AppContext, BuildInfo, ModuleContext};
+pub use context::{AppContext, BuildInfo, Extras, ModuleContext};
 pub use module::{
     Module, ModuleInfo, ModuleRegistration, RegistryError, registered_modules, resolve,
 };

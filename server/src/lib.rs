@@ -33,7 +33,7 @@ use poem::{
 };
 use tokio::{net::TcpListener, sync::watch, time::Instant};
 use trellis_core::{
-    AppContext, Assembly, BuildInfo, ModuleInfo, assemble, client::TrustedProxies,
+    AppContext, Assembly, BuildInfo, Extras, ModuleInfo, assemble, client::TrustedProxies,
     config::LoadedConfig, metrics, registered_modules,
 };
 use trellis_openapi::{ModulesApi, RecordRoute, RouteIndex, check_conflicts, compiled_apis};
@@ -116,6 +116,12 @@ impl Application {
     /// Resolves the modules, wires them, runs their init hooks, assembles the routes and
     /// binds the listener.
     pub async fn build(config: LoadedConfig) -> anyhow::Result<Self> {
+        Self::build_with(config, Extras::default()).await
+    }
+
+    /// [`Application::build`], with what the caller adds: the clock the modules read and
+    /// observers of the bus and the events (`trellis-testkit` uses it).
+    pub async fn build_with(config: LoadedConfig, extras: Extras) -> anyhow::Result<Self> {
         let modules = registered_modules()?;
         check_conflicts(&compiled_apis())?;
         let infos: Vec<ModuleInfo> = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
@@ -128,7 +134,7 @@ impl Application {
             .enabled
             .then(|| metrics::install(&config.config.metrics))
             .transpose()?;
-        let ctx = AppContext::connect(config, infos, build.clone()).await?;
+        let ctx = AppContext::connect(config, infos, build.clone(), extras).await?;
         let mut assembly = assemble(&modules, &ctx)?;
         assembly.init(&ctx).await?;
 
@@ -258,6 +264,13 @@ impl Application {
     /// The application context.
     pub fn context(&self) -> &AppContext {
         &self.ctx
+    }
+
+    /// What the public listener serves: the whole middleware stack and every route, to
+    /// call in process (no socket) as `trellis-testkit` does. Requests carry no peer
+    /// address unless the caller sets one.
+    pub fn endpoint(&self) -> Arc<BoxEndpoint<'static, Response>> {
+        self.public.endpoint.clone()
     }
 
     /// A handle that stops the server as SIGTERM would.

@@ -10,7 +10,7 @@ use trellis_core::{
     auth::{AuthError, Principal, SUDO},
     bus::Bus,
     client::address_key,
-    clock::now_millis,
+    clock::Clock,
     contracts::{
         AccountError, BootstrapAccount, Bootstrapped, CloseAccount, FindUser, LoginFailed,
         SessionRevoked, UserLoggedIn, VerifyCredentials,
@@ -52,6 +52,7 @@ pub struct Auth {
     repo: AuthRepo,
     bus: Bus,
     signer: Signer,
+    clock: Clock,
     config: AuthConfig,
 }
 
@@ -71,7 +72,8 @@ impl Auth {
                 Duration::from_millis(config.session_cache_ms),
             ),
             bus: ctx.bus().clone(),
-            signer: Signer::new(&config.issuer),
+            signer: Signer::new(&config.issuer, ctx.clock().clone()),
+            clock: ctx.clock().clone(),
             config,
         })
     }
@@ -92,7 +94,7 @@ impl Auth {
             let candidate = STANDARD.encode(rand::random::<[u8; 32]>());
             let (secret, generated) = self
                 .repo
-                .generated_secret(&candidate, now_millis())
+                .generated_secret(&candidate, self.clock.now_millis())
                 .await
                 .context("cannot store or read the generated signing key")?;
             if generated {
@@ -162,7 +164,7 @@ impl Auth {
             }
         };
         self.repo
-            .grant(&user.id, SUPER_ADMIN, now_millis())
+            .grant(&user.id, SUPER_ADMIN, self.clock.now_millis())
             .await
             .context("cannot grant SUPER_ADMIN to the bootstrap administrator")?;
         tracing::info!(user_id = %user.id, "super-administrator ensured");
@@ -222,7 +224,7 @@ impl Auth {
                     .ok()
                     .and_then(|s| s.parse::<i64>().ok())
                     .unwrap_or_default();
-                let retry_after = u64::try_from((until - now_millis() + 999) / 1000)
+                let retry_after = u64::try_from((until - self.clock.now_millis() + 999) / 1000)
                     .unwrap_or(1)
                     .max(1);
                 Err(AuthModuleError::RateLimited { retry_after })
@@ -246,7 +248,7 @@ impl Auth {
             let delay_ms = doubling
                 .saturating_mul(1000)
                 .min(self.config.login_delay_max_ms);
-            let until = now_millis() + i64::try_from(delay_ms).unwrap_or(i64::MAX);
+            let until = self.clock.now_millis() + i64::try_from(delay_ms).unwrap_or(i64::MAX);
             cache
                 .set(
                     &keys.wait,
@@ -317,7 +319,7 @@ impl Auth {
         self.refund(&keys).await;
         keys.remember_address(self).await;
         let session_id = uuid::Uuid::new_v4().to_string();
-        let now_ms = now_millis();
+        let now_ms = self.clock.now_millis();
         let expires_at = now_ms + i64::try_from(self.config.session_ttl_ms).unwrap_or(i64::MAX);
         let address = client.address.map(|a| a.to_string());
         let inserted = self
@@ -356,7 +358,7 @@ impl Auth {
         self.repo
             .insert_refresh(&digest(&refresh_token), session_id, now_ms)
             .await?;
-        let iat = u64::try_from(now_millis() / 1000).unwrap_or_default();
+        let iat = self.clock.now_secs();
         let access_token = self.signer.sign(&Claims {
             sub: user_id.to_owned(),
             sid: session_id.to_owned(),
@@ -376,7 +378,7 @@ impl Auth {
     /// a used one again means it leaked, and the session is revoked.
     pub async fn refresh(&self, token: &str) -> Result<TokenPair, AuthModuleError> {
         let hash = digest(token);
-        let now_ms = now_millis();
+        let now_ms = self.clock.now_millis();
         let row = self
             .repo
             .find_refresh(&hash, now_ms)
@@ -404,7 +406,7 @@ impl Auth {
     ) -> Result<(), AuthModuleError> {
         if self
             .repo
-            .revoke_session(user_id, session_id, now_millis())
+            .revoke_session(user_id, session_id, self.clock.now_millis())
             .await?
         {
             self.bus
@@ -425,7 +427,10 @@ impl Auth {
         except: Option<&str>,
         reason: &'static str,
     ) -> Result<u64, AuthModuleError> {
-        let ids = self.repo.revoke_all(user_id, except, now_millis()).await?;
+        let ids = self
+            .repo
+            .revoke_all(user_id, except, self.clock.now_millis())
+            .await?;
         for session_id in &ids {
             self.bus
                 .publish(SessionRevoked {
@@ -445,7 +450,7 @@ impl Auth {
     ) -> Result<Vec<ListedSession>, AuthModuleError> {
         Ok(self
             .repo
-            .live_sessions(&principal.user_id, now_millis())
+            .live_sessions(&principal.user_id, self.clock.now_millis())
             .await?)
     }
 
@@ -454,7 +459,7 @@ impl Auth {
         let claims = self.signer.verify(token).ok_or(AuthError::InvalidToken)?;
         let live = self
             .repo
-            .live_session(&claims.sid, now_millis())
+            .live_session(&claims.sid, self.clock.now_millis())
             .await
             .map_err(|_| AuthError::Temporarily)?
             .filter(|live| live.user_id == claims.sub)
@@ -517,7 +522,9 @@ impl Auth {
             return Err(AuthModuleError::NotFound("no such user"));
         }
         if granted {
-            self.repo.grant(user_id, role, now_millis()).await?;
+            self.repo
+                .grant(user_id, role, self.clock.now_millis())
+                .await?;
         } else if role == SUPER_ADMIN {
             let tx = self.repo.begin().await?;
             self.repo.lock_super_admins(&tx).await?;
@@ -532,7 +539,10 @@ impl Auth {
             self.repo.revoke_role_in(&tx, user_id, role).await?;
             tx.commit().await?;
         }
-        let sessions = self.repo.live_session_ids(user_id, now_millis()).await?;
+        let sessions = self
+            .repo
+            .live_session_ids(user_id, self.clock.now_millis())
+            .await?;
         self.repo.forget_sessions(&sessions).await;
         tracing::info!(user_id, role, granted, by = %principal.user_id, "role changed");
         Ok(())
@@ -567,7 +577,9 @@ impl Auth {
             {
                 return Ok(false);
             }
-            self.repo.close_account(&tx, &user_id, now_millis()).await?;
+            self.repo
+                .close_account(&tx, &user_id, self.clock.now_millis())
+                .await?;
             Ok::<_, DbError>(true)
         }
         .await?;
@@ -590,7 +602,7 @@ impl Auth {
     /// long ago with no session left. Returns the rows removed.
     pub async fn purge(&self) -> anyhow::Result<u64> {
         let ms = i64::try_from(self.config.purge_after_ms).unwrap_or(i64::MAX);
-        let before = now_millis().saturating_sub(ms);
+        let before = self.clock.now_millis().saturating_sub(ms);
         Ok(self.repo.purge(before).await?)
     }
 

@@ -7,6 +7,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::sync::{Arc, OnceLock};
+use trellis_core::clock::Clock;
 
 /// Access token claims.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,9 +84,11 @@ impl KeyRing {
 /// requests skip the signature and the JSON decoding, which were a fifth of the CPU of an
 /// authenticated read (tests/bench/RESULTS.md). Expiry is checked on every use. Only
 /// accepted tokens are remembered, so a forged or altered token is always checked in full.
+/// Expiry is read from the module's clock.
 #[derive(Clone)]
 pub struct Signer {
     keys: Arc<OnceLock<KeyRing>>,
+    clock: Clock,
     validation: Validation,
     verified: moka::sync::Cache<String, Claims, foldhash::fast::RandomState>,
 }
@@ -96,14 +99,18 @@ pub const VERIFIED_CAPACITY: u64 = 10_000;
 pub const VERIFIED_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Signer {
-    /// A signer accepting only tokens from `issuer`, without keys yet.
-    pub fn new(issuer: &str) -> Self {
+    /// A signer accepting only tokens from `issuer` that have not expired by `clock`,
+    /// without keys yet.
+    pub fn new(issuer: &str, clock: Clock) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[issuer]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
+        // Checked against `clock` below, for every token, remembered or not.
+        validation.validate_exp = false;
         validation.leeway = 5;
         Self {
             keys: Arc::default(),
+            clock,
             validation,
             verified: moka::sync::Cache::builder()
                 .max_capacity(VERIFIED_CAPACITY)
@@ -136,23 +143,25 @@ impl Signer {
     /// another issuer, signed with another algorithm or by a key that is not (or no longer)
     /// in the ring.
     pub fn verify(&self, token: &str) -> Option<Claims> {
+        let now = self.clock.now_secs();
         if let Some(claims) = self.verified.get(token) {
-            return self
-                .unexpired(&claims, jsonwebtoken::get_current_timestamp())
-                .then_some(claims);
+            return self.unexpired(&claims, now).then_some(claims);
         }
         let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
         let key = self.keys.get()?.find(&kid)?;
         let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
             .ok()?
             .claims;
+        if !self.unexpired(&claims, now) {
+            return None;
+        }
         self.verified.insert(token.to_owned(), claims.clone());
         Some(claims)
     }
 }
 
 impl Signer {
-    /// The expiry rule of the full check: refused once `exp` is more than the leeway ago.
+    /// The expiry rule: refused once `exp` is more than the leeway ago.
     fn unexpired(&self, claims: &Claims, now: u64) -> bool {
         claims.exp.saturating_add(self.validation.leeway) >= now
     }
@@ -189,7 +198,7 @@ mod tests {
     }
 
     fn signer_with(issuer: &str, current: &[u8], previous: &[&[u8]]) -> Signer {
-        let signer = Signer::new(issuer);
+        let signer = Signer::new(issuer, Clock::system());
         signer.install(KeyRing::new(
             Key::new(current),
             previous.iter().map(|s| Key::new(s)).collect(),
@@ -209,6 +218,21 @@ mod tests {
         assert_eq!(signer.verify(&claims(10).sub), None, "garbage");
         let expired = signer.sign(&claims(10)).expect("sign");
         assert_eq!(signer.verify(&expired), None, "expired");
+    }
+
+    #[test]
+    fn tokens_expire_by_the_module_clock_remembered_or_not() {
+        let manual = trellis_core::clock::ManualClock::at(1_000_000_000_000);
+        let signer = Signer::new("trellis", manual.clock());
+        signer.install(KeyRing::new(Key::new(&[7; 32]), Vec::new()));
+        let exp = manual.clock().now_secs() + 60;
+        let token = signer.sign(&claims(exp)).expect("sign");
+        assert_eq!(signer.verify(&token), Some(claims(exp)), "fresh");
+        manual.advance(std::time::Duration::from_secs(66));
+        assert_eq!(signer.verify(&token), None, "remembered, but expired");
+        let other = Signer::new("trellis", manual.clock());
+        other.install(KeyRing::new(Key::new(&[7; 32]), Vec::new()));
+        assert_eq!(other.verify(&token), None, "checked in full, expired");
     }
 
     #[test]
@@ -289,7 +313,8 @@ mod tests {
         .expect("sign");
         assert_eq!(signer.verify(&unnamed), None, "no kid");
         assert_eq!(
-            Signer::new("trellis").verify(&signer.sign(&claims(far_future())).expect("sign")),
+            Signer::new("trellis", Clock::system())
+                .verify(&signer.sign(&claims(far_future())).expect("sign")),
             None,
             "no keys installed"
         );

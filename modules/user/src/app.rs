@@ -10,7 +10,7 @@ use trellis_core::{
     ModuleContext,
     auth::Principal,
     bus::{Bus, Request},
-    clock::now_millis,
+    clock::Clock,
     contracts::{
         AccountError, BootstrapAccount, Bootstrapped, CloseAccount, GuardAccount, PasswordChanged,
         RevokeUserSessions, UserDeleted, UserIdentity, UserRegistered, UserUpdated,
@@ -52,6 +52,7 @@ pub struct Users {
     repo: UserRepo,
     bus: Bus,
     hasher: Hasher,
+    clock: Clock,
     config: UserConfig,
 }
 
@@ -68,6 +69,7 @@ impl Users {
             ),
             bus: ctx.bus().clone(),
             hasher: Hasher::new(config.hash_concurrency, config.hash_queue),
+            clock: ctx.clock().clone(),
             config,
         })
     }
@@ -162,7 +164,7 @@ impl Users {
     async fn create(&self, user: NewUser) -> Result<Account, UserError> {
         let id = uuid::Uuid::new_v4().to_string();
         let hash = self.hasher.hash(user.password).await??;
-        let now = now_millis();
+        let now = self.clock.now_millis();
         self.repo
             .insert_user(UserForCreate {
                 id: &id,
@@ -225,7 +227,7 @@ impl Users {
         let fields = changes.fields();
         let row = self
             .repo
-            .update_user(id, &changes, now_millis())
+            .update_user(id, &changes, self.clock.now_millis())
             .await?
             .ok_or(UserError::NotFound)?;
         if !fields.is_empty() {
@@ -248,7 +250,11 @@ impl Users {
             return Err(UserError::NotFound);
         }
         let tx = self.repo.begin().await?;
-        if !self.repo.soft_delete(&tx, id, now_millis()).await? {
+        if !self
+            .repo
+            .soft_delete(&tx, id, self.clock.now_millis())
+            .await?
+        {
             return Err(UserError::NotFound);
         }
         self.ask(CloseAccount {
@@ -283,7 +289,11 @@ impl Users {
         }
         self.check_password(id, current).await?;
         let hash = self.hasher.hash(new).await??;
-        if !self.repo.set_password_hash(id, &hash, now_millis()).await? {
+        if !self
+            .repo
+            .set_password_hash(id, &hash, self.clock.now_millis())
+            .await?
+        {
             return Err(UserError::NotFound);
         }
         if self.bus.handles::<RevokeUserSessions>() {
@@ -315,7 +325,7 @@ impl Users {
     ) -> Result<(Details, i64), UserError> {
         self.get(principal, id).await?;
         self.guard(principal, id).await?;
-        let now = now_millis();
+        let now = self.clock.now_millis();
         self.repo.upsert_details(id, &details, now).await?;
         Ok((details, now))
     }

@@ -3,6 +3,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::helpers::Accounts as _;
 use crate::helpers::{
     ADMIN_EMAIL, ADMIN_PASSWORD, admin, assert_problem, spawn_app, spawn_app_with, violations,
 };

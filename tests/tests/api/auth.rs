@@ -7,6 +7,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::helpers::Accounts as _;
 use crate::helpers::{
     ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, admin, assert_problem, spawn_app, spawn_app_with,
     test_config,

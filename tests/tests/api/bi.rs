@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
+use crate::helpers::Accounts as _;
 use crate::helpers::{TestApp, assert_problem, spawn_app, violations};
 
 const EVENTS: &str = "/api/v1/bi/events";

@@ -6,6 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
+use crate::helpers::Accounts as _;
 use crate::helpers::{TestStorage, spawn_app_on, spawn_app_with};
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::helpers::Accounts as _;
 use crate::helpers::{ADMIN_EMAIL, ADMIN_PASSWORD, TestApp, TestStorage, admin, spawn_app_on};
 
 fn token(tokens: &Value) -> String {

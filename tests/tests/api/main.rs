@@ -2,6 +2,9 @@
 
 mod helpers;
 
+// The `probe` fixture module registers itself only if its crate is linked.
+use trellis_tests as _;
+
 mod accounts;
 mod auth;
 mod bi;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::helpers::Accounts as _;
 use crate::{
     helpers::{TestApp, TestStorage, spawn_app_with},
     process::{free_port, lines, server, terminate, wait_exit, wait_healthy},

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use sha2::Digest as _;
 use trellis_server::Application;
 
+use crate::helpers::Accounts as _;
 use crate::helpers::{TestStorage, assert_problem, spawn_app, spawn_app_with, test_config};
 
 /// The value of `name` in `response`, or "" when absent.
