@@ -52,6 +52,9 @@ for module in common user auth bi; do
   cargo test -q -p "trellis-$module"
 done
 
+step "module generator: generate, build alone and with every module, test, document, remove"
+scripts/check-generator.sh
+
 step "OpenAPI document: redocly lint (recommended rules), no error"
 "${TRELLIS_TOOLS:-$PWD/.run/tools}/redocly/node_modules/.bin/redocly" lint openapi/openapi.json \
   --format stylish

@@ -6,7 +6,8 @@
 //! expected modules, possibly empty), and `TEST_SUBSET_CHECKS`, more checks for builds
 //! without some backends (comma-separated): `creates-nothing` (started in an empty folder,
 //! the server leaves it empty) and `no-postgres` (a PostgreSQL URL stops start-up naming
-//! the feature). It is ignored in a plain `cargo test`.
+//! the feature). `TEST_SUBSET_OPERATIONS` (`module=opA,opB`), when set, names exactly
+//! the operations one module documents. It is ignored in a plain `cargo test`.
 
 use std::{
     collections::BTreeSet,
@@ -42,6 +43,20 @@ async fn binary_serves_exactly_the_selected_modules() {
         }
     }
     assert_eq!(tags, expected, "modules with operations in the document");
+    // `module=opA,opB`: exactly these operations are the module's.
+    if let Ok(spec) = std::env::var("TEST_SUBSET_OPERATIONS") {
+        let (module, operations) = spec.split_once('=').expect("module=op,op");
+        let expected: BTreeSet<&str> = operations.split(',').collect();
+        let documented: BTreeSet<&str> = doc["paths"]
+            .as_object()
+            .into_iter()
+            .flat_map(|p| p.values())
+            .flat_map(|item| item.as_object().into_iter().flat_map(|o| o.values()))
+            .filter(|op| op["tags"][0] == module)
+            .filter_map(|op| op["operationId"].as_str())
+            .collect();
+        assert_eq!(documented, expected, "the operations of `{module}`");
+    }
 
     // The running server.
     let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
