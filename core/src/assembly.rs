@@ -422,4 +422,23 @@ mod tests {
         manual.advance(Duration::from_secs(3));
         assert_eq!(mctx.clock().now_millis(), 8_000);
     }
+
+    struct Noted(u32);
+    impl crate::events::Event for Noted {
+        const NAME: &'static str = "noted";
+    }
+
+    #[tokio::test]
+    async fn an_events_observer_is_handed_every_emitted_event() {
+        let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let extras = Extras::default().observe_events(move |event: Arc<Noted>| {
+            let _ = sender.send(event.0);
+        });
+        let (ctx, _events) = context_with(&[], LoadedConfig::defaults(), extras).await;
+        assemble(&[], &ctx).expect("assembles");
+
+        ctx.events().emit(Noted(3)).await.expect("accepted");
+        let seen = tokio::time::timeout(Duration::from_secs(5), received.recv()).await;
+        assert_eq!(seen, Ok(Some(3)));
+    }
 }

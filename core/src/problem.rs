@@ -34,7 +34,8 @@ pub const PROBLEM_TYPE_PREFIX: &str = "urn:trellis:problem:";
 /// One offending input, named by where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Object)]
 pub struct FieldViolation {
-    /// Where the offending value was: `body`, `path`, `query` or `header`.
+    /// Where the offending value was: `body`, `path`, or `parameter` (a query or header
+    /// parameter: the parser does not say which).
     pub location: String,
     /// The field: a JSON pointer into the body (`/email`, `/events/3/name`) or the parameter name.
     pub field: String,
@@ -43,7 +44,7 @@ pub struct FieldViolation {
 }
 
 impl FieldViolation {
-    /// A violation at `location` (`body`, `path`, `query`, `header`) for `field`.
+    /// A violation at `location` (`body`, `path`, `parameter`) for `field`.
     pub fn new(
         location: impl Into<String>,
         field: impl Into<String>,

@@ -205,7 +205,7 @@ pub struct Problem {
 /// One field's refusal in a problem's `errors`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
-    /// `body`, `query`, `path` or `header`.
+    /// `body`, `path` or `parameter` (a query or header parameter).
     pub location: String,
     /// The field's name (a JSON pointer into a body).
     pub field: String,
