@@ -58,6 +58,26 @@ impl FieldViolation {
     }
 }
 
+/// Collects the violations of a request body while it is parsed into domain values field
+/// by field, so the client hears about every offending field at once (the validation
+/// recipe in docs/modules.md).
+#[derive(Debug, Default)]
+pub struct Violations(pub Vec<FieldViolation>);
+
+impl Violations {
+    /// Keeps the value, or records the message against the body's `field` (`/field`).
+    pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(message) => {
+                self.0
+                    .push(FieldViolation::new("body", format!("/{field}"), message));
+                None
+            }
+        }
+    }
+}
+
 /// An RFC 9457 problem details object.
 #[derive(Debug, Clone, PartialEq, Object)]
 #[oai(skip_serializing_if_is_none)]

@@ -11,13 +11,12 @@ use trellis_core::{
     client::client_address,
     clock::{Timestamp, timestamp},
     payload::JsonBody,
+    problem::Violations,
 };
 
 use crate::{
     app::{CurrentPassword, Page, Users},
-    domain::{
-        Account, Details, Email, NewUser, Password, PersonName, UserChanges, UtmValue, Violations,
-    },
+    domain::{Account, Details, Email, NewUser, Password, PersonName, UserChanges, UtmValue},
     error::UserError,
 };
 

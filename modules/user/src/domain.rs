@@ -3,7 +3,6 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use trellis_core::problem::FieldViolation;
 
 /// A normalised (trimmed, lower-case) e-mail address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,24 +175,6 @@ pub struct Details {
     pub medium: Option<String>,
     /// `utm_content`.
     pub content: Option<String>,
-}
-
-/// Collects violations while parsing several fields, so the client hears about all of them.
-#[derive(Debug, Default)]
-pub struct Violations(pub Vec<FieldViolation>);
-
-impl Violations {
-    /// Keeps the value, or records the message against `field`.
-    pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
-        match result {
-            Ok(value) => Some(value),
-            Err(message) => {
-                self.0
-                    .push(FieldViolation::new("body", format!("/{field}"), message));
-                None
-            }
-        }
-    }
 }
 
 #[cfg(test)]

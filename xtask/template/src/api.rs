@@ -9,11 +9,12 @@ use poem_openapi::{
 use trellis_core::{
     clock::{Timestamp, timestamp},
     payload::JsonBody,
+    problem::Violations,
 };
 
 use crate::{
     app::Items,
-    domain::{Item, NewItem, Title, Violations},
+    domain::{Item, NewItem, Title},
     error::{{Name}}Error,
 };
 

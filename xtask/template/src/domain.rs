@@ -1,8 +1,6 @@
 //! The module's values, valid by construction: the API parses a request into them once,
 //! and the service only ever sees valid ones.
 
-use trellis_core::problem::FieldViolation;
-
 /// The longest title, in characters.
 pub const TITLE_MAX: usize = 200;
 
@@ -59,26 +57,10 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-/// Every field that failed to parse, named by its JSON pointer.
-#[derive(Debug, Default)]
-pub struct Violations(pub Vec<FieldViolation>);
-
-impl Violations {
-    /// Keeps the value, or records the message against the body's `field`.
-    pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
-        match result {
-            Ok(value) => Some(value),
-            Err(message) => {
-                self.0
-                    .push(FieldViolation::new("body", format!("/{field}"), message));
-                None
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use trellis_core::problem::Violations;
+
     use super::*;
 
     #[test]
