@@ -58,6 +58,12 @@ for common in "" common; do
     done
   done
 done
+# Other drivers than SQLite: PostgreSQL alone, and Redis without the rest (the default
+# build has every backend, SQS included).
+for features in common,user,auth,postgres common,user,sqlite,redis; do
+  echo "features [$features]"
+  cargo check -q -p trellis-server --no-default-features --features "$features"
+done
 
 step "feature subsets: the common-only server links no AWS SDK, Redis or sqlx crate"
 if cargo tree -p trellis-server --no-default-features --features common -e normal --prefix none \

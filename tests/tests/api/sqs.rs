@@ -224,7 +224,9 @@ async fn events_wait_out_an_sqs_outage_and_a_full_queue_answers_503() {
     let consumer = sqs.consume();
     let mut settings = sqs.settings();
     settings.extend([
-        ("mq.sqs.timeout_ms", json!(1000)),
+        // Above moto's own pace with a backlog (a call takes seconds with 2,000 messages
+        // queued), so that only the pause times a send out.
+        ("mq.sqs.timeout_ms", json!(5000)),
         ("events.queue_capacity", json!(300)),
         ("events.full_policy", json!("reject")),
         ("mq.buffer", json!(100)),
