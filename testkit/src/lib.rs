@@ -100,14 +100,19 @@ impl<T: Clone> Captured<T> {
     /// Waits up to five seconds for at least `count` items (events and detached
     /// subscribers run after the request that caused them), then answers them all.
     pub async fn wait_for(&self, count: usize) -> Vec<T> {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let all = self.all();
-            if all.len() >= count || tokio::time::Instant::now() >= deadline {
-                return all;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        at_least(count, || self.all()).await
+    }
+}
+
+/// What `read` answers once it holds at least `count` items, or after five seconds.
+async fn at_least<T>(count: usize, read: impl Fn() -> Vec<T>) -> Vec<T> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let all = read();
+        if all.len() >= count || tokio::time::Instant::now() >= deadline {
+            return all;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
@@ -244,6 +249,12 @@ impl TestApp {
     /// What the message queue's file backend holds, from all its files.
     pub fn queued(&self) -> Vec<Value> {
         self.storage.written_events()
+    }
+
+    /// What the file backend holds once it holds at least `count` messages (they are
+    /// written after the request that accepted them), or after five seconds.
+    pub async fn wait_for_queued(&self, count: usize) -> Vec<Value> {
+        at_least(count, || self.queued()).await
     }
 
     /// `http://addr{path}`.

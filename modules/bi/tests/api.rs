@@ -1,26 +1,12 @@
 //! The bi module through the test kit: accepted events reach the message queue once each,
 //! refused batches name the offending event and leave nothing behind.
 
-use std::time::Duration;
-
 use poem::http::Method;
 use serde_json::{Value, json};
 use trellis_bi as _;
 use trellis_testkit::TestApp;
 
 const EVENTS: &str = "/api/v1/bi/events";
-
-/// What the queue's files hold once they hold at least `count` messages (five seconds).
-async fn queued(app: &TestApp, count: usize) -> Vec<Value> {
-    for _ in 0..500 {
-        let queued = app.queued();
-        if queued.len() >= count {
-            return queued;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    app.queued()
-}
 
 #[tokio::test]
 async fn an_accepted_batch_reaches_the_queue_once_each_with_its_ids() {
@@ -42,7 +28,7 @@ async fn an_accepted_batch_reaches_the_queue_once_each_with_its_ids() {
         .collect();
     assert_eq!(ids.len(), 2, "{answer}");
 
-    let queued = queued(&app, 2).await;
+    let queued = app.wait_for_queued(2).await;
     let mut seen: Vec<&str> = queued.iter().filter_map(|m| m["id"].as_str()).collect();
     seen.sort_unstable();
     let mut expected = ids.clone();
@@ -73,6 +59,6 @@ async fn a_refused_batch_names_the_offending_event_and_queues_nothing() {
         .send()
         .await
         .expect_json::<Value>(202);
-    let queued = queued(&app, 1).await;
+    let queued = app.wait_for_queued(1).await;
     assert_eq!(queued.len(), 1, "only the accepted event: {queued:?}");
 }
