@@ -101,7 +101,10 @@ step "fault tests: Redis outage and PostgreSQL restart under load"
 pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" \
   cargo test -p trellis-tests --test api faults -- --ignored --test-threads=1 --nocapture
 
-step "BI events through SQS (moto): exactly once, outage, SIGTERM, hostile input"
+step "a full disk: the spool and the event files on a 2 MiB tmpfs"
+cargo test -p trellis-tests --test api durability::a_full_disk -- --ignored --nocapture
+
+step "BI events through SQS (moto): exactly once, outage, SIGTERM, SIGKILL, hostile input"
 pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" \
   cargo test -p trellis-tests --test api sqs -- --ignored --test-threads=1 --nocapture
 

@@ -541,8 +541,12 @@ pub enum FullPolicy {
 pub struct MqConfig {
     /// `file` (newline-delimited JSON under `mq.file.directory`) or `sqs`.
     pub backend: MqBackend,
-    /// Messages buffered in memory in front of the backend; when full, publishing waits
-    /// (and the event dispatcher's full-queue policy applies upstream).
+    /// `disk`: a message is in the spool (`mq.spool`, synced to disk) before publishing
+    /// returns, and survives a crash. `memory`: it waits in a memory buffer of `buffer`
+    /// messages, and a crash loses what the buffer held.
+    pub durability: Durability,
+    /// With `durability = "memory"`: messages buffered in front of the backend; when full,
+    /// publishing is refused (503 to the client).
     pub buffer: usize,
     /// Batches being sent at once.
     pub concurrency: usize,
@@ -553,6 +557,8 @@ pub struct MqConfig {
     pub retry_backoff_max_ms: u64,
     /// At shutdown, how long delivering the buffered messages may take.
     pub drain_timeout_ms: u64,
+    /// The spool (with `durability = "disk"`).
+    pub spool: SpoolConfig,
     /// The `file` backend.
     pub file: FileMqConfig,
     /// The `sqs` backend.
@@ -563,11 +569,13 @@ impl Default for MqConfig {
     fn default() -> Self {
         Self {
             backend: MqBackend::File,
+            durability: Durability::Disk,
             buffer: 10_000,
             concurrency: 4,
             retry_backoff_ms: 100,
             retry_backoff_max_ms: 5_000,
             drain_timeout_ms: 30_000,
+            spool: SpoolConfig::default(),
             file: FileMqConfig::default(),
             sqs: SqsConfig::default(),
         }
@@ -582,6 +590,40 @@ pub enum MqBackend {
     File,
     /// Amazon SQS or a compatible server.
     Sqs,
+}
+
+/// Where published messages wait for the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// In the spool, on disk, before publishing returns: a crash loses nothing published.
+    Disk,
+    /// In memory: a crash loses what was published and not yet delivered.
+    Memory,
+}
+
+/// `[mq.spool]`: the message queue's log on disk (`durability = "disk"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// The folder (one instance each): segment files and the delivery checkpoint.
+    pub directory: PathBuf,
+    /// Size from which the next write starts a new segment file; a segment is removed
+    /// once everything in it was delivered.
+    pub segment_bytes: u64,
+    /// Bytes published and not yet delivered, at most; past it publishing is refused
+    /// (503 with `Retry-After` to the client) until the backend catches up.
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            directory: PathBuf::from("data/spool"),
+            segment_bytes: 64 * 1024 * 1024,
+            max_bytes: 1024 * 1024 * 1024,
+        }
+    }
 }
 
 /// `[mq.file]`.
@@ -896,6 +938,13 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     }
     if file.max_files == 0 {
         problems.push("`mq.file.max_files`: must be at least 1".into());
+    }
+    if mq.spool.segment_bytes == 0 || mq.spool.max_bytes < mq.spool.segment_bytes {
+        problems.push(
+            "`mq.spool.segment_bytes` and `mq.spool.max_bytes`: the segment must be greater \
+             than 0 and at most `max_bytes`"
+                .into(),
+        );
     }
     let buckets = &config.metrics.latency_buckets;
     if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) {

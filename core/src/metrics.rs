@@ -75,6 +75,16 @@ pub const MQ_SEND_DURATION_SECONDS: &str = "mq_send_duration_seconds";
 pub const MQ_UP: &str = "mq_up";
 /// Rotated event files the file backend removed at its limits.
 pub const MQ_FILES_REMOVED_TOTAL: &str = "mq_files_removed_total";
+/// Bytes in the spool not yet delivered.
+pub const MQ_SPOOL_BYTES: &str = "mq_spool_bytes";
+/// Syncs of the spool (one per group commit).
+pub const MQ_SPOOL_SYNCS_TOTAL: &str = "mq_spool_syncs_total";
+/// Bytes written to the spool.
+pub const MQ_SPOOL_WRITTEN_BYTES_TOTAL: &str = "mq_spool_written_bytes_total";
+/// Spool writes that failed (a full disk, an I/O error).
+pub const MQ_SPOOL_WRITE_ERRORS_TOTAL: &str = "mq_spool_write_errors_total";
+/// Damaged spool bytes skipped when reading.
+pub const MQ_SPOOL_CORRUPT_BYTES_TOTAL: &str = "mq_spool_damaged_bytes_total";
 /// Bus subscriber duration histogram, by message, module and outcome (`ok`, `panicked`).
 pub const BUS_SUBSCRIBER_DURATION_SECONDS: &str = "bus_subscriber_duration_seconds";
 /// Publishers that stopped waiting for a subscriber (`bus.subscriber_timeout_ms`), by
@@ -251,6 +261,29 @@ fn describe() {
     describe_gauge!(
         MQ_UP,
         "1 while the queue backend accepts messages, 0 while sends fail, by backend."
+    );
+    describe_gauge!(
+        MQ_SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes in the message queue's spool not yet delivered (mq.spool.max_bytes bounds it)."
+    );
+    describe_counter!(
+        MQ_SPOOL_SYNCS_TOTAL,
+        "Syncs of the spool to disk; concurrent publishers share one (group commit)."
+    );
+    describe_counter!(
+        MQ_SPOOL_WRITTEN_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes written to the spool (frames: 12 bytes plus the id and the body per message)."
+    );
+    describe_counter!(
+        MQ_SPOOL_WRITE_ERRORS_TOTAL,
+        "Spool writes that failed (full disk, I/O error); their publishers were refused."
+    );
+    describe_counter!(
+        MQ_SPOOL_CORRUPT_BYTES_TOTAL,
+        Unit::Bytes,
+        "Damaged spool bytes skipped while reading (logged with their place)."
     );
     describe_counter!(
         MQ_FILES_REMOVED_TOTAL,

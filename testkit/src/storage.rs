@@ -1,11 +1,11 @@
-//! [`TestStorage`]: a database, a cache prefix and a message-queue folder of one test's own.
+//! [`TestStorage`]: a database, a cache prefix and message-queue folders of one test's own.
 
 use std::path::PathBuf;
 
 use serde_json::Value;
 
-/// Isolated storage for one test: a SQLite file and the message queue's files in a
-/// folder of its own, and the in-process cache. When `TEST_POSTGRES_URL` or
+/// Isolated storage for one test: a SQLite file and the message queue's spool and files
+/// in a folder of its own, and the in-process cache. When `TEST_POSTGRES_URL` or
 /// `TEST_REDIS_URL` name servers (scripts/test.sh starts them) and the kit is built with
 /// `postgres` or `redis`, a fresh PostgreSQL database and a Redis key prefix of its own.
 pub struct TestStorage {
@@ -23,8 +23,12 @@ impl TestStorage {
             Some(admin) => create_postgres_database(&admin, &format!("t_{id}")).await,
             None => format!("sqlite://{}/trellis.db", dir.path().display()),
         };
-        let events = dir.path().join("events").display().to_string();
-        let mut settings = vec![("database.url", database), ("mq.file.directory", events)];
+        let folder = |name: &str| dir.path().join(name).display().to_string();
+        let mut settings = vec![
+            ("database.url", database),
+            ("mq.file.directory", folder("events")),
+            ("mq.spool.directory", folder("spool")),
+        ];
         if let Some(redis) = std::env::var("TEST_REDIS_URL")
             .ok()
             .filter(|_| cfg!(feature = "redis"))
@@ -44,11 +48,11 @@ impl TestStorage {
     }
 
     /// The same database and cache for a second server (an instance beside the first);
-    /// the message queue's files go to a folder of its own.
+    /// the message queue's spool and files go to folders of its own.
     pub async fn sharing(&self) -> Self {
         let mut other = Self::new().await;
         for (key, value) in &mut other.settings {
-            if *key != "mq.file.directory"
+            if !key.starts_with("mq.")
                 && let Some((_, shared)) = self.settings.iter().find(|(k, _)| k == key)
             {
                 value.clone_from(shared);

@@ -53,6 +53,7 @@ REDIS = os.environ.get("TEST_REDIS_URL")
 PSQL = "/usr/lib/postgresql/15/bin/psql"
 NGINX = "/usr/sbin/nginx"
 SHARED_NAME = "trellis, PostgreSQL + Redis"
+MEMORY_NAME = "trellis, mq.durability = memory"
 PROXY_NAME = "nginx, two instances (PostgreSQL + Redis)"
 
 
@@ -157,6 +158,14 @@ def fmt(values, digits=0):
     return f"{med:,.{digits}f} ({lo:,.{digits}f}–{hi:,.{digits}f})"
 
 
+def metric(server, name):
+    """The sum of a metric's series on `server`'s /metrics."""
+    with urllib.request.urlopen(server.url("/metrics")) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if re.match(rf"{re.escape(name)}(\{{| )", line))
+
+
 def post_json(url, body, token=None):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"content-type": "application/json"})
@@ -172,6 +181,7 @@ def trellis_env(port, data):
         "TRELLIS_DATABASE__URL": f"sqlite://{data}/trellis.db",
         # A folder per server: the file backend locks its own.
         "TRELLIS_MQ__FILE__DIRECTORY": f"{data}/events",
+        "TRELLIS_MQ__SPOOL__DIRECTORY": f"{data}/spool",
         # The login scenario logs in from one address as fast as it can, 64 at a time: an
         # attempt holds its share of the login budgets until it succeeds.
         "TRELLIS_MODULES__AUTH__LOGIN_FAILURES_PER_PAIR": "1000000000",
@@ -290,6 +300,9 @@ def main():
         quiet_data = work / f"data-quiet-{index}"
         quiet_data.mkdir()
         quieter.append(start_trellis(18184 + index, quiet_data, work, name, extra_env))
+    memory_data = work / "data-memory"
+    memory_data.mkdir()
+    memory = start_trellis(18189, memory_data, work, MEMORY_NAME, {"TRELLIS_MQ__DURABILITY": "memory"})
     token = token_for(trellis, "bench@example.com")
     auth = [f"Authorization: Bearer {token}"]
     previous, previous_auth = None, []
@@ -333,7 +346,8 @@ def main():
                       f"wrk.body = [=[{json.dumps(events)}]=]\n")
 
     results = {}
-    bi_runs = []
+    bi_runs, bi_memory_runs = [], []
+    spool = {"syncs": 0.0, "bytes": 0.0, "events": 0, "seconds": 0.0}
     for round_ in range(ROUNDS):
         for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
             servers = (trellis, poem, openapi, *quieter) if scenario == "healthz" else (trellis, poem, openapi)
@@ -349,10 +363,21 @@ def main():
                 results.setdefault((scenario, server.name), []).append(r)
         log(f"round {round_ + 1}/{ROUNDS}: BI ingest, batches of {BI_BATCH}, on trellis")
         settle(trellis.proc.pid)
+        syncs, written = metric(trellis, "mq_spool_syncs_total"), metric(trellis, "mq_spool_written_bytes_total")
         r = wrk(trellis.url("/api/v1/bi/events"), script=bi_lua)
         if r["non2xx"] or r["socket_errors"]:
             log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
         bi_runs.append(r)
+        spool["syncs"] += metric(trellis, "mq_spool_syncs_total") - syncs
+        spool["bytes"] += metric(trellis, "mq_spool_written_bytes_total") - written
+        spool["events"] += (r["requests"] - r["non2xx"]) * BI_BATCH
+        spool["seconds"] += DURATION
+        log(f"round {round_ + 1}/{ROUNDS}: BI ingest, batches of {BI_BATCH}, on {MEMORY_NAME}")
+        settle(memory.proc.pid)
+        r = wrk(memory.url("/api/v1/bi/events"), script=bi_lua)
+        if r["non2xx"] or r["socket_errors"]:
+            log(f"  warning: {r['non2xx']} non-2xx, socket errors: {r['socket_errors']}")
+        bi_memory_runs.append(r)
         if proxy:
             log(f"round {round_ + 1}/{ROUNDS}: BI ingest, batches of {BI_BATCH}, through nginx")
             settle(trellis.proc.pid)
@@ -381,7 +406,7 @@ def main():
         previous_login = (r, (cpu1 - cpu0) / n * 1000 if n else float("nan"))
 
     rss_after = rss_mib(trellis.proc.pid)
-    for s in (poem, openapi, *quieter, *((previous,) if previous else ()),
+    for s in (poem, openapi, memory, *quieter, *((previous,) if previous else ()),
               *((shared, proxy, *instances) if shared else ())):
         s.stop()
 
@@ -405,7 +430,8 @@ def main():
 
     bi_events = count_events(work / "data" / "events")
     write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, total,
-                  bi_runs, bi_events, load_before, load_after, started, previous_login)
+                  (bi_runs, bi_memory_runs, spool), bi_events, load_before, load_after, started,
+                  previous_login)
     shutil.rmtree(work, ignore_errors=True)
     log(f"results written to {RESULTS}")
 
@@ -417,7 +443,8 @@ def count_events(directory):
 
 
 def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, users,
-                  bi_runs, bi_events, load_before, load_after, started, previous_login=None):
+                  bi, bi_events, load_before, load_after, started, previous_login=None):
+    bi_runs, bi_memory_runs, spool = bi
     def rps(scenario, server):
         return [r["rps"] for r in results[(scenario, server)]]
 
@@ -437,6 +464,11 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
     bi_rates = [r["ok_rps"] * BI_BATCH for r in bi_runs]
     bi_accepted = sum((r["requests"] - r["non2xx"]) * BI_BATCH for r in bi_runs)
     bi_rate = statistics.median(bi_rates)
+    bi_memory_rates = [r["ok_rps"] * BI_BATCH for r in bi_memory_runs]
+    durable_vs_memory = bi_rate / statistics.median(bi_memory_rates)
+    syncs_per_second = spool["syncs"] / spool["seconds"]
+    bytes_per_event = spool["bytes"] / spool["events"] if spool["events"] else float("nan")
+    events_per_sync = spool["events"] / spool["syncs"] if spool["syncs"] else float("nan")
 
     def verdict(ok):
         return "met" if ok else "**missed**"
@@ -483,7 +515,8 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"| authenticated `GET /api/v1/users/me`, req/s vs bare poem-openapi | ≥ 0.90 × | {me_vs_openapi:.2f} × | {verdict(me_vs_openapi >= 0.9)} |",
         f"| p99 latency at 64 connections, `/healthz` vs bare poem | ≤ 1.5 × | {p99_vs_poem:.2f} × | {verdict(p99_vs_poem <= 1.5)} |",
         f"| p99 latency at 64 connections, `/api/v1/users/me` vs bare poem | ≤ 1.5 × | {me_p99_vs_poem:.2f} × | {verdict(me_p99_vs_poem <= 1.5)} |",
-        f"| BI ingest, events/s accepted (embedded default, batches of {BI_BATCH}) | ≥ 250,000 | {fmt(bi_rates)} | {verdict(bi_rate >= 250_000)} |",
+        f"| BI ingest, events/s accepted (embedded default, on disk before the 202, batches of {BI_BATCH}) | ≥ 200,000 | {fmt(bi_rates)} | {verdict(bi_rate >= 200_000)} |",
+        f"| BI ingest, on disk (`mq.durability = disk`) vs in memory, same run | ≥ 0.80 × | {durable_vs_memory:.2f} × | {verdict(durable_vs_memory >= 0.8)} |",
         f"| start to first 200, embedded default | ≤ 100 ms | {fmt(startup, 1)} ms | {verdict(startup_ms <= 100)} |",
         f"| RSS idle / after the load | ≤ 32 MB / ≤ 96 MB | {rss_idle:.1f} MiB / {rss_after:.1f} MiB | {verdict(rss_idle <= 32 and rss_after <= 96)} |",
         f"| authenticated read, {users:,} users vs ~1,000 | ≥ 0.9 × | {large_vs_small:.2f} × | {verdict(large_vs_small >= 0.9)} |",
@@ -525,6 +558,13 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"(202), p99 {fmt([r['p99_ms'] for r in bi_runs], 1)} ms. {bi_accepted:,} events were accepted "
         f"in all (wrk counts completed requests); the event files hold {bi_events:,} client events "
         "after the server stopped.",
+        "",
+        f"Each of them was in the spool and synced before its 202: {syncs_per_second:,.0f} syncs/s "
+        f"(`fdatasync`, one per group commit: {events_per_sync:,.0f} events per sync), "
+        f"{bytes_per_event:,.0f} bytes written to the spool per event (counted by "
+        "`mq_spool_syncs_total` and `mq_spool_written_bytes_total` around each run). The same build "
+        f"with `mq.durability = memory` (a crash loses its buffer) accepted {fmt(bi_memory_rates)} "
+        f"events/s in the same rounds: {durable_vs_memory:.2f} ×.",
         "",
         "## Authenticated read and table size",
         "",

@@ -6,8 +6,9 @@
 //! a full live file within `mq.file.max_total_bytes`, so a flood of events cannot fill the
 //! disk. Each removal is logged with the file's name and size and counted
 //! (`mq_files_removed_total`); readiness reports the queue degraded from 90 % of the total
-//! on. Each piece of a batch is written with one `write` and flushed to the operating
-//! system; the file is synced at rotation and at close.
+//! on. Each piece of a batch is written with one `write` and synced (`fdatasync`) before
+//! the batch counts as delivered; a write or sync that fails (a full disk) is cut off the
+//! file again, so the file never holds a cut line, and the batch is sent again later.
 //!
 //! One instance per folder: the backend holds an exclusive lock on `<directory>/.lock`
 //! (`flock`) from start to close, and a second instance given the same folder refuses to
@@ -16,7 +17,8 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{Read as _, Seek as _, SeekFrom, Write as _},
+    io::Write as _,
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -27,7 +29,6 @@ use super::{BatchLimits, EntryFailure, OutboundMessage, Transport};
 use crate::{config::FileMqConfig, metrics::MQ_FILES_REMOVED_TOTAL};
 
 const LIVE: &str = "events.ndjson";
-const LOCK: &str = ".lock";
 
 /// Disk use, as a share of `max_total_bytes`, from which readiness reports degraded.
 const NEAR_FULL_PERCENT: u64 = 90;
@@ -56,7 +57,7 @@ struct LiveFile {
 impl FileTransport {
     /// Creates the folder if needed, locks it and opens the live file for appending.
     pub fn open(config: &FileMqConfig) -> anyhow::Result<Self> {
-        let lock = lock_folder(&config.directory)?;
+        let lock = super::lock_folder(&config.directory, "mq.file.directory")?;
         let mut live = LiveFile {
             directory: config.directory.clone(),
             max_bytes: config.max_file_bytes,
@@ -85,70 +86,81 @@ impl FileTransport {
 }
 
 impl LiveFile {
-    /// Opens the live file for appending; a line cut short by an earlier failure is ended.
+    /// Opens the live file for appending. A line cut short by a crash was never
+    /// acknowledged (a batch counts once it is written whole and synced): it is removed,
+    /// and the message is sent again.
     fn reopen(&mut self) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.directory)?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(self.directory.join(LIVE))?;
-        let mut size = file.metadata()?.len();
-        if size > 0 {
-            let mut last = [0u8; 1];
-            file.seek(SeekFrom::End(-1))?;
-            file.read_exact(&mut last)?;
-            if last[0] != b'\n' {
-                file.write_all(b"\n")?;
-                size += 1;
-            }
+        let size = file.metadata()?.len();
+        let whole = whole_lines(&file, size)?;
+        if whole < size {
+            tracing::warn!(
+                file = %self.directory.join(LIVE).display(),
+                bytes = size - whole,
+                "a line cut short (never acknowledged) removed from the end of the event file"
+            );
+            file.set_len(whole)?;
+            file.sync_all()?;
         }
         self.file = Some(file);
-        self.size = size;
+        self.size = whole;
         Ok(())
     }
 
-    /// Appends whole lines, rotating between two lines whenever the next piece would
-    /// pass `max_bytes`; a single line longer than that goes alone into a fresh file.
-    fn append(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        while !data.is_empty() {
-            let room =
-                usize::try_from(self.max_bytes.saturating_sub(self.size)).unwrap_or(usize::MAX);
-            let mut piece = if data.len() <= room {
-                data.len()
-            } else {
-                data[..room]
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |end| end + 1)
-            };
-            if piece == 0 {
-                if self.size > 0 {
-                    self.rotate()?;
-                    continue;
+    /// Appends the lines of `data` (`ends`: the offset after each line's newline),
+    /// rotating between two lines whenever the next would pass `max_bytes` (a single line
+    /// longer than that goes alone into a fresh file), and syncs them. Answers how many
+    /// lines are stored, and the error that stopped the rest: what was written of those
+    /// is cut off again, so the file still ends with a whole line.
+    fn append(&mut self, data: &[u8], ends: &[usize]) -> (usize, Option<std::io::Error>) {
+        let mut stored = 0;
+        let mut piece_start = 0;
+        for (line, &end) in ends.iter().enumerate() {
+            let start = if line == 0 { 0 } else { ends[line - 1] };
+            let held = self.size + (start - piece_start) as u64;
+            if held > 0 && held + (end - start) as u64 > self.max_bytes {
+                if let Err(error) = self.commit(&data[piece_start..start]) {
+                    return (stored, Some(error));
                 }
-                piece = data
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(data.len(), |end| end + 1);
+                stored = line;
+                piece_start = start;
+                if let Err(error) = self.rotate() {
+                    return (stored, Some(error));
+                }
             }
-            self.write(&data[..piece])?;
-            data = &data[piece..];
         }
-        Ok(())
+        match self.commit(&data[piece_start..]) {
+            Ok(()) => (ends.len(), None),
+            Err(error) => (stored, Some(error)),
+        }
     }
 
-    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+    /// Writes `data` at the end of the live file and syncs it; on failure cuts it off.
+    fn commit(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         if self.file.is_none() {
             self.reopen()?;
         }
         let file = self.file.as_mut().ok_or(std::io::ErrorKind::NotFound)?;
-        if let Err(error) = file.write_all(data).and_then(|()| file.flush()) {
-            self.file = None;
-            return Err(error);
+        match file.write_all(data).and_then(|()| file.sync_data()) {
+            Ok(()) => {
+                self.size += data.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                if file.set_len(self.size).is_err() {
+                    self.file = None;
+                }
+                Err(error)
+            }
         }
-        self.size += data.len() as u64;
-        Ok(())
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
@@ -216,31 +228,20 @@ impl LiveFile {
     }
 }
 
-/// Takes the folder's exclusive lock, or says which instance setting to change.
-fn lock_folder(directory: &Path) -> anyhow::Result<File> {
-    let path = directory.join(LOCK);
-    let opened = std::fs::create_dir_all(directory).and_then(|()| {
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-    });
-    let file = opened
-        .map_err(|e| anyhow::anyhow!("`mq.file.directory`: cannot open {}: {e}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
-            "`mq.file.directory`: {} is in use by another running instance (it holds {}); \
-             give each instance a folder of its own",
-            directory.display(),
-            path.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!(
-            "`mq.file.directory`: cannot lock {}: {e}",
-            path.display()
-        )),
+/// The length of `file`'s first `size` bytes up to and with its last newline.
+fn whole_lines(file: &File, size: u64) -> std::io::Result<u64> {
+    let mut chunk = vec![0; 64 * 1024];
+    let mut end = size;
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let piece = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(piece, start)?;
+        if let Some(newline) = piece.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + newline as u64 + 1);
+        }
+        end = start;
     }
+    Ok(0)
 }
 
 /// The rotated event files under `directory` with their sizes, oldest first.
@@ -312,22 +313,34 @@ impl Transport for FileTransport {
         batch: &'a [OutboundMessage],
     ) -> BoxFuture<'a, Result<Vec<EntryFailure>, String>> {
         let mut data = Vec::with_capacity(batch.iter().map(|m| m.body.len() + 1).sum());
+        let mut ends = Vec::with_capacity(batch.len());
         for message in batch {
             data.extend_from_slice(message.body.as_bytes());
             data.push(b'\n');
+            ends.push(data.len());
         }
         let state = self.state.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
+            let (stored, error) = tokio::task::spawn_blocking(move || {
                 state
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .append(&data)
+                    .append(&data, &ends)
             })
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-            Ok(Vec::new())
+            match error {
+                None => Ok(Vec::new()),
+                Some(error) if stored == 0 => Err(error.to_string()),
+                // The lines before the error are stored; the rest are sent again.
+                Some(error) => Ok((stored..batch.len())
+                    .map(|index| EntryFailure {
+                        index,
+                        retryable: true,
+                        reason: error.to_string(),
+                    })
+                    .collect()),
+            }
         })
     }
 
@@ -410,7 +423,7 @@ mod tests {
         let mut numbers = Vec::new();
         for entry in std::fs::read_dir(directory).expect("folder") {
             let entry = entry.expect("entry");
-            if entry.file_name() == LOCK {
+            if entry.file_name() == ".lock" {
                 continue;
             }
             let text = std::fs::read_to_string(entry.path()).expect("file");
@@ -509,7 +522,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let transport =
             Arc::new(FileTransport::open(&config(dir.path(), 1_000, 2_000, 100)).expect("opens"));
-        let queue = MessageQueue::with_transport(&MqConfig::default(), transport.clone());
+        let memory = MqConfig {
+            durability: crate::config::Durability::Memory,
+            ..MqConfig::default()
+        };
+        let queue = MessageQueue::with_transport(&memory, transport.clone()).expect("opens");
         transport.send(&[message(0, 199)]).await.expect("written");
         assert_eq!(queue.check().await.status, CheckStatus::Up);
         // 1 800 bytes of the 2 000 allowed: one rotated file and most of the live one.

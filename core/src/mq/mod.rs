@@ -1,24 +1,33 @@
 //! The message queue: where events leave the server.
 //!
-//! [`MessageQueue::publish`] puts a message into a bounded in-memory buffer (`mq.buffer`)
-//! and returns; when the buffer is full it waits, which holds back the event dispatcher,
-//! whose full-queue policy then answers clients. A background task takes batches from
-//! the buffer (as large as the backend allows), sends up to `mq.concurrency` of them at
-//! once, and resends whatever failed (whole batches, or single entries the backend
-//! refused for a transient reason) with exponential backoff and jitter until it is
-//! accepted. An entry the backend refuses for good (e.g. malformed) is counted and
-//! logged with its body. [`MessageQueue::close`] delivers what is buffered before the
-//! process exits, within `mq.drain_timeout_ms`.
+//! [`MessageQueue::publish_all`] stores messages and returns, or says why it stored none
+//! ([`PublishError`]: 503 with `Retry-After` to a client). Where they are stored is
+//! `mq.durability`:
+//! - `disk` (the default): in the spool ([`spool`]), synced to disk before the call
+//!   returns (concurrent callers share one sync), bounded by `mq.spool.max_bytes`. A
+//!   crash loses nothing; the next start delivers what is left (at least once).
+//! - `memory`: in a buffer of `mq.buffer` messages. A crash loses what it holds.
+//!
+//! A background task takes batches (as large as the backend allows), sends up to
+//! `mq.concurrency` of them at once, and resends whatever failed (whole batches, or single
+//! entries the backend refused for a transient reason) with exponential backoff and
+//! jitter until it is accepted. An entry the backend refuses for good (e.g. malformed) is
+//! counted and logged with its body. [`MessageQueue::close`] delivers what is stored
+//! before the process exits, within `mq.drain_timeout_ms`; what the spool still holds
+//! then waits for the next start.
 //!
 //! Backends implement [`Transport`]: [`FileTransport`] (the embedded default,
 //! newline-delimited JSON with rotation) and, with the cargo feature `sqs`,
 //! `SqsTransport`.
 
 mod file;
+mod spool;
 #[cfg(feature = "sqs")]
 mod sqs;
 
 use std::{
+    fs::{File, OpenOptions},
+    path::Path,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -28,6 +37,7 @@ use std::{
 
 use futures_util::future::BoxFuture;
 use metrics::{counter, gauge, histogram};
+use poem::http::{HeaderName, HeaderValue, StatusCode, header};
 use rand::Rng as _;
 use tokio::{sync::Semaphore, task::JoinHandle};
 
@@ -36,13 +46,15 @@ pub use file::FileTransport;
 pub use sqs::SqsTransport;
 
 use crate::{
-    config::{MqBackend, MqConfig},
+    config::{Durability, MqBackend, MqConfig},
     metrics::{
         MQ_BUFFERED, MQ_FAILED_TOTAL, MQ_RETRIED_TOTAL, MQ_SEND_DURATION_SECONDS,
         MQ_SEND_ERRORS_TOTAL, MQ_SENT_TOTAL, MQ_UP,
     },
+    problem::ProblemError,
     readiness::CheckOutcome,
 };
+use spool::{Opened, Span, Spool, SpoolReader};
 
 /// One message: a JSON body and the id of what it carries (for logs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,22 +110,83 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self) -> BoxFuture<'_, Result<(), String>>;
 }
 
-/// Publishing failed: the queue is closed (the server is shutting down).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the message queue is closed")]
-pub struct QueueClosed;
+/// Why messages were not published. None of them was stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The memory buffer has no room for them (`durability = "memory"`).
+    #[error("the message queue's buffer is full ({capacity} messages); retry shortly")]
+    BufferFull {
+        /// `mq.buffer`.
+        capacity: usize,
+    },
+    /// The spool holds `mq.spool.max_bytes` not yet delivered.
+    #[error(
+        "the message queue's spool is full ({max_bytes} bytes not yet delivered); retry shortly"
+    )]
+    SpoolFull {
+        /// `mq.spool.max_bytes`.
+        max_bytes: u64,
+    },
+    /// The spool could not store them (a full disk, an I/O error).
+    #[error("the message queue cannot store messages right now ({error}); retry shortly")]
+    Storage {
+        /// What the operating system said.
+        error: String,
+    },
+    /// The server is shutting down.
+    #[error("the message queue is closed; the server is shutting down")]
+    Closed,
+}
+
+impl ProblemError for PublishError {
+    fn status(&self) -> StatusCode {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+    fn slug(&self) -> &'static str {
+        "event-queue-unavailable"
+    }
+    fn title(&self) -> &'static str {
+        "Events cannot be accepted right now"
+    }
+    fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let seconds = match self {
+            Self::Storage { .. } => "5",
+            _ => "1",
+        };
+        vec![(header::RETRY_AFTER, HeaderValue::from_static(seconds))]
+    }
+}
+
+/// Where published messages wait for the backend.
+enum Buffer {
+    /// Taken at close: the pump then ends once the buffer is empty.
+    Memory(RwLock<Option<flume::Sender<OutboundMessage>>>),
+    Disk(Spool),
+}
+
+/// Where the pump takes batches from.
+enum Source {
+    Memory {
+        receiver: flume::Receiver<OutboundMessage>,
+        carried: Option<OutboundMessage>,
+    },
+    Disk(SpoolReader),
+}
 
 struct Inner {
     transport: Arc<dyn Transport>,
     config: MqConfig,
-    /// Taken at close: the pump then ends once the buffer is empty.
-    sender: RwLock<Option<flume::Sender<OutboundMessage>>>,
+    buffer: Buffer,
     pump: Mutex<Option<JoinHandle<()>>>,
+    /// Writes the spool's checkpoint; stopped at close.
+    checkpoint: Mutex<Option<JoinHandle<()>>>,
     /// Published and not yet delivered (or refused for good).
     buffered: AtomicUsize,
     /// `mq_buffered_messages`, kept in step with `buffered`.
     buffered_gauge: metrics::Gauge,
     up: AtomicBool,
+    /// The last failed send's error, while sends fail.
+    last_error: Mutex<Option<String>>,
 }
 
 /// The message queue handle. Cheap to clone.
@@ -142,27 +215,55 @@ impl MessageQueue {
             #[cfg(not(feature = "sqs"))]
             MqBackend::Sqs => anyhow::bail!("`mq.backend` = \"sqs\": no SQS backend"),
         };
-        Ok(Self::with_transport(config, transport))
+        Self::with_transport(config, transport)
     }
 
-    /// A queue in front of `transport`; starts sending (call within a Tokio runtime).
-    pub fn with_transport(config: &MqConfig, transport: Arc<dyn Transport>) -> Self {
-        let (sender, receiver) = flume::bounded(config.buffer.max(1));
+    /// A queue in front of `transport`, its buffer as `config.durability` says (the
+    /// spool opens and what an earlier run left in it is delivered); starts sending (call
+    /// within a Tokio runtime).
+    pub fn with_transport(
+        config: &MqConfig,
+        transport: Arc<dyn Transport>,
+    ) -> anyhow::Result<Self> {
+        let (buffer, source, waiting) = match config.durability {
+            Durability::Memory => {
+                let (sender, receiver) = flume::unbounded();
+                let source = Source::Memory {
+                    receiver,
+                    carried: None,
+                };
+                (Buffer::Memory(RwLock::new(Some(sender))), source, 0)
+            }
+            Durability::Disk => {
+                let Opened {
+                    spool,
+                    reader,
+                    waiting,
+                } = Spool::open(&config.spool)?;
+                (Buffer::Disk(spool), Source::Disk(reader), waiting)
+            }
+        };
         let backend = transport.backend();
         let inner = Arc::new(Inner {
             transport,
             config: config.clone(),
-            sender: RwLock::new(Some(sender)),
+            buffer,
             pump: Mutex::new(None),
-            buffered: AtomicUsize::new(0),
+            checkpoint: Mutex::new(None),
+            buffered: AtomicUsize::new(waiting),
             buffered_gauge: gauge!(MQ_BUFFERED, "backend" => backend),
             up: AtomicBool::new(true),
+            last_error: Mutex::new(None),
         });
         gauge!(MQ_UP, "backend" => backend).set(1.0);
-        inner.buffered_gauge.set(0.0);
-        let pump = tokio::spawn(pump(inner.clone(), receiver));
+        inner.buffered_gauge.set(waiting as f64);
+        if let Some(spool) = inner.spool() {
+            *inner.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(spool.keep_checkpoint());
+        }
+        let pump = tokio::spawn(pump(inner.clone(), source));
         *inner.pump.lock().unwrap_or_else(|p| p.into_inner()) = Some(pump);
-        Self { inner }
+        Ok(Self { inner })
     }
 
     /// The backend's name.
@@ -175,77 +276,121 @@ impl MessageQueue {
         self.inner.buffered.load(Ordering::Relaxed)
     }
 
-    /// Buffers `message` for delivery, waiting while the buffer is full.
-    pub async fn publish(&self, message: OutboundMessage) -> Result<(), QueueClosed> {
-        let sender = self
-            .inner
-            .sender
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(QueueClosed)?;
-        self.inner.buffered.fetch_add(1, Ordering::Relaxed);
-        self.inner.buffered_gauge.increment(1.0);
-        // Counted before it is sent (the pump may deliver it at once); uncounted if the
-        // send fails or the caller gives up waiting.
-        let mut counted = Counted(Some(&self.inner));
-        sender.send_async(message).await.map_err(|_| QueueClosed)?;
-        counted.0 = None;
+    /// Stores `message` for delivery (see [`publish_all`](Self::publish_all)).
+    pub async fn publish(&self, message: OutboundMessage) -> Result<(), PublishError> {
+        self.publish_all(vec![message]).await
+    }
+
+    /// Stores `messages` for delivery, all or none: on disk (synced) or in the memory
+    /// buffer, as `mq.durability` says. Refused at once when the buffer or the spool has
+    /// no room, or the spool cannot write.
+    pub async fn publish_all(&self, messages: Vec<OutboundMessage>) -> Result<(), PublishError> {
+        let count = messages.len();
+        let inner = &self.inner;
+        match &inner.buffer {
+            Buffer::Memory(sender) => {
+                let sender = sender
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .ok_or(PublishError::Closed)?;
+                let capacity = inner.config.buffer;
+                inner
+                    .buffered
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                        (held + count <= capacity).then_some(held + count)
+                    })
+                    .map_err(|_| PublishError::BufferFull { capacity })?;
+                inner.buffered_gauge.increment(count as f64);
+                for (sent, message) in messages.into_iter().enumerate() {
+                    if sender.send(message).is_err() {
+                        // The pump has stopped: nothing more will be delivered.
+                        inner.delivered(count - sent);
+                        return Err(PublishError::Closed);
+                    }
+                }
+            }
+            Buffer::Disk(spool) => {
+                spool.append(&messages).await?;
+                inner.buffered.fetch_add(count, Ordering::Relaxed);
+                inner.buffered_gauge.increment(count as f64);
+            }
+        }
         Ok(())
     }
 
-    fn queued(&self) -> usize {
-        self.inner
-            .sender
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, flume::Sender::len)
-    }
-
-    /// Readiness: up while the backend answers, the buffer has room and the backend is
-    /// not near a limit of its own; degraded (events still accepted and buffered)
-    /// otherwise.
+    /// Readiness: up while the backend answers and takes what is sent, the buffer or
+    /// the spool has room and stores, and the backend is not near a limit of its own;
+    /// degraded otherwise (publishing may still succeed).
     pub async fn check(&self) -> CheckOutcome {
+        let inner = &self.inner;
         let buffered = self.buffered();
-        match self.inner.transport.check().await {
-            Ok(()) if self.queued() >= self.inner.config.buffer => CheckOutcome::degraded(format!(
-                "the buffer is full ({buffered} messages); publishing waits"
-            )),
-            Ok(()) => match self.inner.transport.capacity_warning().await {
-                Some(warning) => CheckOutcome::degraded(warning),
-                None => CheckOutcome::up(),
-            },
-            Err(error) => CheckOutcome::degraded(format!(
-                "{} unreachable, {buffered} messages buffered: {error}",
+        let failing = inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let problem = match inner.transport.check().await.err().or(failing) {
+            Some(error) => Some(format!(
+                "{} failing, {buffered} messages waiting: {error}",
                 self.backend()
             )),
-        }
+            None => match &inner.buffer {
+                Buffer::Disk(spool) => spool.warning(),
+                Buffer::Memory(_) => (buffered >= inner.config.buffer).then(|| {
+                    format!("the buffer is full ({buffered} messages); publishing is refused")
+                }),
+            },
+        };
+        let problem = match problem {
+            Some(problem) => Some(problem),
+            None => inner.transport.capacity_warning().await,
+        };
+        problem.map_or_else(CheckOutcome::up, CheckOutcome::degraded)
     }
 
-    /// Stops accepting messages and delivers the buffered ones, within
+    /// Stops accepting messages and delivers the stored ones, within
     /// `mq.drain_timeout_ms` and within `budget` (what is left of the shutdown's). Returns
-    /// how many were left undelivered (0 unless the deadline passed).
+    /// how many were lost: left in the memory buffer when the deadline passed (what the
+    /// spool still holds is delivered after the next start, and not counted).
     pub async fn close(&self, budget: Duration) -> usize {
         let inner = &self.inner;
-        inner
-            .sender
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some(pump) = inner.pump.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return self.buffered();
+        let started = Instant::now();
+        match &inner.buffer {
+            Buffer::Memory(sender) => {
+                sender.write().unwrap_or_else(|p| p.into_inner()).take();
+            }
+            Buffer::Disk(spool) => spool.close_writer().await,
+        }
+        let Some(mut pump) = inner.pump.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return 0;
         };
         let buffered = self.buffered();
         tracing::info!(backend = self.backend(), buffered, "message queue draining");
-        let deadline = Duration::from_millis(inner.config.drain_timeout_ms).min(budget);
-        let drained = tokio::time::timeout(deadline, pump).await.is_ok();
+        let deadline = Duration::from_millis(inner.config.drain_timeout_ms)
+            .min(budget)
+            .saturating_sub(started.elapsed());
+        let drained = tokio::time::timeout(deadline, &mut pump).await.is_ok();
+        // No new batch after the deadline (those under way may still land).
+        pump.abort();
         if let Err(error) = inner.transport.close().await {
             tracing::error!(
                 backend = self.backend(),
                 error,
                 "message queue close failed"
             );
+        }
+        if let Some(spool) = inner.spool() {
+            if let Some(task) = inner
+                .checkpoint
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                task.abort();
+            }
+            spool.save_checkpoint().await;
+            spool.release_folder();
         }
         let left = self.buffered();
         if drained && left == 0 {
@@ -254,30 +399,67 @@ impl MessageQueue {
                 delivered = buffered,
                 "message queue drained"
             );
-        } else {
-            tracing::error!(
-                backend = self.backend(),
-                left,
-                deadline_ms = deadline.as_millis() as u64,
-                "message queue drain deadline passed; buffered messages were not delivered"
-            );
+            return 0;
         }
-        left
+        match &inner.buffer {
+            Buffer::Disk(_) => {
+                tracing::warn!(
+                    backend = self.backend(),
+                    left,
+                    deadline_ms = deadline.as_millis() as u64,
+                    "message queue drain deadline passed; the spool keeps what is left for the next start"
+                );
+                0
+            }
+            Buffer::Memory(_) => {
+                tracing::error!(
+                    backend = self.backend(),
+                    left,
+                    deadline_ms = deadline.as_millis() as u64,
+                    "message queue drain deadline passed; buffered messages were not delivered"
+                );
+                left
+            }
+        }
     }
 }
 
-/// A published message counted as buffered before it is in the buffer.
-struct Counted<'a>(Option<&'a Inner>);
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        if let Some(inner) = self.0 {
-            inner.delivered(1);
-        }
+/// Takes `directory`'s exclusive lock (`<directory>/.lock`), or says which setting
+/// (`key`) to change.
+fn lock_folder(directory: &Path, key: &str) -> anyhow::Result<File> {
+    let path = directory.join(".lock");
+    let opened = std::fs::create_dir_all(directory).and_then(|()| {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    });
+    let file =
+        opened.map_err(|e| anyhow::anyhow!("`{key}`: cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "`{key}`: {} is in use by another running instance (it holds {}); \
+             give each instance a folder of its own",
+            directory.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!(
+            "`{key}`: cannot lock {}: {e}",
+            path.display()
+        )),
     }
 }
 
 impl Inner {
+    fn spool(&self) -> Option<&Spool> {
+        match &self.buffer {
+            Buffer::Disk(spool) => Some(spool),
+            Buffer::Memory(_) => None,
+        }
+    }
+
     fn delivered(&self, count: usize) {
         self.buffered.fetch_sub(count, Ordering::Relaxed);
         self.buffered_gauge.decrement(count as f64);
@@ -285,6 +467,8 @@ impl Inner {
 
     fn mark(&self, up: bool, error: &str) {
         let backend = self.transport.backend();
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            (!up).then(|| error.to_owned());
         if self.up.swap(up, Ordering::Relaxed) != up {
             gauge!(MQ_UP, "backend" => backend).set(if up { 1.0 } else { 0.0 });
             if up {
@@ -312,20 +496,25 @@ impl Inner {
     }
 }
 
-/// Takes batches from the buffer and sends them, several at once; ends when the buffer is
-/// closed and empty and every batch has been delivered.
-async fn pump(inner: Arc<Inner>, receiver: flume::Receiver<OutboundMessage>) {
-    let limits = inner.transport.limits();
-    let in_flight = inner.config.concurrency.min(limits.max_in_flight).max(1);
-    let slots = Arc::new(Semaphore::new(in_flight));
-    let mut carried: Option<OutboundMessage> = None;
-    loop {
+impl Source {
+    /// The next batch within `limits` (with where it is in the spool); `None` once the
+    /// buffer is closed and empty.
+    async fn next_batch(
+        &mut self,
+        limits: BatchLimits,
+    ) -> Option<(Vec<OutboundMessage>, Option<Span>)> {
+        let (receiver, carried) = match self {
+            Self::Disk(reader) => {
+                return reader
+                    .next_batch(limits)
+                    .await
+                    .map(|(batch, span)| (batch, Some(span)));
+            }
+            Self::Memory { receiver, carried } => (receiver, carried),
+        };
         let first = match carried.take() {
             Some(message) => message,
-            None => match receiver.recv_async().await {
-                Ok(message) => message,
-                Err(_) => break,
-            },
+            None => receiver.recv_async().await.ok()?,
         };
         let mut bytes = first.body.len();
         let mut batch = vec![first];
@@ -334,18 +523,32 @@ async fn pump(inner: Arc<Inner>, receiver: flume::Receiver<OutboundMessage>) {
                 break;
             };
             if bytes + message.body.len() > limits.max_bytes {
-                carried = Some(message);
+                *carried = Some(message);
                 break;
             }
             bytes += message.body.len();
             batch.push(message);
         }
+        Some((batch, None))
+    }
+}
+
+/// Takes batches from the buffer and sends them, several at once; ends when the buffer is
+/// closed and empty and every batch has been delivered.
+async fn pump(inner: Arc<Inner>, mut source: Source) {
+    let limits = inner.transport.limits();
+    let in_flight = inner.config.concurrency.min(limits.max_in_flight).max(1);
+    let slots = Arc::new(Semaphore::new(in_flight));
+    while let Some((batch, span)) = source.next_batch(limits).await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
         let inner = inner.clone();
         tokio::spawn(async move {
             deliver(&inner, batch).await;
+            if let (Some(spool), Some(span)) = (inner.spool(), span) {
+                spool.delivered(span);
+            }
             drop(slot);
         });
     }

@@ -1,7 +1,7 @@
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, fs::OpenOptions, path::Path};
 
 use super::*;
-use crate::config::FileMqConfig;
+use crate::config::{Durability, FileMqConfig, SpoolConfig};
 
 /// A backend that records what it accepted and fails on cue: whole sends while `down`,
 /// and the first attempt of every entry whose body starts with `flaky` or `bad`.
@@ -74,8 +74,10 @@ impl Transport for Scripted {
     }
 }
 
+/// A queue with a memory buffer of `buffer` messages.
 fn config(buffer: usize) -> MqConfig {
     MqConfig {
+        durability: Durability::Memory,
         buffer,
         retry_backoff_ms: 1,
         retry_backoff_max_ms: 5,
@@ -94,7 +96,7 @@ fn message(id: usize, body: &str) -> OutboundMessage {
 #[tokio::test]
 async fn every_message_is_delivered_once_in_batches_within_limits_and_retried_entries_too() {
     let transport = Arc::new(Scripted::default());
-    let queue = MessageQueue::with_transport(&config(1_000), transport.clone());
+    let queue = MessageQueue::with_transport(&config(1_000), transport.clone()).expect("opens");
     for i in 0..500 {
         let body = match i % 50 {
             0 => "flaky entry",
@@ -114,14 +116,17 @@ async fn every_message_is_delivered_once_in_batches_within_limits_and_retried_en
         transport.sends.load(Ordering::SeqCst) >= 100,
         "at most 5 bodies of 19 bytes fit 100 bytes"
     );
-    assert_eq!(queue.publish(message(1, "late")).await, Err(QueueClosed));
+    assert_eq!(
+        queue.publish(message(1, "late")).await,
+        Err(PublishError::Closed)
+    );
 }
 
 #[tokio::test]
 async fn messages_wait_while_the_backend_is_down_and_arrive_when_it_returns() {
     let transport = Arc::new(Scripted::default());
     transport.down.store(true, Ordering::SeqCst);
-    let queue = MessageQueue::with_transport(&config(1_000), transport.clone());
+    let queue = MessageQueue::with_transport(&config(1_000), transport.clone()).expect("opens");
     for i in 0..30 {
         queue.publish(message(i, "waiting")).await.expect("open");
     }
@@ -137,35 +142,32 @@ async fn messages_wait_while_the_backend_is_down_and_arrive_when_it_returns() {
 }
 
 #[tokio::test]
-async fn a_full_buffer_makes_publishing_wait() {
+async fn a_full_memory_buffer_refuses_whole_batches_until_the_backend_catches_up() {
     let transport = Arc::new(Scripted::default());
     transport.down.store(true, Ordering::SeqCst);
-    let queue = MessageQueue::with_transport(&config(5), transport.clone());
-    // Up to 4 batches leave the buffer for sending, so at most 4 × 10 + 5 fit.
-    let mut published = 0;
-    while published < 100 {
-        let publish = queue.publish(message(published, "x"));
-        if tokio::time::timeout(Duration::from_millis(50), publish)
-            .await
-            .is_err()
-        {
-            break;
-        }
-        published += 1;
-    }
-    assert!(published < 100, "publishing waits once the buffer is full");
+    let queue = MessageQueue::with_transport(&config(25), transport.clone()).expect("opens");
+    let batch = |from: usize| {
+        (from..from + 10)
+            .map(|i| message(i, "x"))
+            .collect::<Vec<_>>()
+    };
+    queue.publish_all(batch(0)).await.expect("room");
+    queue.publish_all(batch(10)).await.expect("room");
+    assert_eq!(
+        queue.publish_all(batch(20)).await,
+        Err(PublishError::BufferFull { capacity: 25 }),
+        "ten more do not fit: none of them is taken"
+    );
+    assert_eq!(queue.buffered(), 20);
     transport.down.store(false, Ordering::SeqCst);
     assert_eq!(queue.close(Duration::MAX).await, 0);
-    assert_eq!(
-        transport.accepted.lock().expect("accepted").len(),
-        published
-    );
+    assert_eq!(transport.accepted.lock().expect("accepted").len(), 20);
 }
 
 #[tokio::test]
 async fn entries_refused_for_good_are_counted_not_retried() {
     let transport = Arc::new(Scripted::default());
-    let queue = MessageQueue::with_transport(&config(100), transport.clone());
+    let queue = MessageQueue::with_transport(&config(100), transport.clone()).expect("opens");
     queue.publish(message(1, "bad body")).await.expect("open");
     queue.publish(message(2, "good body")).await.expect("open");
     assert_eq!(queue.close(Duration::MAX).await, 0);
@@ -215,7 +217,7 @@ async fn the_file_backend_appends_lines_and_rotates_keeping_every_line() {
 }
 
 #[tokio::test]
-async fn the_file_backend_ends_a_cut_line_before_appending() {
+async fn the_file_backend_removes_a_cut_line_before_appending() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("events.ndjson"),
@@ -233,5 +235,151 @@ async fn the_file_backend_ends_a_cut_line_before_appending() {
         .await
         .expect("written");
     let text = std::fs::read_to_string(dir.path().join("events.ndjson")).expect("read");
-    assert_eq!(text.lines().last(), Some("{\"id\":\"next\"}"));
+    assert_eq!(text, "{\"id\":\"whole\"}\n{\"id\":\"next\"}\n");
+}
+
+/// A queue with its spool under `directory`.
+fn spooled(directory: &Path, max_bytes: u64) -> MqConfig {
+    MqConfig {
+        durability: Durability::Disk,
+        spool: SpoolConfig {
+            directory: directory.to_path_buf(),
+            segment_bytes: 1_000,
+            max_bytes,
+        },
+        ..config(1)
+    }
+}
+
+/// The spool's segment files.
+fn segment_files(directory: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(directory)
+        .expect("folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".spool"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn spooled_messages_are_delivered_once_each_and_delivered_segments_are_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = Arc::new(Scripted::default());
+    let queue = MessageQueue::with_transport(&spooled(dir.path(), 1 << 20), transport.clone())
+        .expect("opens");
+    for i in 0..300 {
+        let body = if i % 50 == 0 {
+            "flaky entry"
+        } else {
+            "an ordinary message"
+        };
+        queue.publish(message(i, body)).await.expect("stored");
+    }
+    assert_eq!(queue.close(Duration::MAX).await, 0);
+    let accepted = transport.accepted.lock().expect("accepted").clone();
+    assert_eq!(accepted.len(), 300);
+    assert_eq!(
+        accepted.iter().collect::<BTreeSet<_>>().len(),
+        300,
+        "no duplicates"
+    );
+    assert_eq!(
+        segment_files(dir.path()).len(),
+        1,
+        "segments of 1,000 bytes, every one but the live one delivered and removed"
+    );
+}
+
+#[tokio::test]
+async fn what_the_spool_held_at_close_is_delivered_after_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Arc::new(Scripted::default());
+    first.down.store(true, Ordering::SeqCst);
+    let settings = spooled(dir.path(), 1 << 20);
+    let queue = MessageQueue::with_transport(&settings, first.clone()).expect("opens");
+    for i in 0..40 {
+        queue.publish(message(i, "waiting")).await.expect("stored");
+    }
+    assert_eq!(
+        queue.close(Duration::from_millis(100)).await,
+        0,
+        "nothing is lost: the spool keeps it"
+    );
+
+    let second = Arc::new(Scripted::default());
+    let queue = MessageQueue::with_transport(&settings, second.clone()).expect("opens again");
+    assert_eq!(queue.buffered(), 40);
+    assert_eq!(queue.close(Duration::MAX).await, 0);
+    let accepted = second.accepted.lock().expect("accepted").clone();
+    assert_eq!(
+        accepted.iter().collect::<BTreeSet<_>>(),
+        (0..40)
+            .map(|i| format!("m{i}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .collect()
+    );
+    assert!(first.accepted.lock().expect("accepted").is_empty());
+}
+
+#[tokio::test]
+async fn a_write_cut_short_by_a_crash_is_dropped_and_whole_frames_are_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = spooled(dir.path(), 1 << 20);
+    let down = Arc::new(Scripted::default());
+    down.down.store(true, Ordering::SeqCst);
+    let queue = MessageQueue::with_transport(&settings, down).expect("opens");
+    for i in 0..3 {
+        queue.publish(message(i, "whole")).await.expect("stored");
+    }
+    queue.close(Duration::ZERO).await;
+    // A crash in the middle of the next write: half a frame at the end of the log.
+    let live = dir
+        .path()
+        .join(segment_files(dir.path()).pop().expect("a segment"));
+    let mut file = OpenOptions::new().append(true).open(&live).expect("open");
+    std::io::Write::write_all(&mut file, &[40, 0, 0, 0, 1, 2, 3]).expect("write");
+    drop(file);
+
+    let transport = Arc::new(Scripted::default());
+    let queue = MessageQueue::with_transport(&settings, transport.clone()).expect("opens");
+    queue.publish(message(3, "after")).await.expect("stored");
+    assert_eq!(queue.close(Duration::MAX).await, 0);
+    let mut accepted = transport.accepted.lock().expect("accepted").clone();
+    accepted.sort();
+    assert_eq!(accepted, ["m0", "m1", "m2", "m3"]);
+}
+
+#[tokio::test]
+async fn a_full_spool_refuses_publishing_until_deliveries_make_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = Arc::new(Scripted::default());
+    transport.down.store(true, Ordering::SeqCst);
+    // A frame is 12 bytes, the id and the body: 12 + 2 + 10 = 24 bytes here.
+    let queue =
+        MessageQueue::with_transport(&spooled(dir.path(), 100), transport.clone()).expect("opens");
+    for i in 0..4 {
+        queue.publish(message(i, "0123456789")).await.expect("room");
+    }
+    assert_eq!(
+        queue.publish(message(5, "0123456789")).await,
+        Err(PublishError::SpoolFull { max_bytes: 100 })
+    );
+    let outcome = queue.check().await;
+    assert_eq!(
+        outcome.status,
+        crate::readiness::CheckStatus::Degraded,
+        "{outcome:?}"
+    );
+    transport.down.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while queue.publish(message(6, "0123456789")).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("room again once the backend took the backlog");
+    assert_eq!(queue.close(Duration::MAX).await, 0);
+    assert_eq!(transport.accepted.lock().expect("accepted").len(), 5);
 }

@@ -244,7 +244,8 @@ pub struct Accepted {
 /// Success of the ingest operation.
 #[derive(Debug, ApiResponse)]
 pub enum IngestResponse {
-    /// Every event was accepted and will be forwarded to the message queue.
+    /// Every event was stored (on disk, unless the server runs with `mq.durability =
+    /// memory`) and will be delivered to the message queue at least once.
     #[oai(status = 202)]
     Accepted(Json<Accepted>),
 }
@@ -263,8 +264,9 @@ trellis_core::problem_responses! {
         429 => TooManyRequests,
         /// An unexpected failure.
         500 => Internal,
-        /// The event queue is full or the server is shutting down; nothing was accepted.
-        /// Retry after `Retry-After` seconds.
+        /// The events cannot be stored right now (the message queue's spool is full or
+        /// the disk refused the write) or the server is shutting down; nothing was
+        /// accepted. Retry after `Retry-After` seconds.
         503 => Unavailable,
         _ => Internal,
     }
@@ -303,8 +305,9 @@ impl BiApi {
     /// Record events
     ///
     /// Takes one event or a batch of up to 500. Each is given an id and the time it was
-    /// received, with the request id and the caller (when a bearer token is sent), and is
-    /// forwarded to the message queue asynchronously. A batch is accepted whole or not at
+    /// received, with the request id and the caller (when a bearer token is sent), is
+    /// stored before the answer, and is forwarded to the message queue asynchronously
+    /// (at least once; a consumer may see an id twice). A batch is accepted whole or not at
     /// all. Each event counts against the sender's limit: its client address, or its user
     /// when a bearer token is sent (429 with `Retry-After` beyond it).
     #[oai(path = "/events", method = "post", operation_id = "recordBiEvents")]

@@ -1,9 +1,9 @@
-//! The rules: check a request's events (all or nothing), enrich them, and hand them to
-//! the event dispatcher; turn domain events into BI events.
+//! The rules: check a request's events (all or nothing), enrich them, and store them for
+//! the message queue; turn domain events into BI events.
 
 use std::sync::Arc;
 
-use trellis_core::{ModuleContext, events::EventDispatcher, problem::FieldViolation};
+use trellis_core::{ModuleContext, problem::FieldViolation};
 
 use crate::{
     BiConfig,
@@ -12,12 +12,13 @@ use crate::{
     },
     error::BiError,
     limit::{IngestLimits, Limited, Sender},
+    repo::Forwarder,
 };
 
 /// Accepts BI events: the module's service.
 #[derive(Debug, Clone)]
 pub struct Ingest {
-    events: EventDispatcher,
+    forwarder: Forwarder,
     config: Arc<BiConfig>,
     /// The senders' buckets, for client events.
     limits: IngestLimits,
@@ -37,7 +38,7 @@ impl Ingest {
     pub fn from_context(ctx: &ModuleContext) -> anyhow::Result<Self> {
         let config = ctx.config::<BiConfig>()?;
         Ok(Self {
-            events: ctx.events().clone(),
+            forwarder: Forwarder::new(ctx.queue().clone()),
             limits: IngestLimits::new(&config, ctx.cache())?,
             config: Arc::new(config),
         })
@@ -50,7 +51,7 @@ impl Ingest {
         submission: Submission,
         origin: Origin,
     ) -> Result<Vec<String>, BiError> {
-        let sizes = self.check(&submission).map_err(BiError::Invalid)?;
+        self.check(&submission).map_err(BiError::Invalid)?;
         self.limits
             .take(&submission.sender, submission.events.len())
             .await
@@ -58,26 +59,24 @@ impl Ingest {
         let events: Vec<BiEvent> = submission
             .events
             .into_iter()
-            .zip(sizes)
-            .map(|(e, properties_bytes)| {
+            .map(|e| {
                 BiEvent::enrich(
                     e.name,
                     Source::Client,
                     e.timestamp.map(utc_rfc3339),
-                    (e.properties, properties_bytes),
+                    e.properties,
                     e.utm,
                     origin.clone(),
                 )
             })
             .collect();
         let ids = events.iter().map(|e| e.id.clone()).collect();
-        self.events.emit_all(events).await?;
+        self.forwarder.forward(&events).await?;
         Ok(ids)
     }
 
-    /// Every rule, for every event; the size of each event's `properties` as compact
-    /// JSON when all hold.
-    fn check(&self, submission: &Submission) -> Result<Vec<usize>, Vec<FieldViolation>> {
+    /// Every rule, for every event.
+    fn check(&self, submission: &Submission) -> Result<(), Vec<FieldViolation>> {
         let count = submission.events.len();
         if count > self.config.max_batch {
             return Err(vec![FieldViolation::new(
@@ -90,7 +89,6 @@ impl Ingest {
             )]);
         }
         let mut violations = Vec::new();
-        let mut sizes = Vec::with_capacity(count);
         for (index, event) in submission.events.iter().enumerate() {
             let field = |name: &str| match submission.batch {
                 true => format!("/{index}/{name}"),
@@ -107,16 +105,15 @@ impl Ingest {
                     ),
                 ));
             }
-            sizes.push(size);
         }
         match violations.is_empty() {
-            true => Ok(sizes),
+            true => Ok(()),
             false => Err(violations),
         }
     }
 
     /// Records a domain event as a BI event. A full queue cannot be answered to anyone
-    /// here, so it is logged (and counted by the dispatcher as rejected).
+    /// here, so it is logged.
     pub async fn record_internal<M: Internal>(&self, message: &M) {
         if !self.config.internal_events {
             return;
@@ -127,18 +124,16 @@ impl Ingest {
             session_id: None,
             received_at: received_now(),
         };
-        let properties = message.properties();
-        let size = json_size(&properties);
         let event = BiEvent::enrich(
             M::NAME.to_owned(),
             Source::Server,
             None,
-            (properties, size),
+            message.properties(),
             None,
             origin,
         );
         let id = event.id.clone();
-        if let Err(error) = self.events.emit(event).await {
+        if let Err(error) = self.forwarder.forward(std::slice::from_ref(&event)).await {
             tracing::error!(event = M::NAME, id, %error, "internal BI event not recorded");
         }
     }

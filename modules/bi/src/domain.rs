@@ -5,12 +5,9 @@ use std::{collections::BTreeMap, time::SystemTime};
 use serde::Serialize;
 use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
-use trellis_core::{
-    contracts::{
-        LoginFailed, PasswordChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
-        UserUpdated,
-    },
-    events::Event,
+use trellis_core::contracts::{
+    LoginFailed, PasswordChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
+    UserUpdated,
 };
 
 /// Where an event came from.
@@ -71,40 +68,6 @@ pub struct BiEvent {
     pub properties: BTreeMap<String, Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub utm: Option<Utm>,
-    /// `properties` as compact JSON, in bytes (measured when the event was checked).
-    #[serde(skip)]
-    pub properties_bytes: usize,
-}
-
-impl Event for BiEvent {
-    const NAME: &'static str = "bi_event";
-
-    fn id(&self) -> Option<&str> {
-        Some(&self.id)
-    }
-
-    /// The struct, its strings, and its properties as JSON: the maps' own overhead is
-    /// left out, so this is an estimate from below of the memory held, close enough to
-    /// bound a queue by.
-    fn size_bytes(&self) -> usize {
-        let optional = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        let utm = self.utm.as_ref().map_or(0, |u| {
-            [&u.source, &u.medium, &u.campaign, &u.term, &u.content]
-                .into_iter()
-                .map(optional)
-                .sum()
-        });
-        size_of::<Self>()
-            + self.id.len()
-            + self.name.len()
-            + optional(&self.timestamp)
-            + self.received_at.len()
-            + optional(&self.request_id)
-            + optional(&self.user_id)
-            + optional(&self.session_id)
-            + self.properties_bytes
-            + utm
-    }
 }
 
 /// Who sent a request, which request, and when it arrived.
@@ -123,13 +86,12 @@ pub fn received_now() -> String {
 }
 
 impl BiEvent {
-    /// A fresh id and the time of acceptance. `properties` come with their size as
-    /// compact JSON ([`json_size`]).
+    /// A fresh id and the time of acceptance.
     pub fn enrich(
         name: String,
         source: Source,
         timestamp: Option<String>,
-        (properties, properties_bytes): (BTreeMap<String, Value>, usize),
+        properties: BTreeMap<String, Value>,
         utm: Option<Utm>,
         origin: Origin,
     ) -> Self {
@@ -144,7 +106,6 @@ impl BiEvent {
             session_id: origin.session_id,
             properties,
             utm,
-            properties_bytes,
         }
     }
 }
@@ -276,7 +237,7 @@ mod tests {
             "page.view".into(),
             Source::Client,
             None,
-            (one("path", "/"), 12),
+            one("path", "/"),
             None,
             Origin {
                 request_id: Some("r1".into()),
@@ -288,12 +249,5 @@ mod tests {
         assert_eq!(body["source"], "client");
         assert_eq!(body["request_id"], "r1");
         assert!(body.get("user_id").is_none() && body.get("utm").is_none());
-        assert_eq!(Event::id(&event), Some(event.id.as_str()));
-        assert!(body.get("properties_bytes").is_none());
-        let size = event.size_bytes();
-        assert!(
-            size >= size_of::<BiEvent>() + 36 + "page.view".len() + 12,
-            "{size}"
-        );
     }
 }

@@ -2,7 +2,7 @@
 
 use poem::http::{HeaderName, HeaderValue, StatusCode, header};
 use trellis_core::{
-    events::DispatchError,
+    mq::PublishError,
     problem::{FieldViolation, ProblemError},
 };
 
@@ -18,9 +18,9 @@ pub enum BiError {
         /// Whole seconds until the events would fit.
         retry_after_secs: u64,
     },
-    /// The event queue did not take the events.
+    /// The message queue did not store the events.
     #[error(transparent)]
-    Dispatch(#[from] DispatchError),
+    Queue(#[from] PublishError),
 }
 
 impl ProblemError for BiError {
@@ -28,7 +28,7 @@ impl ProblemError for BiError {
         match self {
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Dispatch(e) => e.status(),
+            Self::Queue(e) => e.status(),
         }
     }
 
@@ -36,7 +36,7 @@ impl ProblemError for BiError {
         match self {
             Self::Invalid(_) => "validation",
             Self::RateLimited { .. } => "rate-limited",
-            Self::Dispatch(e) => e.slug(),
+            Self::Queue(e) => e.slug(),
         }
     }
 
@@ -44,14 +44,14 @@ impl ProblemError for BiError {
         match self {
             Self::Invalid(_) => "Invalid events",
             Self::RateLimited { .. } => "Too many requests",
-            Self::Dispatch(e) => e.title(),
+            Self::Queue(e) => e.title(),
         }
     }
 
     fn violations(&self) -> Vec<FieldViolation> {
         match self {
             Self::Invalid(v) => v.clone(),
-            Self::RateLimited { .. } | Self::Dispatch(_) => Vec::new(),
+            Self::RateLimited { .. } | Self::Queue(_) => Vec::new(),
         }
     }
 
@@ -61,7 +61,7 @@ impl ProblemError for BiError {
             Self::RateLimited { retry_after_secs } => {
                 vec![(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs))]
             }
-            Self::Dispatch(e) => e.headers(),
+            Self::Queue(e) => e.headers(),
         }
     }
 }

@@ -4,13 +4,12 @@
 //!   (a batch is accepted whole or not at all), takes one token per event from the
 //!   sender's bucket (`limit`: per address, or per user when authenticated; 429 when
 //!   empty), enriches it (id, received-at, request id, the caller when authenticated) and
-//!   hands it to the event dispatcher: 202 with the ids.
+//!   stores it in the message queue (on disk, unless `mq.durability` is `memory`): 202
+//!   with the ids.
 //! - Domain events on the bus (`UserRegistered`, `UserLoggedIn`, …) become BI events too.
-//! - Its event handler forwards each BI event to the message queue, one JSON message per
-//!   event.
+//! - One JSON message per event.
 //!
-//! Layers: `api` (HTTP types) -> `app` (rules, enrichment, dispatch) -> `repo` (the
-//! message queue).
+//! Layers: `api` (HTTP types) -> `app` (rules, enrichment) -> `repo` (the message queue).
 
 mod api;
 mod app;
@@ -18,8 +17,6 @@ mod domain;
 mod error;
 mod limit;
 mod repo;
-
-use std::sync::Arc;
 
 use serde::Deserialize;
 use trellis_core::{
@@ -30,7 +27,7 @@ use trellis_core::{
     },
 };
 
-use crate::{app::Ingest, domain::BiEvent, repo::Forwarder};
+use crate::app::Ingest;
 
 /// `[modules.bi]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -84,14 +81,7 @@ impl Module for BiModule {
     }
 
     fn build(&self, module: &mut ModuleBuilder) {
-        // The dispatcher's handler forwards every accepted event to the message queue.
-        module.config::<BiConfig>().on_event(|ctx| {
-            let forwarder = Forwarder::new(ctx.queue().clone());
-            Ok(move |event: Arc<BiEvent>| {
-                let forwarder = forwarder.clone();
-                async move { forwarder.forward(&event).await }
-            })
-        });
+        module.config::<BiConfig>();
         let mut ingest = module.service(Ingest::from_context);
         ingest.api(|ingest| Ok(api::BiApi::new(ingest)));
         subscribe::<UserRegistered>(&mut ingest);

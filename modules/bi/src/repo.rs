@@ -1,10 +1,10 @@
 //! The bi module's outbound side: one message-queue message per BI event.
 
-use trellis_core::mq::{MessageQueue, OutboundMessage};
+use trellis_core::mq::{MessageQueue, OutboundMessage, PublishError};
 
 use crate::domain::BiEvent;
 
-/// Forwards BI events to the message queue.
+/// Hands BI events to the message queue.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     queue: MessageQueue,
@@ -15,15 +15,16 @@ impl Forwarder {
         Self { queue }
     }
 
-    /// Buffers the event's JSON for delivery (waits while the queue's buffer is full).
-    pub async fn forward(&self, event: &BiEvent) -> anyhow::Result<()> {
-        let body = serde_json::to_string(event)?;
-        self.queue
-            .publish(OutboundMessage {
+    /// Stores the events' JSON for delivery, all or none (on disk before this returns,
+    /// unless `mq.durability` is `memory`).
+    pub async fn forward(&self, events: &[BiEvent]) -> Result<(), PublishError> {
+        let messages = events
+            .iter()
+            .map(|event| OutboundMessage {
                 id: event.id.clone(),
-                body,
+                body: serde_json::to_string(event).expect("a BI event serializes"),
             })
-            .await?;
-        Ok(())
+            .collect();
+        self.queue.publish_all(messages).await
     }
 }

@@ -242,18 +242,17 @@ async fn domain_events_become_server_bi_events_without_personal_data() {
 }
 
 #[tokio::test]
-async fn dispatcher_and_queue_metrics_are_exported() {
+async fn queue_and_spool_metrics_are_exported() {
     let app = spawn_app().await;
     accepted_ids(&app, &batch(3, "metrics")).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let text = app.get("/metrics").await.text().await.expect("text");
         let ready = [
-            "events_accepted_total{event=\"bi_event\"}",
-            "events_handled_total{event=\"bi_event\"}",
-            "events_queue_depth",
-            "event_handler_duration_seconds_bucket",
             "mq_messages_sent_total{backend=\"file\"}",
+            "mq_spool_syncs_total",
+            "mq_spool_written_bytes_total",
+            "mq_spool_bytes",
             "mq_buffered_messages{backend=\"file\"}",
             "mq_up{backend=\"file\"} 1",
         ]

@@ -12,6 +12,7 @@ mod cache;
 mod cluster;
 mod common;
 mod connections;
+mod durability;
 mod errors;
 mod faults;
 mod housekeeping;

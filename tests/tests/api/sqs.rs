@@ -227,9 +227,9 @@ async fn events_wait_out_an_sqs_outage_and_a_full_queue_answers_503() {
         // Above moto's own pace with a backlog (a call takes seconds with 2,000 messages
         // queued), so that only the pause times a send out.
         ("mq.sqs.timeout_ms", json!(5000)),
-        ("events.queue_capacity", json!(300)),
-        ("events.full_policy", json!("reject")),
-        ("mq.buffer", json!(100)),
+        // About 250 events of this test fit before publishing is refused.
+        ("mq.spool.segment_bytes", json!(32 * 1024)),
+        ("mq.spool.max_bytes", json!(128 * 1024)),
     ]);
     let app = spawn_app_with(&settings).await;
     accepted_ids(&app, &batch(10, "before")).await;
