@@ -29,6 +29,7 @@ start() { # start NAME BINARY PORT [ENV...]
   # Rust suite) would answer 429 to valid events.
   env TRELLIS_PROFILE=test TRELLIS_SERVER__PORT="$port" \
     TRELLIS_DATABASE__URL="sqlite://$work/$name.db" TRELLIS_MQ__FILE__DIRECTORY="$work/$name-events" \
+    TRELLIS_MQ__SPOOL__DIRECTORY="$work/$name-spool" \
     TRELLIS_MODULES__BI__RATE_PER_ADDRESS=1000000 TRELLIS_MODULES__BI__BURST_PER_ADDRESS=1000000 \
     "$@" "$bin" >"$work/$name.log" 2>&1 &
   pids+=("$!")

@@ -275,10 +275,12 @@ mod tests {
     ) -> (AppContext, tempfile::TempDir) {
         let infos = modules.iter().map(|m| ModuleInfo::of(*m)).collect();
         let events = tempfile::tempdir().expect("tempdir");
+        let spool = events.path().join("spool");
         let config = config
             .set("database.url", "sqlite::memory:")
             .and_then(|c| c.set("database.max_connections", 1))
             .and_then(|c| c.set("mq.file.directory", events.path().display().to_string()))
+            .and_then(|c| c.set("mq.spool.directory", spool.display().to_string()))
             .expect("settings");
         let ctx = AppContext::connect(config, infos, BuildInfo::unknown(), extras)
             .await

@@ -125,11 +125,18 @@ impl Cluster {
                 .open(self.dir.path().join(format!("instance-{i}.{name}")))
                 .expect("log file")
         };
-        let events = self.dir.path().join(format!("events-{i}"));
+        let folder = |name: &str| {
+            self.dir
+                .path()
+                .join(format!("{name}-{i}"))
+                .display()
+                .to_string()
+        };
         let child = server(port, &self.storage)
             .envs(self.env.iter().cloned())
-            // The file backend's folder is one instance's own.
-            .env(env_name("mq.file.directory"), events.display().to_string())
+            // The spool's and the file backend's folders are one instance's own.
+            .env(env_name("mq.file.directory"), folder("events"))
+            .env(env_name("mq.spool.directory"), folder("spool"))
             .stdout(Stdio::from(log("out")))
             .stderr(Stdio::from(log("err")))
             .spawn()

@@ -19,6 +19,15 @@ use crate::{
     sqs::{Sqs, tally},
 };
 
+/// The ids of a 202 answer.
+fn ids(answer: &Value) -> impl Iterator<Item = String> + '_ {
+    answer["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|id| id.as_str().expect("id").to_owned())
+}
+
 /// Clients posting batches of 20 events as fast as they can, each on its own
 /// connection, until the server stops answering.
 struct Load {
@@ -46,11 +55,7 @@ impl Load {
                         let Ok(answer) = response.json::<Value>().await else {
                             return;
                         };
-                        let ids = answer["ids"].as_array().expect("ids");
-                        accepted
-                            .lock()
-                            .expect("ids")
-                            .extend(ids.iter().map(|id| id.as_str().expect("id").to_owned()));
+                        accepted.lock().expect("ids").extend(ids(&answer));
                     }
                 })
             })
@@ -286,13 +291,7 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers_when_space_is_freed(
         }
         assert_eq!(response.status(), 202);
         let answer: Value = response.json().await.expect("json");
-        accepted.extend(
-            answer["ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|id| id.as_str().expect("id").to_owned()),
-        );
+        accepted.extend(ids(&answer));
     }
     assert_eq!(refused, 5, "the disk filled up and publishing said so");
     let readiness: Value = app.get("/readyz").await.json().await.expect("json");
@@ -318,13 +317,7 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers_when_space_is_freed(
             .await;
         if response.status() == 202 {
             let answer: Value = response.json().await.expect("json");
-            accepted.extend(
-                answer["ids"]
-                    .as_array()
-                    .expect("ids")
-                    .iter()
-                    .map(|id| id.as_str().expect("id").to_owned()),
-            );
+            accepted.extend(ids(&answer));
             break;
         }
         assert_problem(response, 503).await;
