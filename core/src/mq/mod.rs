@@ -286,6 +286,9 @@ impl MessageQueue {
     /// no room, or the spool cannot write.
     pub async fn publish_all(&self, messages: Vec<OutboundMessage>) -> Result<(), PublishError> {
         let count = messages.len();
+        if count == 0 {
+            return Ok(());
+        }
         let inner = &self.inner;
         match &inner.buffer {
             Buffer::Memory(sender) => {
