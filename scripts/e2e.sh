@@ -77,8 +77,8 @@ sleep 0.5
 metrics="$work/metrics.txt"
 curl -fsS "$base/metrics" >"$metrics"
 promtool check metrics <"$metrics"
-for name in events_queue_depth events_accepted_total events_handled_total \
-  event_handler_duration_seconds mq_buffered_messages mq_messages_sent_total mq_up; do
+for name in events_queue_depth mq_spool_bytes mq_spool_syncs_total mq_spool_written_bytes_total \
+  mq_buffered_messages mq_messages_sent_total mq_up; do
   grep -q "^$name" "$metrics" || { echo "e2e: /metrics lacks $name"; exit 1; }
 done
 grep -c '"name":"e2e.check"' "$work/default-events/events.ndjson"
