@@ -84,15 +84,22 @@ impl DispatchError {
     }
 }
 
+/// The problem type of events refused for want of room or storage, by the dispatcher and
+/// the message queue alike: its slug and title (503, `Retry-After`).
+pub const QUEUE_UNAVAILABLE: (&str, &str) = (
+    "event-queue-unavailable",
+    "Events cannot be accepted right now",
+);
+
 impl ProblemError for DispatchError {
     fn status(&self) -> StatusCode {
         StatusCode::SERVICE_UNAVAILABLE
     }
     fn slug(&self) -> &'static str {
-        "event-queue-unavailable"
+        QUEUE_UNAVAILABLE.0
     }
     fn title(&self) -> &'static str {
-        "Events cannot be accepted right now"
+        QUEUE_UNAVAILABLE.1
     }
     fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         vec![(header::RETRY_AFTER, HeaderValue::from_static("1"))]

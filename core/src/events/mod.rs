@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-pub use dispatcher::{DispatchError, EventDispatcher};
+pub use dispatcher::{DispatchError, EventDispatcher, QUEUE_UNAVAILABLE};
 
 use futures_util::future::BoxFuture;
 

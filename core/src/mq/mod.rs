@@ -143,10 +143,10 @@ impl ProblemError for PublishError {
         StatusCode::SERVICE_UNAVAILABLE
     }
     fn slug(&self) -> &'static str {
-        "event-queue-unavailable"
+        crate::events::QUEUE_UNAVAILABLE.0
     }
     fn title(&self) -> &'static str {
-        "Events cannot be accepted right now"
+        crate::events::QUEUE_UNAVAILABLE.1
     }
     fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         let seconds = match self {

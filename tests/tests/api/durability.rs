@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::{
     bi::batch,
-    helpers::{TestStorage, assert_problem, env_name, spawn_app_with},
+    helpers::{TestStorage, assert_problem, check_status, env_name, spawn_app_with},
     process::{free_port, server, terminate, wait_exit, wait_healthy},
     sqs::{Sqs, tally},
 };
@@ -294,15 +294,8 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers_when_space_is_freed(
         accepted.extend(ids(&answer));
     }
     assert_eq!(refused, 5, "the disk filled up and publishing said so");
-    let readiness: Value = app.get("/readyz").await.json().await.expect("json");
-    let queue = readiness["checks"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .find(|c| c["name"] == "core.queue")
-        .expect("core.queue")
-        .clone();
-    assert_eq!(queue["status"], "degraded", "{readiness}");
+    let (_, queue) = check_status(&app, "core.queue").await;
+    assert_eq!(queue, "degraded");
 
     // A shipper takes the rotated files away; ingestion then recovers by itself.
     let mut delivered = Vec::new();

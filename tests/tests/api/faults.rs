@@ -15,7 +15,7 @@ use std::{
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{TestApp, check_status, spawn_app_with};
 
 fn services(args: &[&str]) {
     let ctl = std::env::var("TEST_SERVICES_CTL")
@@ -92,18 +92,6 @@ impl Load {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("load task")
     }
-}
-
-async fn check_status(app: &TestApp, name: &str) -> (u16, String) {
-    let response = app.get("/readyz").await;
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.expect("json");
-    let check = body["checks"]
-        .as_array()
-        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
-        .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default();
-    (status, check)
 }
 
 #[tokio::test]

@@ -89,3 +89,16 @@ impl Accounts for TestApp {
         )
     }
 }
+
+/// `/readyz`: its status code, and the status of the check `name` (empty if absent).
+pub async fn check_status(app: &TestApp, name: &str) -> (u16, String) {
+    let response = app.get("/readyz").await;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.expect("json");
+    let check = body["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    (status, check)
+}
