@@ -43,7 +43,7 @@ use tokio::{sync::Semaphore, task::JoinHandle};
 
 pub use file::FileTransport;
 #[cfg(feature = "sqs")]
-pub use sqs::SqsTransport;
+pub use sqs::{SqsTransport, https_client};
 
 use crate::{
     config::{Durability, MqBackend, MqConfig},

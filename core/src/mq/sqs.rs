@@ -8,13 +8,26 @@ use std::time::Duration;
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_sqs::{
     Client,
+    config::SharedHttpClient,
     error::DisplayErrorContext,
     types::{QueueAttributeName, SendMessageBatchRequestEntry},
+};
+use aws_smithy_http_client::{
+    Builder,
+    tls::{Provider, rustls_provider::CryptoMode},
 };
 use futures_util::future::BoxFuture;
 
 use super::{BatchLimits, EntryFailure, OutboundMessage, Transport};
 use crate::config::SqsConfig;
+
+/// The HTTP client every SQS connection uses: hyper with rustls and ring, the platform's
+/// root certificates (plain `http://` endpoints, such as a local test server, work too).
+pub fn https_client() -> SharedHttpClient {
+    Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
 
 /// An SQS queue.
 #[derive(Debug)]
@@ -30,6 +43,7 @@ impl SqsTransport {
     pub async fn connect(config: &SqsConfig) -> anyhow::Result<Self> {
         let timeout = Duration::from_millis(config.timeout_ms);
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(https_client())
             .retry_config(RetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()

@@ -37,6 +37,7 @@ impl Sqs {
             "never reach for cloud metadata in tests"
         );
         let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(trellis_core::mq::https_client())
             .endpoint_url(&endpoint)
             .region(aws_config::Region::new("us-east-1"))
             .load()
