@@ -69,15 +69,16 @@ echo "e2e: /healthz and /readyz"
 curl -fsS "$base/healthz" && echo
 curl -fsS "$base/readyz" && echo
 
-echo "e2e: promtool check metrics (HTTP, storage, event dispatcher, message queue)"
+echo "e2e: promtool check metrics (HTTP, storage, domain events, message queue)"
 curl -fsS "$base/healthz" >/dev/null
+token >/dev/null # a login: its auth.logged_in event is handled (by bi)
 curl -fsS "$base/api/v1/bi/events" -H 'content-type: application/json' \
   -d '[{"name":"e2e.check"},{"name":"e2e.check","properties":{"n":2}}]' && echo
 sleep 0.5
 metrics="$work/metrics.txt"
 curl -fsS "$base/metrics" >"$metrics"
 promtool check metrics <"$metrics"
-for name in events_queue_depth mq_spool_bytes mq_spool_syncs_total mq_spool_written_bytes_total \
+for name in event_publications event_publications_completed_total mq_spool_bytes mq_spool_syncs_total mq_spool_written_bytes_total \
   mq_buffered_messages mq_messages_sent_total mq_up; do
   grep -q "^$name" "$metrics" || { echo "e2e: /metrics lacks $name"; exit 1; }
 done

@@ -13,6 +13,7 @@ use crate::{
 };
 #[cfg(feature = "storage")]
 use crate::{
+    events,
     jobs::{self, NamedJob, Scheduler},
     storage::Migration,
 };
@@ -38,6 +39,9 @@ pub struct Assembly {
     /// The jobs' scheduler, once started.
     #[cfg(feature = "storage")]
     scheduler: Option<Scheduler>,
+    /// The event handlers, until the relay takes them.
+    #[cfg(feature = "storage")]
+    events: EventHandlerTable,
     init: Vec<(&'static str, Hook)>,
     shutdown: Vec<(&'static str, Hook)>,
 }
@@ -65,11 +69,16 @@ pub fn assemble(modules: &[&'static dyn Module], ctx: &AppContext) -> anyhow::Re
     let mut assembly = Assembly {
         apis: Vec::new(),
         #[cfg(feature = "storage")]
-        migrations: vec![("core", jobs::MIGRATIONS)],
+        migrations: vec![
+            ("core", jobs::MIGRATIONS),
+            ("core.events", events::MIGRATIONS),
+        ],
         #[cfg(feature = "storage")]
         jobs: Vec::new(),
         #[cfg(feature = "storage")]
         scheduler: None,
+        #[cfg(feature = "storage")]
+        events: EventHandlerTable::default(),
         init: Vec::new(),
         shutdown: Vec::new(),
     };
@@ -133,9 +142,39 @@ pub fn assemble(modules: &[&'static dyn Module], ctx: &AppContext) -> anyhow::Re
         observer(&mut bus, &mut events);
     }
     ctx.bus().start(bus);
-    ctx.events().start(events);
+    #[cfg(feature = "storage")]
+    {
+        assembly.jobs.push(purge_job(ctx));
+        ctx.database().events().wire(&events);
+        assembly.events = events;
+    }
+    // Without a database no module emits: handlers declared have nothing to handle.
+    #[cfg(not(feature = "storage"))]
+    drop(events);
     ctx.readiness().start(checks);
     Ok(assembly)
+}
+
+/// `core.purge_publications`: removes the publications completed more than `events.retention_ms`
+/// ago.
+#[cfg(feature = "storage")]
+fn purge_job(ctx: &AppContext) -> NamedJob {
+    let config = ctx.config().events.clone();
+    let db = ctx.database().clone();
+    NamedJob {
+        name: "core.purge_publications".to_owned(),
+        job: jobs::Job::every(
+            std::time::Duration::from_millis(config.purge_every_ms),
+            move || {
+                let db = db.clone();
+                let retention = i64::try_from(config.retention_ms).unwrap_or(i64::MAX);
+                async move {
+                    let before = crate::clock::now_millis().saturating_sub(retention);
+                    Ok(events::purge(&db, before).await?)
+                }
+            },
+        ),
+    }
 }
 
 impl Assembly {
@@ -153,12 +192,18 @@ impl Assembly {
         Ok(())
     }
 
-    /// Starts the periodic jobs (see the `jobs` module); a build without storage has none.
+    /// Starts the periodic jobs (see the `jobs` module) and the relay delivering the
+    /// modules' events; a build without storage has neither.
     pub fn start_jobs(&mut self, ctx: &AppContext) {
         #[cfg(feature = "storage")]
         {
             let jobs = std::mem::take(&mut self.jobs);
             self.scheduler = Some(Scheduler::start(ctx.database(), &ctx.config().jobs, jobs));
+            ctx.database().events().start_relay(
+                ctx.database(),
+                &ctx.config().events,
+                std::mem::take(&mut self.events),
+            );
         }
         #[cfg(not(feature = "storage"))]
         let _ = ctx;
@@ -200,7 +245,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{BuildInfo, Extras, ModuleInfo, config::LoadedConfig, readiness::CheckOutcome};
+    use crate::{
+        BuildInfo, Extras, ModuleInfo,
+        config::LoadedConfig,
+        events::{Event, Published},
+        readiness::CheckOutcome,
+    };
 
     type Log = Arc<Mutex<Vec<String>>>;
 
@@ -425,22 +475,33 @@ mod tests {
         assert_eq!(mctx.clock().now_millis(), 8_000);
     }
 
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
     struct Noted(u32);
-    impl crate::events::Event for Noted {
+    impl Event for Noted {
         const NAME: &'static str = "noted";
     }
 
+    #[cfg(feature = "sqlite")]
     #[tokio::test]
-    async fn an_events_observer_is_handed_every_emitted_event() {
+    async fn an_events_observer_is_handed_every_event_once_its_transaction_committed() {
         let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
-        let extras = Extras::default().observe_events(move |event: Arc<Noted>| {
+        let extras = Extras::default().observe_events(move |event: Published<Noted>| {
             let _ = sender.send(event.0);
         });
         let (ctx, _events) = context_with(&[], LoadedConfig::defaults(), extras).await;
-        assemble(&[], &ctx).expect("assembles");
+        let mut assembly = assemble(&[], &ctx).expect("assembles");
+        assembly.init(&ctx).await.expect("migrates");
+        assembly.start_jobs(&ctx);
 
-        ctx.events().emit(Noted(3)).await.expect("accepted");
+        let db = ctx.database().for_module("test");
+        let tx = db.begin().await.expect("begins");
+        tx.emit(&Noted(3)).await.expect("emits");
+        tx.commit().await.expect("commits");
         let seen = tokio::time::timeout(Duration::from_secs(5), received.recv()).await;
         assert_eq!(seen, Ok(Some(3)));
+        assembly
+            .stop_jobs(tokio::time::Instant::now() + Duration::from_secs(1))
+            .await;
+        assert_eq!(ctx.stop_events(Duration::from_secs(1)).await, 0);
     }
 }

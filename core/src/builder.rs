@@ -20,7 +20,7 @@ use crate::{
     ModuleContext,
     bus::{BusBuilder, Delivery, Message, Request},
     config::{ConfigError, LoadedConfig},
-    events::{Event, EventHandlerTable},
+    events::{Event, EventHandlerTable, Published},
     readiness::{CheckOutcome, ReadinessCheck},
 };
 #[cfg(feature = "storage")]
@@ -221,12 +221,14 @@ impl ModuleBuilder {
         self
     }
 
-    /// Handles the event `E` asynchronously, from the event dispatcher's workers.
+    /// Handles the event `E` after the change that emitted it committed, at least once,
+    /// retried when it fails (see [`events`](crate::events)). An `Err` (or a panic) is a
+    /// failed attempt.
     pub fn on_event<E, F, H, Fut>(&mut self, factory: F) -> &mut Self
     where
         E: Event,
         F: FnOnce(&ModuleContext) -> FactoryResult<H> + Send + 'static,
-        H: Fn(Arc<E>) -> Fut + Send + Sync + 'static,
+        H: Fn(Published<E>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let module = self.module;
@@ -375,17 +377,17 @@ impl<S: Clone + Send + Sync + 'static> ServiceBuilder<'_, S> {
         self
     }
 
-    /// Handles the event `E` with the service, from the event dispatcher's workers.
+    /// Handles the event `E` with the service (see [`ModuleBuilder::on_event`]).
     pub fn on_event<E, H, Fut>(&mut self, handler: H) -> &mut Self
     where
         E: Event,
-        H: Fn(S, Arc<E>) -> Fut + Send + Sync + 'static,
+        H: Fn(S, Published<E>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let service = self.getter();
         self.module.on_event(move |_| {
             let service = service()?;
-            Ok(move |event: Arc<E>| handler(service.clone(), event))
+            Ok(move |event: Published<E>| handler(service.clone(), event))
         });
         self
     }

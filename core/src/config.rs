@@ -482,57 +482,56 @@ impl Default for BusConfig {
     }
 }
 
-/// `[events]`: the event dispatcher (a bounded queue and a pool of workers).
+/// `[events]`: the relay that delivers the modules' domain events (see
+/// [`events`](crate::events)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventsConfig {
-    /// Events accepted but not yet handled (queued or being handled), at most.
-    pub queue_capacity: usize,
-    /// The estimated memory those events hold, in bytes, at most (see
-    /// [`Event::size_bytes`](crate::events::Event::size_bytes)); a full queue by either
-    /// measure takes no more events.
-    pub queue_max_bytes: usize,
-    /// Worker tasks calling the handlers.
+    /// Handlers one instance runs at once.
     pub workers: usize,
-    /// What a full queue does to a new event: wait for room (up to `wait_timeout_ms`),
-    /// or reject at once. A rejection is answered 503 with `Retry-After`.
-    pub full_policy: FullPolicy,
-    /// How long `wait` waits for room before rejecting.
-    pub wait_timeout_ms: u64,
-    /// Attempts per handler and event (the first included) before it counts as failed.
+    /// Publications claimed at once.
+    pub batch: usize,
+    /// How often the relay looks for due publications (retries, other instances' events,
+    /// claims that ran out); a commit that emitted wakes it at once.
+    pub poll_ms: u64,
+    /// How long a claim lasts: after this, another instance (or the next start) takes a
+    /// publication over from an instance that died delivering it.
+    pub lease_ms: u64,
+    /// How long one handler run may take before it counts as failed (less than
+    /// `lease_ms`).
+    pub handler_timeout_ms: u64,
+    /// Attempts per handler and event (the first included); then the publication is kept
+    /// as failed until resubmitted.
     pub max_attempts: u32,
     /// Backoff before the first retry; doubles with each attempt.
     pub retry_backoff_ms: u64,
     /// The longest backoff between two attempts.
     pub retry_backoff_max_ms: u64,
-    /// At shutdown, how long handling the accepted events may take.
+    /// At shutdown, how long the handlers under way may take to finish.
     pub drain_timeout_ms: u64,
+    /// How long completed publications are kept before the job `core.purge_publications` removes
+    /// them.
+    pub retention_ms: u64,
+    /// How often `core.purge_publications` runs.
+    pub purge_every_ms: u64,
 }
 
 impl Default for EventsConfig {
     fn default() -> Self {
         Self {
-            queue_capacity: 10_000,
-            queue_max_bytes: 64 * 1024 * 1024,
             workers: 4,
-            full_policy: FullPolicy::Wait,
-            wait_timeout_ms: 250,
+            batch: 64,
+            poll_ms: 1_000,
+            lease_ms: 60_000,
+            handler_timeout_ms: 30_000,
             max_attempts: 5,
             retry_backoff_ms: 100,
             retry_backoff_max_ms: 10_000,
             drain_timeout_ms: 30_000,
+            retention_ms: 7 * 24 * 3_600_000,
+            purge_every_ms: 3_600_000,
         }
     }
-}
-
-/// What a full event queue does to a new event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FullPolicy {
-    /// Wait for room, up to `events.wait_timeout_ms`, then reject.
-    Wait,
-    /// Reject at once.
-    Reject,
 }
 
 /// `[mq]`: where events are forwarded. The embedded `file` backend needs no service.
@@ -896,14 +895,22 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         problems.push("`bus.detached_max_in_flight`: must be between 1 and 1048576".into());
     }
     let events = &config.events;
-    if events.queue_capacity == 0 || events.queue_capacity > 1 << 28 || events.workers == 0 {
+    if !(1..=1024).contains(&events.workers) || !(1..=1000).contains(&events.batch) {
         problems.push(
-            "`events.queue_capacity` and `events.workers`: must be greater than 0 (capacity at most 268435456)"
+            "`events.workers` and `events.batch`: must be between 1 and 1024 (workers) and 1 and 1000 (batch)"
                 .into(),
         );
     }
-    if events.queue_max_bytes == 0 {
-        problems.push("`events.queue_max_bytes`: must be greater than 0".into());
+    if events.poll_ms == 0 || events.purge_every_ms == 0 {
+        problems
+            .push("`events.poll_ms` and `events.purge_every_ms`: must be greater than 0".into());
+    }
+    if events.handler_timeout_ms == 0 || events.handler_timeout_ms >= events.lease_ms {
+        problems.push(
+            "`events.handler_timeout_ms`: must be greater than 0 and less than `events.lease_ms`, \
+             or a handler still running loses its claim to another instance"
+                .into(),
+        );
     }
     if events.max_attempts == 0 {
         problems.push("`events.max_attempts`: must be at least 1".into());

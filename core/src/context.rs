@@ -15,7 +15,7 @@ use crate::{
     bus::{Bus, BusBuilder, Delivery, Message},
     clock::Clock,
     config::{Config, ConfigError, LoadedConfig},
-    events::{Event, EventDispatcher, EventHandlerTable},
+    events::{Event, EventHandlerTable, Published},
     module::ModuleInfo,
     readiness::{CheckOutcome, NamedCheck, Readiness},
     storage::{ModuleCache, Storage},
@@ -86,13 +86,14 @@ impl Extras {
         self
     }
 
-    /// Calls `observer` with every `E` emitted, as one more handler of `E`.
+    /// Calls `observer` with every `E` emitted, as one more handler of `E` (so each `E`
+    /// emitted is also stored for it, and delivered after its commit).
     pub fn observe_events<E: Event>(
         mut self,
-        observer: impl Fn(Arc<E>) + Send + Sync + 'static,
+        observer: impl Fn(Published<E>) + Send + Sync + 'static,
     ) -> Self {
         self.observers.push(Box::new(move |_, events| {
-            events.add(OBSERVER, move |event: Arc<E>| {
+            events.add(OBSERVER, move |event: Published<E>| {
                 observer(event);
                 std::future::ready(Ok(()))
             });
@@ -107,7 +108,6 @@ struct Inner {
     observers: Mutex<Vec<Observer>>,
     bus: Bus,
     readiness: Readiness,
-    events: EventDispatcher,
     #[cfg(feature = "queue")]
     queue: MessageQueue,
     modules: Vec<ModuleInfo>,
@@ -155,7 +155,6 @@ impl AppContext {
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                events: EventDispatcher::new(&config.config.events),
                 bus: Bus::new(&config.config.bus),
                 #[cfg(feature = "queue")]
                 queue,
@@ -208,9 +207,21 @@ impl AppContext {
         &self.inner.readiness
     }
 
-    /// The event dispatcher.
-    pub fn events(&self) -> &EventDispatcher {
-        &self.inner.events
+    /// Stops the relay delivering the modules' events: the handlers under way finish
+    /// within `budget` (at most `events.drain_timeout_ms`). Answers how many were
+    /// abandoned (they run again later).
+    pub async fn stop_events(&self, budget: Duration) -> usize {
+        #[cfg(feature = "storage")]
+        return self
+            .database()
+            .events()
+            .stop_relay(budget.min(Duration::from_millis(self.config().events.drain_timeout_ms)))
+            .await;
+        #[cfg(not(feature = "storage"))]
+        {
+            let _ = budget;
+            0
+        }
     }
 
     /// The message queue.
@@ -355,11 +366,6 @@ impl ModuleContext {
     #[cfg(feature = "storage")]
     pub fn database(&self) -> ModuleDb {
         self.app.inner.storage.database.for_module(self.module)
-    }
-
-    /// The event dispatcher (to emit events).
-    pub fn events(&self) -> &EventDispatcher {
-        self.app.events()
     }
 
     /// The message queue (to publish messages).

@@ -6,14 +6,20 @@
 //!   [`RevokeUserSessions`]; `user` asks before and while it changes an account.
 //! - Authentication: `auth` answers [`Authenticate`]; every module's API asks, through the
 //!   [`BearerAuth`](crate::auth::BearerAuth) extractor.
-//! - Domain events (published, past tense): `UserRegistered`, `UserUpdated`, `UserDeleted`,
-//!   `PasswordChanged` from `user`; `UserLoggedIn`, `LoginFailed`, `SessionRevoked` from `auth`.
+//! - Domain events ([`Event`]s, past tense, emitted in the transaction of their change):
+//!   `UserRegistered`, `UserUpdated`, `UserDeleted`, `PasswordChanged` from `user`;
+//!   `UserLoggedIn`, `LoginFailed`, `SessionRevoked` from `auth`. `UserDeleted` is also
+//!   published on the bus once the deletion committed, for what must happen before the
+//!   deletion is answered (forgetting cached sessions).
 
 #[cfg(feature = "storage")]
 use crate::storage::Tx;
+use serde::{Deserialize, Serialize};
+
 use crate::{
     auth::{AuthError, Principal},
     bus::{Message, Request},
+    events::Event,
 };
 
 /// A user as other modules see it.
@@ -172,69 +178,84 @@ impl Request for RevokeUserSessions {
 }
 
 /// A user registered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRegistered {
     /// The user id.
     pub user_id: String,
     /// The e-mail.
     pub email: String,
 }
-impl Message for UserRegistered {}
+impl Event for UserRegistered {
+    const NAME: &'static str = "user.registered";
+}
 
 /// A user's profile changed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserUpdated {
     /// The user id.
     pub user_id: String,
     /// Names of the changed fields.
-    pub fields: Vec<&'static str>,
+    pub fields: Vec<String>,
 }
-impl Message for UserUpdated {}
+impl Event for UserUpdated {
+    const NAME: &'static str = "user.updated";
+}
 
 /// A user was (soft-)deleted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserDeleted {
     /// The user id.
     pub user_id: String,
 }
+impl Event for UserDeleted {
+    const NAME: &'static str = "user.deleted";
+}
 impl Message for UserDeleted {}
 
 /// A user changed their password (their other sessions are revoked).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasswordChanged {
     /// The user id.
     pub user_id: String,
 }
-impl Message for PasswordChanged {}
+impl Event for PasswordChanged {
+    const NAME: &'static str = "user.password_changed";
+}
 
 /// A user logged in.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserLoggedIn {
     /// The user id.
     pub user_id: String,
     /// The new session.
     pub session_id: String,
 }
-impl Message for UserLoggedIn {}
+impl Event for UserLoggedIn {
+    const NAME: &'static str = "auth.logged_in";
+}
 
 /// A login attempt failed (the e-mail is as typed; it may not exist).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoginFailed {
     /// The e-mail as typed.
     pub email: String,
     /// Why: `invalid_credentials` or `rate_limited`.
-    pub reason: &'static str,
+    pub reason: String,
 }
-impl Message for LoginFailed {}
+impl Event for LoginFailed {
+    const NAME: &'static str = "auth.login_failed";
+}
 
 /// A session was revoked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRevoked {
     /// The user id.
     pub user_id: String,
     /// The session.
     pub session_id: String,
     /// Why: `logout`, `logout_all`, `refresh_reuse`, `user_deleted`.
-    pub reason: &'static str,
+    pub reason: String,
 }
-impl Message for SessionRevoked {}
+impl Event for SessionRevoked {
+    const NAME: &'static str = "auth.session_revoked";
+}

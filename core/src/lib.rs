@@ -29,6 +29,7 @@
 
 mod assembly;
 pub mod auth;
+#[cfg(any(feature = "queue", feature = "storage"))]
 mod backoff;
 mod builder;
 pub mod bus;

@@ -45,18 +45,19 @@ pub const CACHE_MISSES_TOTAL: &str = "cache_misses_total";
 pub const CACHE_ERRORS_TOTAL: &str = "cache_errors_total";
 /// 1 while the cache answers, 0 during an outage.
 pub const CACHE_UP: &str = "cache_up";
-/// Events accepted and not yet handled.
-pub const EVENTS_QUEUE_DEPTH: &str = "events_queue_depth";
-/// Events accepted by the dispatcher, by event.
-pub const EVENTS_ACCEPTED_TOTAL: &str = "events_accepted_total";
-/// Events whose handlers all ran, by event.
-pub const EVENTS_HANDLED_TOTAL: &str = "events_handled_total";
-/// Handler attempts that failed and were retried, by event and module.
-pub const EVENTS_RETRIED_TOTAL: &str = "events_retried_total";
-/// Handlers that failed every attempt, by event and module.
-pub const EVENTS_FAILED_TOTAL: &str = "events_failed_total";
-/// Events not accepted, by event and reason.
-pub const EVENTS_REJECTED_TOTAL: &str = "events_rejected_total";
+/// Publications by status (`pending`, `failed`), over the whole database.
+pub const EVENT_PUBLICATIONS: &str = "event_publications";
+/// Age of the oldest pending publication.
+pub const EVENT_PUBLICATIONS_OLDEST_PENDING_AGE_SECONDS: &str =
+    "event_publications_oldest_pending_age_seconds";
+/// Publications whose handler ran, by event and module.
+pub const EVENT_PUBLICATIONS_COMPLETED_TOTAL: &str = "event_publications_completed_total";
+/// Handler attempts that failed and will be retried, by event and module.
+pub const EVENT_PUBLICATIONS_RETRIED_TOTAL: &str = "event_publications_retried_total";
+/// Publications whose handler failed every attempt, by event and module.
+pub const EVENT_PUBLICATIONS_FAILED_TOTAL: &str = "event_publications_failed_total";
+/// Failed publications resubmitted.
+pub const EVENT_PUBLICATIONS_RESUBMITTED_TOTAL: &str = "event_publications_resubmitted_total";
 /// Handler duration histogram, by event and module.
 pub const EVENT_HANDLER_DURATION_SECONDS: &str = "event_handler_duration_seconds";
 /// Messages buffered in front of the queue backend (waiting or being sent).
@@ -205,28 +206,29 @@ fn describe() {
     );
     describe_gauge!(CACHE_UP, "1 while the cache answers, 0 during an outage.");
     describe_gauge!(
-        EVENTS_QUEUE_DEPTH,
-        "Events accepted by the dispatcher and not yet handled (queued or in a handler)."
+        EVENT_PUBLICATIONS,
+        "Event publications by status (pending, failed), over the whole database."
+    );
+    describe_gauge!(
+        EVENT_PUBLICATIONS_OLDEST_PENDING_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest pending event publication (0 when none is pending)."
     );
     describe_counter!(
-        EVENTS_ACCEPTED_TOTAL,
-        "Events accepted by the dispatcher, by event."
+        EVENT_PUBLICATIONS_COMPLETED_TOTAL,
+        "Event publications whose handler ran, by event and module."
     );
     describe_counter!(
-        EVENTS_HANDLED_TOTAL,
-        "Events whose handlers have all run, by event."
+        EVENT_PUBLICATIONS_RETRIED_TOTAL,
+        "Event handler attempts that failed and will be retried, by event and module."
     );
     describe_counter!(
-        EVENTS_RETRIED_TOTAL,
-        "Event handler attempts that failed and were retried, by event and module."
+        EVENT_PUBLICATIONS_FAILED_TOTAL,
+        "Event publications whose handler failed every attempt (kept as failed), by event and module."
     );
     describe_counter!(
-        EVENTS_FAILED_TOTAL,
-        "Event handlers that failed every attempt, by event and module."
-    );
-    describe_counter!(
-        EVENTS_REJECTED_TOTAL,
-        "Events not accepted (full queue, shutting down), by event and reason."
+        EVENT_PUBLICATIONS_RESUBMITTED_TOTAL,
+        "Failed event publications resubmitted."
     );
     describe_histogram!(
         EVENT_HANDLER_DURATION_SECONDS,

@@ -78,8 +78,8 @@ impl ShutdownHandle {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the shutdown budget ran out: {connections} connections closed with {requests} requests \
-     unanswered, {subscribers} bus subscribers unfinished, {events} accepted events \
-     unhandled, {messages} messages undelivered (`server.shutdown_timeout_ms`, \
+     unanswered, {subscribers} bus subscribers unfinished, {events} event handlers \
+     abandoned (delivered again later), {messages} messages undelivered (`server.shutdown_timeout_ms`, \
      `events.drain_timeout_ms`, `mq.drain_timeout_ms`)"
 )]
 pub struct ShutdownIncomplete {
@@ -89,7 +89,7 @@ pub struct ShutdownIncomplete {
     pub requests: usize,
     /// Bus subscribers still running.
     pub subscribers: usize,
-    /// Accepted events left unhandled.
+    /// Event handlers still running (their publications are delivered again later).
     pub events: usize,
     /// Messages left in the message queue's buffer.
     pub messages: usize,
@@ -337,13 +337,14 @@ impl Application {
             (deadline, unfinished)
         };
         let ((), (deadline, unfinished)) = tokio::join!(serving, stopping);
-        // Accepted events are handled before the modules stop, and what their handlers
-        // published is delivered before the process exits.
+        // The event handlers under way finish before the modules stop (the publications
+        // not yet claimed wait in the database), and what they published is delivered
+        // before the process exits.
         let left = || deadline.saturating_duration_since(Instant::now());
         assembly.stop_jobs(deadline).await;
         // What detached bus subscribers were doing may still emit events.
         let subscribers = ctx.bus().drain(deadline).await;
-        let events = ctx.events().drain(left()).await;
+        let events = ctx.stop_events(left()).await;
         assembly.shutdown(&ctx, deadline).await;
         let messages = ctx.close_backends(left()).await;
         let incomplete = ShutdownIncomplete {

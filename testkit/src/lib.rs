@@ -44,7 +44,7 @@ use trellis_core::{
     Extras,
     bus::Message,
     config::{ConfigSources, LoadedConfig},
-    events::Event,
+    events::{Event, Published},
 };
 use trellis_server::{Application, ShutdownHandle};
 
@@ -150,8 +150,9 @@ impl TestAppBuilder {
         captured
     }
 
-    /// Captures every `E` emitted to the event dispatcher.
-    pub fn capture_events<E: Event>(&mut self) -> Captured<Arc<E>> {
+    /// Captures every `E` emitted, once its transaction committed (a handler of its own,
+    /// so each `E` is also stored for it).
+    pub fn capture_events<E: Event + Clone>(&mut self) -> Captured<Published<E>> {
         let captured = Captured::new();
         let sink = captured.clone();
         self.extras = std::mem::take(&mut self.extras).observe_events(move |e| sink.push(e));

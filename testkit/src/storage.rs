@@ -10,8 +10,32 @@ use serde_json::Value;
 /// `postgres` or `redis`, a fresh PostgreSQL database and a Redis key prefix of its own.
 pub struct TestStorage {
     dir: tempfile::TempDir,
+    /// The PostgreSQL database this storage created (admin URL, name), dropped with it.
+    database: Option<(String, String)>,
     /// Configuration keys and values selecting this storage.
     pub settings: Vec<(&'static str, String)>,
+}
+
+impl Drop for TestStorage {
+    /// Drops the PostgreSQL database it created, ending the connections still open to it:
+    /// a server a test did not stop leaves its pool behind (the runtime that would have
+    /// closed it is gone), and a suite of such servers would use up the server's
+    /// connections.
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.database.take() {
+            let dropped = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime")
+                    .block_on(drop_postgres_database(&admin, &name));
+            })
+            .join();
+            if dropped.is_err() {
+                eprintln!("the test database could not be dropped");
+            }
+        }
+    }
 }
 
 impl TestStorage {
@@ -19,8 +43,14 @@ impl TestStorage {
     pub async fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut owned = None;
         let database = match postgres_admin_url() {
-            Some(admin) => create_postgres_database(&admin, &format!("t_{id}")).await,
+            Some(admin) => {
+                let name = format!("t_{id}");
+                let url = create_postgres_database(&admin, &name).await;
+                owned = Some((admin, name));
+                url
+            }
             None => format!("sqlite://{}/trellis.db", dir.path().display()),
         };
         let folder = |name: &str| dir.path().join(name).display().to_string();
@@ -36,19 +66,25 @@ impl TestStorage {
             settings.push(("cache.url", redis));
             settings.push(("cache.prefix", format!("t-{id}")));
         }
-        Self { dir, settings }
+        Self {
+            dir,
+            database: owned,
+            settings,
+        }
     }
 
     /// Storage that outlives nothing: for a server whose storage was handed on.
     pub(crate) fn empty() -> Self {
         Self {
             dir: tempfile::tempdir().expect("tempdir"),
+            database: None,
             settings: Vec::new(),
         }
     }
 
     /// The same database and cache for a second server (an instance beside the first);
-    /// the message queue's spool and files go to folders of its own.
+    /// the message queue's spool and files go to folders of its own. The database stays
+    /// this storage's: it is dropped with this one.
     pub async fn sharing(&self) -> Self {
         let mut other = Self::new().await;
         for (key, value) in &mut other.settings {
@@ -167,3 +203,19 @@ async fn create_postgres_database(admin: &str, name: &str) -> String {
 async fn create_postgres_database(_admin: &str, _name: &str) -> String {
     unreachable!("`postgres_admin_url` answers None without the `postgres` feature")
 }
+
+#[cfg(feature = "postgres")]
+async fn drop_postgres_database(admin: &str, name: &str) {
+    use sqlx::{Connection as _, Executor as _};
+    let Ok(mut conn) = sqlx::AnyConnection::connect(admin).await else {
+        return;
+    };
+    let _ = conn
+        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        ))))
+        .await;
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn drop_postgres_database(_admin: &str, _name: &str) {}

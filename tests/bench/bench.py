@@ -405,6 +405,12 @@ def main():
         n = r["rps"] * DURATION
         previous_login = (r, (cpu1 - cpu0) / n * 1000 if n else float("nan"))
 
+    log("registration rate (each emits user.registered, handled by bi)")
+    registrations = {}
+    for name, server in (("trellis", trellis), *(((PREVIOUS_NAME, previous),) if previous else ())):
+        settle(server.proc.pid)
+        registrations[name] = wrk(server.url("/api/v1/users"), script=registration_script(work, name))
+
     rss_after = rss_mib(trellis.proc.pid)
     for s in (poem, openapi, memory, *quieter, *((previous,) if previous else ()),
               *((shared, proxy, *instances) if shared else ())):
@@ -431,7 +437,7 @@ def main():
     bi_events = count_events(work / "data" / "events")
     write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, total,
                   (bi_runs, bi_memory_runs, spool), bi_events, load_before, load_after, started,
-                  previous_login)
+                  previous_login, registrations)
     shutil.rmtree(work, ignore_errors=True)
     log(f"results written to {RESULTS}")
 
@@ -443,7 +449,8 @@ def count_events(directory):
 
 
 def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, users,
-                  bi, bi_events, load_before, load_after, started, previous_login=None):
+                  bi, bi_events, load_before, load_after, started, previous_login=None,
+                  registrations=None):
     bi_runs, bi_memory_runs, spool = bi
     def rps(scenario, server):
         return [r["rps"] for r in results[(scenario, server)]]
@@ -550,7 +557,7 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"{login['rps']:,.1f} logins/s on one core; {cpu_per_login_ms:.1f} ms of server CPU per login "
         f"(p99 {login['p99_ms']:.0f} ms at 64 connections).",
         "",
-        *previous_section(results, login, cpu_per_login_ms, previous_login),
+        *previous_section(results, login, cpu_per_login_ms, previous_login, registrations or {}),
         *shared_section,
         "## BI ingest",
         "",
@@ -582,7 +589,23 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
     RESULTS.write_text("\n".join(lines) + kept_history())
 
 
-def previous_section(results, login, cpu_per_login_ms, previous_login):
+def registration_script(work, name):
+    """A wrk script registering a new account per request: e-mails unique per thread and
+    per run."""
+    script = work / f"register-{name}.lua"
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        "local threads = 0\n"
+        "function setup(thread) threads = threads + 1; thread:set('tid', threads) end\n"
+        "local n = 0\n"
+        "function request()\n  n = n + 1\n"
+        f"  return wrk.format(nil, nil, nil, '{{\"email\":\"r{name}-' .. tid .. '-' .. n .. "
+        f"'@example.com\",\"password\":\"{PASSWORD}\",\"first_name\":\"Bench\",\"last_name\":\"Mark\"}}')\n"
+        "end\n")
+    return script
+
+
+def previous_section(results, login, cpu_per_login_ms, previous_login, registrations):
     """The same rounds against the previous build (BENCH_PREVIOUS), as ratios."""
     if previous_login is None:
         return []
@@ -603,8 +626,12 @@ def previous_section(results, login, cpu_per_login_ms, previous_login):
     lines += [
         f"| login | {login['rps']:,.1f} ({cpu_per_login_ms:.1f} ms CPU each) | {r['rps']:,.1f} "
         f"({cpu_ms:.1f} ms CPU each) | {login['rps'] / r['rps']:.3f} × |",
-        "",
     ]
+    if PREVIOUS_NAME in registrations:
+        now, before = registrations["trellis"], registrations[PREVIOUS_NAME]
+        lines.append(f"| registration, 201s/s | {now['ok_rps']:,.1f} | {before['ok_rps']:,.1f} | "
+                     f"{now['ok_rps'] / before['ok_rps']:.3f} × |")
+    lines.append("")
     return lines
 
 

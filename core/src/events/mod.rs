@@ -1,80 +1,130 @@
-//! Events: handled asynchronously, after the request that raised them was answered.
+//! Events: a module's domain events, recorded with the change that raised them and handled
+//! after it committed, at least once.
 //!
-//! Modules declare handlers with [`ModuleBuilder::on_event`](crate::ModuleBuilder::on_event);
-//! several handlers per event type are allowed. The [`EventDispatcher`] queues what modules
-//! emit and calls the handlers from a pool of workers.
+//! - **Emit.** A module emits an event inside the transaction of its change
+//!   ([`Tx::emit`](crate::storage::Tx::emit), or [`ModuleDb::emit`](crate::storage::ModuleDb::emit)
+//!   for an event that changes nothing else). That writes one *publication* per handler of
+//!   the event into the table `trellis_event_publications`, so the change and its events
+//!   commit or roll back together, and a crash after the commit loses no event.
+//! - **Handle.** Modules declare handlers with
+//!   [`ModuleBuilder::on_event`](crate::ModuleBuilder::on_event). Each instance's relay
+//!   ([`Publications`]) claims due publications (`FOR UPDATE SKIP LOCKED` on PostgreSQL,
+//!   so several instances share the work), runs their handlers and marks them completed. A
+//!   commit that emitted wakes the relay at once; it also looks every `events.poll_ms`.
+//! - **Retry.** A failing, panicking or timed-out handler is tried again after an
+//!   exponential backoff, up to `events.max_attempts`; then its publication is recorded as
+//!   failed, with the last error, until it is resubmitted. A claim is a lease of
+//!   `events.lease_ms`: if the instance dies, another one (or the next start) takes the
+//!   publication over when the lease runs out.
+//! - **At least once.** A handler may see a publication again (a crash between its run and
+//!   the record of its completion): [`Published::id`] is the same each time.
+//! - Completed publications are removed after `events.retention_ms` by the job
+//!   `core.purge_publications`.
+//!
+//! Handlers can be declared in any build; publications need the database (the feature
+//! `storage`): a build without one has no module that emits.
 
-mod dispatcher;
+#[cfg(feature = "storage")]
+mod publications;
+#[cfg(feature = "storage")]
+mod relay;
 
-use std::{
-    any::{Any, TypeId},
-    collections::HashMap,
-    sync::Arc,
-};
-
-pub use dispatcher::{DispatchError, EventDispatcher, QUEUE_UNAVAILABLE};
+use std::{ops::Deref, sync::Arc};
 
 use futures_util::future::BoxFuture;
+use serde::{Serialize, de::DeserializeOwned};
 
-use crate::metrics::{EVENT_HANDLER_DURATION_SECONDS, EVENTS_ACCEPTED_TOTAL, EVENTS_HANDLED_TOTAL};
+#[cfg(feature = "storage")]
+pub(crate) use publications::purge;
+#[cfg(feature = "storage")]
+pub use publications::{MIGRATIONS, PUBLICATIONS_TABLE, Publications};
 
-/// An event handled asynchronously (named in the past tense: `UserRegistered`).
-pub trait Event: Send + Sync + 'static {
-    /// A stable name, used in logs and metrics labels.
+use crate::metrics::EVENT_HANDLER_DURATION_SECONDS;
+
+/// A domain event (named in the past tense: `UserRegistered`). It is stored as JSON until
+/// its handlers have run, so its serialised form is a contract between versions: add
+/// fields with defaults, never rename one.
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// A stable name (`user.registered`), stored with each publication and used in logs
+    /// and metrics labels.
     const NAME: &'static str;
+}
 
-    /// The event's own id, when it has one; logged with a failure.
-    fn id(&self) -> Option<&str> {
-        None
+/// An event as its handler receives it: the event, and facts about its publication.
+#[derive(Debug, Clone)]
+pub struct Published<E> {
+    id: Arc<str>,
+    request_id: Option<Arc<str>>,
+    emitted_at_ms: i64,
+    attempt: u32,
+    event: E,
+}
+
+impl<E> Published<E> {
+    /// The event's id: the same for each of its handlers and each delivery (a handler that
+    /// forwards the event can use it to let consumers drop a duplicate).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
-    /// The memory the event holds while queued, estimated cheaply (no serialisation):
-    /// counted against `events.queue_max_bytes`. By default its inline size; an event
-    /// owning strings or maps adds their lengths.
-    fn size_bytes(&self) -> usize
-    where
-        Self: Sized,
-    {
-        size_of::<Self>()
+    /// The id of the request that emitted it, if a request did.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    /// When it was emitted, in milliseconds since the Unix epoch (the system clock).
+    pub fn emitted_at_ms(&self) -> i64 {
+        self.emitted_at_ms
+    }
+
+    /// Which attempt this is (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The event.
+    pub fn event(&self) -> &E {
+        &self.event
     }
 }
 
-/// A handler, erased to its event type.
-pub type ErasedEventHandler<E> =
-    Arc<dyn Fn(Arc<E>) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+impl<E> Deref for Published<E> {
+    type Target = E;
+    fn deref(&self) -> &E {
+        &self.event
+    }
+}
 
-/// One module's handler for `E`.
-pub struct EventHandlerEntry<E> {
-    /// The module that registered it.
-    pub module: &'static str,
-    /// The handler.
-    pub handler: ErasedEventHandler<E>,
-    /// Its `event_handler_duration_seconds` series.
+/// A stored publication, as the relay hands it to a handler.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "storage"), expect(dead_code))]
+pub(crate) struct Stored {
+    pub(crate) id: String,
+    pub(crate) event_id: String,
+    pub(crate) event: String,
+    pub(crate) listener: String,
+    pub(crate) payload: String,
+    pub(crate) request_id: Option<String>,
+    pub(crate) emitted_at_ms: i64,
+    /// Attempts made before this one.
+    pub(crate) attempts: i64,
+}
+
+type Run = Arc<dyn Fn(&Stored) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+/// One module's handler for one event type, erased to the stored JSON.
+#[cfg_attr(not(feature = "storage"), expect(dead_code))]
+pub(crate) struct Route {
+    pub(crate) event: &'static str,
+    pub(crate) module: &'static str,
+    pub(crate) run: Run,
     pub(crate) duration: metrics::Histogram,
 }
 
-impl<E> Clone for EventHandlerEntry<E> {
-    fn clone(&self) -> Self {
-        Self {
-            module: self.module,
-            handler: self.handler.clone(),
-            duration: self.duration.clone(),
-        }
-    }
-}
-
-/// The handlers of one event type, with the type's counters: looked up in the recorder
-/// once, not per event.
-pub(crate) struct EventHandlers<E> {
-    pub(crate) entries: Vec<EventHandlerEntry<E>>,
-    pub(crate) accepted: metrics::Counter,
-    pub(crate) handled: metrics::Counter,
-}
-
-/// Handlers by event type.
+/// The handlers of every event type, in module order.
 #[derive(Default)]
 pub struct EventHandlerTable {
-    handlers: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    routes: Vec<Route>,
 }
 
 impl EventHandlerTable {
@@ -82,68 +132,49 @@ impl EventHandlerTable {
     pub fn add<E, H, Fut>(&mut self, module: &'static str, handler: H)
     where
         E: Event,
-        H: Fn(Arc<E>) -> Fut + Send + Sync + 'static,
+        H: Fn(Published<E>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let handler: ErasedEventHandler<E> = Arc::new(move |event| Box::pin(handler(event)));
-        let duration = metrics::histogram!(
-            EVENT_HANDLER_DURATION_SECONDS,
-            "event" => E::NAME,
-            "module" => module
-        );
-        self.handlers
-            .entry(TypeId::of::<E>())
-            .or_insert_with(|| {
-                Box::new(EventHandlers::<E> {
-                    entries: Vec::new(),
-                    accepted: metrics::counter!(EVENTS_ACCEPTED_TOTAL, "event" => E::NAME),
-                    handled: metrics::counter!(EVENTS_HANDLED_TOTAL, "event" => E::NAME),
-                })
-            })
-            .downcast_mut::<EventHandlers<E>>()
-            .expect("handler lists are keyed by their event type")
-            .entries
-            .push(EventHandlerEntry {
-                module,
-                handler,
-                duration,
-            });
+        let run: Run = Arc::new(move |stored: &Stored| {
+            let event = match serde_json::from_str::<E>(&stored.payload) {
+                Ok(event) => event,
+                Err(error) => {
+                    let error = anyhow::anyhow!("the stored `{}` cannot be read: {error}", E::NAME);
+                    return Box::pin(std::future::ready(Err(error)));
+                }
+            };
+            Box::pin(handler(Published {
+                id: stored.event_id.as_str().into(),
+                request_id: stored.request_id.as_deref().map(Into::into),
+                emitted_at_ms: stored.emitted_at_ms,
+                attempt: u32::try_from(stored.attempts + 1).unwrap_or(u32::MAX),
+                event,
+            }))
+        });
+        self.routes.push(Route {
+            event: E::NAME,
+            module,
+            run,
+            duration: metrics::histogram!(
+                EVENT_HANDLER_DURATION_SECONDS,
+                "event" => E::NAME,
+                "module" => module
+            ),
+        });
     }
 
-    /// The handlers for `E`, in module order.
-    pub fn get<E: Event>(&self) -> &[EventHandlerEntry<E>] {
-        self.handlers_of::<E>()
-            .map(|h| h.entries.as_slice())
-            .unwrap_or_default()
+    #[cfg_attr(not(feature = "storage"), expect(dead_code))]
+    pub(crate) fn route(&self, event: &str, module: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.event == event && r.module == module)
     }
 
-    pub(crate) fn handlers_of<E: Event>(&self) -> Option<&EventHandlers<E>> {
-        self.handlers
-            .get(&TypeId::of::<E>())
-            .and_then(|h| h.downcast_ref::<EventHandlers<E>>())
+    #[cfg_attr(not(feature = "storage"), expect(dead_code))]
+    pub(crate) fn routes(&self) -> &[Route] {
+        &self.routes
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Pinged;
-    impl Event for Pinged {
-        const NAME: &'static str = "pinged";
-    }
-
-    #[tokio::test]
-    async fn several_handlers_per_event_type_in_order() {
-        let mut table = EventHandlerTable::default();
-        table.add("a", |_: Arc<Pinged>| async { Ok(()) });
-        table.add("b", |_: Arc<Pinged>| async { anyhow::bail!("b fails") });
-        let entries = table.get::<Pinged>();
-        assert_eq!(
-            entries.iter().map(|e| e.module).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        assert!((entries[0].handler)(Arc::new(Pinged)).await.is_ok());
-        assert!((entries[1].handler)(Arc::new(Pinged)).await.is_err());
-    }
-}
+mod tests;

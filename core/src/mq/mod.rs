@@ -143,10 +143,10 @@ impl ProblemError for PublishError {
         StatusCode::SERVICE_UNAVAILABLE
     }
     fn slug(&self) -> &'static str {
-        crate::events::QUEUE_UNAVAILABLE.0
+        "event-queue-unavailable"
     }
     fn title(&self) -> &'static str {
-        crate::events::QUEUE_UNAVAILABLE.1
+        "Events cannot be accepted right now"
     }
     fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         let seconds = match self {

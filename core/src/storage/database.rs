@@ -3,7 +3,10 @@
 //! placeholders, which both backends accept.
 
 use std::{
-    sync::{Arc, Once},
+    sync::{
+        Arc, Once,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -16,6 +19,7 @@ use sqlx::{
 
 use crate::{
     config::DatabaseConfig,
+    events::{Event, Publications},
     metrics::{DB_POOL_CONNECTIONS, DB_QUERY_DURATION_SECONDS, DB_QUERY_ERRORS_TOTAL},
     problem::ProblemError,
     readiness::CheckOutcome,
@@ -40,11 +44,12 @@ impl Backend {
     }
 }
 
-/// The pool. Cheap to clone.
+/// The pool, and the event publications kept in it. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    events: Publications,
 }
 
 static DRIVERS: Once = Once::new();
@@ -84,12 +89,21 @@ impl Database {
             .with_context(|| {
                 format!("cannot connect to the database at `{}` (`database.url`)", config.url.redacted())
             })?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            events: Publications::default(),
+        })
     }
 
     /// The backend.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The event publications: what transactions emit, and the relay delivering them.
+    pub fn events(&self) -> &Publications {
+        &self.events
     }
 
     /// The pool, for core's own use (migrations, checks).
@@ -222,17 +236,32 @@ impl ModuleDb {
         Ok(Tx {
             inner: Arc::new(tokio::sync::Mutex::new(Some(tx))),
             backend: self.db.backend,
+            events: self.db.events.clone(),
+            emitted: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Emits `event` on its own, for an event that comes with no other change (a failed
+    /// login): a transaction of one publication per handler.
+    pub async fn emit<E: Event>(&self, event: &E) -> Result<(), DbError> {
+        if !self.db.events.handles::<E>() {
+            return Ok(());
+        }
+        let tx = self.begin().await?;
+        tx.emit(event).await?;
+        tx.commit().await
     }
 }
 
 /// A transaction shared by the modules taking part in one change. Statements run on it
 /// one at a time ([`Tx::conn`]); the module that began it commits it. Dropped without a
-/// commit, it rolls back.
+/// commit, it rolls back, and so do the events emitted in it ([`Tx::emit`]).
 #[derive(Clone)]
 pub struct Tx {
     inner: Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Any>>>>,
     backend: Backend,
+    events: Publications,
+    emitted: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Tx {
@@ -264,10 +293,26 @@ impl Tx {
         TxConn(self.inner.lock().await)
     }
 
-    /// Commits; an error if it was committed already or the database refused.
+    /// Records `event` with the change: its handlers run once the transaction has
+    /// committed (at least once each; see [`events`](crate::events)), and never if it
+    /// rolls back.
+    pub async fn emit<E: Event>(&self, event: &E) -> Result<(), DbError> {
+        let mut conn = self.conn().await;
+        if self.events.record(conn.get()?, event).await? {
+            self.emitted.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Commits (and wakes the relay when events were emitted); an error if it was
+    /// committed already or the database refused.
     pub async fn commit(&self) -> Result<(), DbError> {
         let tx = self.inner.lock().await.take().ok_or(DbError::NotFound)?;
-        tx.commit().await.map_err(DbError::from)
+        tx.commit().await.map_err(DbError::from)?;
+        if self.emitted.load(Ordering::Relaxed) {
+            self.events.wake();
+        }
+        Ok(())
     }
 }
 

@@ -283,12 +283,7 @@ impl Auth {
         }
         .await;
         if let Err(error) = allowed {
-            self.bus
-                .publish(LoginFailed {
-                    email: account,
-                    reason: "rate_limited",
-                })
-                .await;
+            self.login_failed(account, "rate_limited").await;
             return Err(error);
         }
         let verified = self
@@ -303,12 +298,7 @@ impl Auth {
             Ok(Some(user)) => user,
             Ok(None) => {
                 self.record_failure(&keys).await;
-                self.bus
-                    .publish(LoginFailed {
-                        email: account,
-                        reason: "invalid_credentials",
-                    })
-                    .await;
+                self.login_failed(account, "invalid_credentials").await;
                 return Err(AuthModuleError::InvalidCredentials);
             }
             Err(error) => {
@@ -322,30 +312,46 @@ impl Auth {
         let now_ms = self.clock.now_millis();
         let expires_at = now_ms + i64::try_from(self.config.session_ttl_ms).unwrap_or(i64::MAX);
         let address = client.address.map(|a| a.to_string());
+        let tx = self.repo.begin().await?;
         let inserted = self
             .repo
-            .insert_session(SessionForCreate {
-                id: &session_id,
-                user_id: &user.id,
-                now: now_ms,
-                expires_at,
-                user_agent: client.user_agent.as_deref(),
-                address: address.as_deref(),
-            })
+            .insert_session(
+                &tx,
+                SessionForCreate {
+                    id: &session_id,
+                    user_id: &user.id,
+                    now: now_ms,
+                    expires_at,
+                    user_agent: client.user_agent.as_deref(),
+                    address: address.as_deref(),
+                },
+            )
             .await?;
         if !inserted {
             // The account was deleted while its password was being checked.
             return Err(AuthModuleError::InvalidCredentials);
         }
+        tx.emit(&UserLoggedIn {
+            user_id: user.id.clone(),
+            session_id: session_id.clone(),
+        })
+        .await?;
+        tx.commit().await?;
         let pair = self.issue(&user.id, &session_id, now_ms).await?;
         tracing::info!(user_id = %user.id, "logged in");
-        self.bus
-            .publish(UserLoggedIn {
-                user_id: user.id,
-                session_id,
-            })
-            .await;
         Ok(pair)
+    }
+
+    /// Records a failed login as an event. It changes nothing else, and a database that
+    /// cannot store it does not change the answer.
+    async fn login_failed(&self, email: String, reason: &str) {
+        let event = LoginFailed {
+            email,
+            reason: reason.to_owned(),
+        };
+        if let Err(error) = self.repo.emit(&event).await {
+            tracing::warn!(%error, reason, "failed login not recorded as an event");
+        }
     }
 
     async fn issue(
@@ -404,18 +410,20 @@ impl Auth {
         session_id: &str,
         reason: &'static str,
     ) -> Result<(), AuthModuleError> {
+        let tx = self.repo.begin().await?;
         if self
             .repo
-            .revoke_session(user_id, session_id, self.clock.now_millis())
+            .revoke_session(&tx, user_id, session_id, self.clock.now_millis())
             .await?
         {
-            self.bus
-                .publish(SessionRevoked {
-                    user_id: user_id.to_owned(),
-                    session_id: session_id.to_owned(),
-                    reason,
-                })
-                .await;
+            tx.emit(&SessionRevoked {
+                user_id: user_id.to_owned(),
+                session_id: session_id.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .await?;
+            tx.commit().await?;
+            self.repo.forget_sessions(&[session_id.to_owned()]).await;
         }
         Ok(())
     }
@@ -427,19 +435,21 @@ impl Auth {
         except: Option<&str>,
         reason: &'static str,
     ) -> Result<u64, AuthModuleError> {
+        let tx = self.repo.begin().await?;
         let ids = self
             .repo
-            .revoke_all(user_id, except, self.clock.now_millis())
+            .revoke_all(&tx, user_id, except, self.clock.now_millis())
             .await?;
         for session_id in &ids {
-            self.bus
-                .publish(SessionRevoked {
-                    user_id: user_id.to_owned(),
-                    session_id: session_id.clone(),
-                    reason,
-                })
-                .await;
+            tx.emit(&SessionRevoked {
+                user_id: user_id.to_owned(),
+                session_id: session_id.clone(),
+                reason: reason.to_owned(),
+            })
+            .await?;
         }
+        tx.commit().await?;
+        self.repo.forget_sessions(&ids).await;
         Ok(ids.len() as u64)
     }
 

@@ -3,7 +3,10 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use trellis_core::storage::{DbError, Migration, ModuleCache, ModuleDb, Tx};
+use trellis_core::{
+    events::Event,
+    storage::{DbError, Migration, ModuleCache, ModuleDb, Tx},
+};
 
 use crate::domain::ListedSession;
 
@@ -137,11 +140,10 @@ impl AuthRepo {
         &self.cache
     }
 
-    /// Inserts the session; false when the account was closed meanwhile.
-    pub async fn insert_session(&self, s: SessionForCreate<'_>) -> Result<bool, DbError> {
+    /// Inserts the session in `tx`; false when the account was closed meanwhile.
+    pub async fn insert_session(&self, tx: &Tx, s: SessionForCreate<'_>) -> Result<bool, DbError> {
         self.db
-            .run(
-                "insert_session",
+            .run("insert_session", async {
                 // Not for a closed account: a login whose password check raced the
                 // deletion must not leave a session behind.
                 sqlx::query(
@@ -155,8 +157,9 @@ impl AuthRepo {
                 .bind(s.expires_at)
                 .bind(s.user_agent)
                 .bind(s.address)
-                .execute(self.db.pool()),
-            )
+                .execute(tx.conn().await.get()?)
+                .await
+            })
             .await
             .map(|done| done.rows_affected() == 1)
     }
@@ -293,36 +296,43 @@ impl AuthRepo {
         }
     }
 
-    /// Revokes one session of `user_id`; false when it was not live.
-    pub async fn revoke_session(&self, user_id: &str, id: &str, now: i64) -> Result<bool, DbError> {
+    /// Revokes one session of `user_id` in `tx`; false when it was not live. The caller
+    /// forgets the cached session once `tx` commits ([`AuthRepo::forget_sessions`]).
+    pub async fn revoke_session(
+        &self,
+        tx: &Tx,
+        user_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<bool, DbError> {
         let done = self
             .db
-            .run(
-                "revoke_session",
+            .run("revoke_session", async {
                 sqlx::query(
                     "UPDATE auth_sessions SET revoked_at = $3 WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
                 )
                 .bind(id)
                 .bind(user_id)
                 .bind(now)
-                .execute(self.db.pool()),
-            )
+                .execute(tx.conn().await.get()?)
+                .await
+            })
             .await?;
-        self.forget_sessions(&[id.to_owned()]).await;
         Ok(done.rows_affected() > 0)
     }
 
-    /// Revokes every live session of `user_id` but `except`; their ids.
+    /// Revokes every live session of `user_id` but `except` in `tx`; their ids. The
+    /// caller forgets the cached sessions once `tx` commits.
     pub async fn revoke_all(
         &self,
+        tx: &Tx,
         user_id: &str,
         except: Option<&str>,
         now: i64,
     ) -> Result<Vec<String>, DbError> {
         let ids: Vec<(String,)> = self
             .db
-            .run(
-                "revoke_all_sessions",
+            .run("revoke_all_sessions", async {
                 sqlx::query_as(
                     "UPDATE auth_sessions SET revoked_at = $2 \
                      WHERE user_id = $1 AND revoked_at IS NULL AND id <> COALESCE($3, '') RETURNING id",
@@ -330,12 +340,11 @@ impl AuthRepo {
                 .bind(user_id)
                 .bind(now)
                 .bind(except)
-                .fetch_all(self.db.pool()),
-            )
+                .fetch_all(tx.conn().await.get()?)
+                .await
+            })
             .await?;
-        let ids: Vec<String> = ids.into_iter().map(|(id,)| id).collect();
-        self.forget_sessions(&ids).await;
-        Ok(ids)
+        Ok(ids.into_iter().map(|(id,)| id).collect())
     }
 
     /// Closes the account in `tx`, as part of its deletion: its sessions and their
@@ -520,6 +529,11 @@ impl AuthRepo {
     /// Begins a transaction.
     pub async fn begin(&self) -> Result<Tx, DbError> {
         self.db.begin().await
+    }
+
+    /// Emits an event that comes with no other change.
+    pub async fn emit<E: Event>(&self, event: &E) -> Result<(), DbError> {
+        self.db.emit(event).await
     }
 
     /// The signing secret generated on first start: stored by whichever instance comes

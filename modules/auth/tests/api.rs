@@ -76,10 +76,10 @@ async fn an_access_token_expires_on_the_module_clock_and_the_refresh_token_renew
 }
 
 #[tokio::test]
-async fn logins_publish_who_signed_in_and_who_failed() {
+async fn logins_emit_who_signed_in_and_who_failed() {
     let mut builder = TestApp::builder();
-    let logged_in = builder.capture::<UserLoggedIn>();
-    let failed = builder.capture::<LoginFailed>();
+    let logged_in = builder.capture_events::<UserLoggedIn>();
+    let failed = builder.capture_events::<LoginFailed>();
     let app = builder.spawn().await;
 
     let tokens = signed_in(&app, "grace@example.com").await;

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use trellis_core::{ModuleContext, problem::FieldViolation};
+use trellis_core::{ModuleContext, events::Published, problem::FieldViolation};
 
 use crate::{
     BiConfig,
     domain::{
-        BiEvent, ClientEvent, Internal, Origin, Source, json_size, received_now, utc_rfc3339,
+        BiEvent, ClientEvent, Internal, Origin, Source, json_size, rfc3339_millis, utc_rfc3339,
     },
     error::BiError,
     limit::{IngestLimits, Limited, Sender},
@@ -114,27 +114,36 @@ impl Ingest {
 
     /// Records a domain event as a BI event. A full queue cannot be answered to anyone
     /// here, so it is logged.
-    pub async fn record_internal<M: Internal>(&self, message: &M) {
+    /// Turns a domain event into a BI event (unless `internal_events` is off). The BI
+    /// event takes the domain event's id and time, so a second delivery of it yields the
+    /// same message; an error (the queue refused it) has the relay try again.
+    pub async fn record_internal<M: Internal>(
+        &self,
+        published: &Published<M>,
+    ) -> anyhow::Result<()> {
         if !self.config.internal_events {
-            return;
+            return Ok(());
         }
         let origin = Origin {
-            request_id: trellis_core::problem::RequestScope::current_id().map(|id| id.to_string()),
-            user_id: message.user_id().map(str::to_owned),
+            request_id: published.request_id().map(str::to_owned),
+            user_id: published.user_id().map(str::to_owned),
             session_id: None,
-            received_at: received_now(),
+            received_at: rfc3339_millis(published.emitted_at_ms()),
         };
-        let event = BiEvent::enrich(
+        let mut event = BiEvent::enrich(
             M::NAME.to_owned(),
             Source::Server,
             None,
-            message.properties(),
+            published.properties(),
             None,
             origin,
         );
-        let id = event.id.clone();
-        if let Err(error) = self.forwarder.forward(std::slice::from_ref(&event)).await {
-            tracing::error!(event = M::NAME, id, %error, "internal BI event not recorded");
-        }
+        event.id = published.id().to_owned();
+        self.forwarder
+            .forward(std::slice::from_ref(&event))
+            .await
+            .map_err(|error| {
+                anyhow::anyhow!("`{}` not stored for the message queue: {error}", M::NAME)
+            })
     }
 }

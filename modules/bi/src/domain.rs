@@ -85,6 +85,13 @@ pub fn received_now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// `ms` since the Unix epoch, in the format of [`received_now`].
+pub fn rfc3339_millis(ms: i64) -> String {
+    let at = SystemTime::UNIX_EPOCH
+        + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or_default());
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 impl BiEvent {
     /// A fresh id and the time of acceptance.
     pub fn enrich(
@@ -137,10 +144,8 @@ impl std::io::Write for ByteCount {
     }
 }
 
-/// A domain event of another module that becomes a BI event.
-pub trait Internal: trellis_core::bus::Message {
-    /// The BI event's name.
-    const NAME: &'static str;
+/// A domain event of another module that becomes a BI event of the same name.
+pub trait Internal: trellis_core::events::Event {
     /// The user concerned, if known.
     fn user_id(&self) -> Option<&str>;
     /// Properties (never personal data such as e-mail addresses).
@@ -154,14 +159,12 @@ fn one(key: &str, value: impl Into<Value>) -> BTreeMap<String, Value> {
 }
 
 impl Internal for UserRegistered {
-    const NAME: &'static str = "user.registered";
     fn user_id(&self) -> Option<&str> {
         Some(&self.user_id)
     }
 }
 
 impl Internal for UserUpdated {
-    const NAME: &'static str = "user.updated";
     fn user_id(&self) -> Option<&str> {
         Some(&self.user_id)
     }
@@ -171,43 +174,38 @@ impl Internal for UserUpdated {
 }
 
 impl Internal for UserDeleted {
-    const NAME: &'static str = "user.deleted";
     fn user_id(&self) -> Option<&str> {
         Some(&self.user_id)
     }
 }
 
 impl Internal for PasswordChanged {
-    const NAME: &'static str = "user.password_changed";
     fn user_id(&self) -> Option<&str> {
         Some(&self.user_id)
     }
 }
 
 impl Internal for UserLoggedIn {
-    const NAME: &'static str = "auth.logged_in";
     fn user_id(&self) -> Option<&str> {
         Some(&self.user_id)
     }
 }
 
 impl Internal for LoginFailed {
-    const NAME: &'static str = "auth.login_failed";
     fn user_id(&self) -> Option<&str> {
         None
     }
     fn properties(&self) -> BTreeMap<String, Value> {
-        one("reason", self.reason)
+        one("reason", self.reason.as_str())
     }
 }
 
 impl Internal for SessionRevoked {
-    const NAME: &'static str = "auth.session_revoked";
     fn user_id(&self) -> Option<&str> {
         Some(&self.user_id)
     }
     fn properties(&self) -> BTreeMap<String, Value> {
-        one("reason", self.reason)
+        one("reason", self.reason.as_str())
     }
 }
 

@@ -6,7 +6,8 @@
 //!   empty), enriches it (id, received-at, request id, the caller when authenticated) and
 //!   stores it in the message queue (on disk, unless `mq.durability` is `memory`): 202
 //!   with the ids.
-//! - Domain events on the bus (`UserRegistered`, `UserLoggedIn`, …) become BI events too.
+//! - Domain events (`UserRegistered`, `UserLoggedIn`, …) become BI events too, at least
+//!   once each, with the domain event's id.
 //! - One JSON message per event.
 //!
 //! Layers: `api` (HTTP types) -> `app` (rules, enrichment) -> `repo` (the message queue).
@@ -25,6 +26,7 @@ use trellis_core::{
         LoginFailed, PasswordChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
         UserUpdated,
     },
+    events::Published,
 };
 
 use crate::app::Ingest;
@@ -94,12 +96,12 @@ impl Module for BiModule {
     }
 }
 
-/// Turns the published message `M` into a BI event (unless `internal_events` is off), off
-/// the publisher's path: a registration or a login does not wait for its BI event.
+/// Turns the domain event `M` into a BI event (unless `internal_events` is off), after
+/// the change that emitted it committed, at least once.
 fn subscribe<M: domain::Internal>(ingest: &mut ServiceBuilder<'_, Ingest>) {
-    ingest.subscribe_detached(|ingest, message: M| async move {
-        ingest.record_internal(&message).await
-    });
+    ingest.on_event(
+        |ingest, event: Published<M>| async move { ingest.record_internal(&event).await },
+    );
 }
 
 trellis_core::inventory::submit! { ModuleRegistration::of(&BiModule) }

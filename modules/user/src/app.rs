@@ -165,23 +165,27 @@ impl Users {
         let id = uuid::Uuid::new_v4().to_string();
         let hash = self.hasher.hash(user.password).await??;
         let now = self.clock.now_millis();
+        let tx = self.repo.begin().await?;
         self.repo
-            .insert_user(UserForCreate {
-                id: &id,
-                email: user.email.as_str(),
-                password_hash: &hash,
-                first_name: user.first_name.as_str(),
-                last_name: user.last_name.as_str(),
-                now,
-            })
+            .insert_user(
+                &tx,
+                UserForCreate {
+                    id: &id,
+                    email: user.email.as_str(),
+                    password_hash: &hash,
+                    first_name: user.first_name.as_str(),
+                    last_name: user.last_name.as_str(),
+                    now,
+                },
+            )
             .await?;
+        tx.emit(&UserRegistered {
+            user_id: id.clone(),
+            email: user.email.as_str().to_owned(),
+        })
+        .await?;
+        tx.commit().await?;
         tracing::info!(user_id = %id, "user registered");
-        self.bus
-            .publish(UserRegistered {
-                user_id: id.clone(),
-                email: user.email.as_str().to_owned(),
-            })
-            .await;
         Ok(Account {
             id,
             email: user.email.as_str().to_owned(),
@@ -225,19 +229,21 @@ impl Users {
             self.check_password(id, current).await?;
         }
         let fields = changes.fields();
+        let tx = self.repo.begin().await?;
         let row = self
             .repo
-            .update_user(id, &changes, self.clock.now_millis())
+            .update_user(&tx, id, &changes, self.clock.now_millis())
             .await?
             .ok_or(UserError::NotFound)?;
         if !fields.is_empty() {
-            self.bus
-                .publish(UserUpdated {
-                    user_id: id.to_owned(),
-                    fields,
-                })
-                .await;
+            tx.emit(&UserUpdated {
+                user_id: id.to_owned(),
+                fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+            })
+            .await?;
         }
+        tx.commit().await?;
+        self.repo.forget(id).await;
         Ok(row)
     }
 
@@ -263,14 +269,15 @@ impl Users {
             tx: tx.clone(),
         })
         .await?;
+        let deleted = UserDeleted {
+            user_id: id.to_owned(),
+        };
+        tx.emit(&deleted).await?;
         tx.commit().await?;
         self.repo.forget(id).await;
         tracing::info!(user_id = %id, "user deleted");
-        self.bus
-            .publish(UserDeleted {
-                user_id: id.to_owned(),
-            })
-            .await;
+        // Before the answer: modules forget what they cached about the account.
+        self.bus.publish(deleted).await;
         Ok(())
     }
 
@@ -289,13 +296,20 @@ impl Users {
         }
         self.check_password(id, current).await?;
         let hash = self.hasher.hash(new).await??;
+        let tx = self.repo.begin().await?;
         if !self
             .repo
-            .set_password_hash(id, &hash, self.clock.now_millis())
+            .set_password_hash(&tx, id, &hash, self.clock.now_millis())
             .await?
         {
             return Err(UserError::NotFound);
         }
+        tx.emit(&PasswordChanged {
+            user_id: id.to_owned(),
+        })
+        .await?;
+        tx.commit().await?;
+        self.repo.forget(id).await;
         if self.bus.handles::<RevokeUserSessions>() {
             let revoked = self
                 .bus
@@ -308,11 +322,6 @@ impl Users {
                 .map_err(|e| UserError::Unavailable(e.to_string()))??;
             tracing::info!(user_id = %id, sessions = revoked, "password changed; other sessions revoked");
         }
-        self.bus
-            .publish(PasswordChanged {
-                user_id: id.to_owned(),
-            })
-            .await;
         Ok(())
     }
 

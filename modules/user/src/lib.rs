@@ -6,8 +6,9 @@
 //! - `repo`: SQL and nothing else.
 //!
 //! It answers the identity requests of `trellis_core::contracts` on the bus, so `auth`
-//! can check credentials without depending on this crate, and publishes `UserRegistered`,
-//! `UserUpdated` and `UserDeleted`.
+//! can check credentials without depending on this crate. It emits `UserRegistered`,
+//! `UserUpdated`, `UserDeleted` and `PasswordChanged` in the transaction of each change,
+//! and publishes `UserDeleted` on the bus once the deletion committed.
 
 mod api;
 mod app;

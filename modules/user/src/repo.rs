@@ -100,10 +100,9 @@ impl UserRepo {
     }
 
     #[tracing::instrument(skip_all)]
-    pub async fn insert_user(&self, user: UserForCreate<'_>) -> Result<(), DbError> {
+    pub async fn insert_user(&self, tx: &Tx, user: UserForCreate<'_>) -> Result<(), DbError> {
         self.db
-            .run(
-                "insert_user",
+            .run("insert_user", async {
                 sqlx::query(
                     "INSERT INTO users (id, email, password_hash, first_name, last_name, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $6, $6)",
@@ -114,8 +113,9 @@ impl UserRepo {
                 .bind(user.first_name)
                 .bind(user.last_name)
                 .bind(user.now)
-                .execute(self.db.pool()),
-            )
+                .execute(tx.conn().await.get()?)
+                .await
+            })
             .await
             .map(|_| ())
     }
@@ -164,16 +164,18 @@ impl UserRepo {
         }))
     }
 
+    /// Applies `changes` in `tx`; the caller forgets the cached account once `tx`
+    /// commits.
     pub async fn update_user(
         &self,
+        tx: &Tx,
         id: &str,
         changes: &UserChanges,
         now: i64,
     ) -> Result<Option<Account>, DbError> {
         let row: Option<Row> = self
             .db
-            .run(
-                "update_user",
+            .run("update_user", async {
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "UPDATE users SET email = COALESCE($2, email), first_name = COALESCE($3, first_name), \
                      last_name = COALESCE($4, last_name), updated_at = $5 \
@@ -184,10 +186,10 @@ impl UserRepo {
                 .bind(changes.first_name.as_ref().map(|n| n.as_str().to_owned()))
                 .bind(changes.last_name.as_ref().map(|n| n.as_str().to_owned()))
                 .bind(now)
-                .fetch_optional(self.db.pool()),
-            )
+                .fetch_optional(tx.conn().await.get()?)
+                .await
+            })
             .await?;
-        self.forget(id).await;
         Ok(row.map(Account::from))
     }
 
@@ -230,22 +232,28 @@ impl UserRepo {
         Ok(row.map(|(hash,)| hash))
     }
 
-    /// Replaces the active account's password hash; false when there is no such account.
-    pub async fn set_password_hash(&self, id: &str, hash: &str, now: i64) -> Result<bool, DbError> {
+    /// Replaces the active account's password hash in `tx`; false when there is no such
+    /// account. The caller forgets the cached account once `tx` commits.
+    pub async fn set_password_hash(
+        &self,
+        tx: &Tx,
+        id: &str,
+        hash: &str,
+        now: i64,
+    ) -> Result<bool, DbError> {
         let done = self
             .db
-            .run(
-                "set_password_hash",
+            .run("set_password_hash", async {
                 sqlx::query(
                     "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1 AND deleted_at IS NULL",
                 )
                 .bind(id)
                 .bind(hash)
                 .bind(now)
-                .execute(self.db.pool()),
-            )
+                .execute(tx.conn().await.get()?)
+                .await
+            })
             .await?;
-        self.forget(id).await;
         Ok(done.rows_affected() > 0)
     }
 

@@ -17,10 +17,10 @@ fn registration(email: &str) -> Value {
 }
 
 #[tokio::test]
-async fn registration_is_timed_by_the_module_clock_and_published_on_the_bus() {
+async fn registration_is_timed_by_the_module_clock_and_emitted_as_an_event() {
     let clock = ManualClock::at(1_767_225_600_000); // 2026-01-01T00:00:00Z
     let mut builder = TestApp::builder().clock(&clock);
-    let registered = builder.capture::<UserRegistered>();
+    let registered = builder.capture_events::<UserRegistered>();
     let app = builder.spawn().await;
 
     let created: Value = app
@@ -39,9 +39,9 @@ async fn registration_is_timed_by_the_module_clock_and_published_on_the_bus() {
 }
 
 #[tokio::test]
-async fn a_refused_registration_names_each_field_and_publishes_nothing() {
+async fn a_refused_registration_names_each_field_and_emits_nothing() {
     let mut builder = TestApp::builder();
-    let registered = builder.capture::<UserRegistered>();
+    let registered = builder.capture_events::<UserRegistered>();
     let app = builder.spawn().await;
 
     let problem = app

@@ -336,3 +336,136 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers_when_space_is_freed(
         accepted.len()
     );
 }
+
+/// Clients registering accounts as fast as they can (a tenth of them with an e-mail
+/// already taken), until the server stops answering. Answers the ids answered 201.
+async fn register_until_gone(port: u16, clients: usize) -> Vec<String> {
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..clients)
+        .map(|client| {
+            let created = created.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let url = format!("http://127.0.0.1:{port}/api/v1/users");
+                for n in 0.. {
+                    let taken = n % 10 == 9;
+                    let email = if taken {
+                        format!("c{client}n0@example.com")
+                    } else {
+                        format!("c{client}n{n}@example.com")
+                    };
+                    let body = json!({
+                        "email": email, "password": "correct horse battery",
+                        "first_name": "Ada", "last_name": "Lovelace"
+                    });
+                    let Ok(response) = http.post(&url).json(&body).send().await else {
+                        return;
+                    };
+                    if response.status() != 201 {
+                        continue;
+                    }
+                    let Ok(user) = response.json::<Value>().await else {
+                        return;
+                    };
+                    let id = user["id"].as_str().expect("id").to_owned();
+                    created.lock().expect("ids").push(id);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("client");
+    }
+    std::mem::take(&mut *created.lock().expect("ids"))
+}
+
+/// The user ids of the `user.registered` BI events written so far.
+fn registered_events(storage: &TestStorage) -> Vec<String> {
+    storage
+        .written_events()
+        .iter()
+        .filter(|event| event["name"] == "user.registered")
+        .map(|event| event["user_id"].as_str().expect("user_id").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn sigkill_during_registrations_loses_no_event_of_a_committed_account() {
+    let storage = TestStorage::new().await;
+    let settings = vec![
+        ("modules.user.registrations_per_address", json!(1_000_000)),
+        // A relay that dies with its claims hands them over quickly.
+        ("events.lease_ms", json!(3_000)),
+        ("events.handler_timeout_ms", json!(2_000)),
+    ];
+    let port = free_port();
+    let mut child = trellis(port, &storage, &settings)
+        .spawn()
+        .expect("the server starts");
+    wait_healthy(port).await;
+    let load = tokio::spawn(register_until_gone(port, 4));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("killed");
+    let created = load.await.expect("load");
+    assert!(
+        created.len() >= 10,
+        "the load ran ({} created)",
+        created.len()
+    );
+
+    let port = free_port();
+    let mut child = trellis(port, &storage, &settings)
+        .spawn()
+        .expect("the server starts again");
+    wait_healthy(port).await;
+    let wanted: BTreeSet<&String> = created.iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while registered_events(&storage)
+        .iter()
+        .collect::<BTreeSet<_>>()
+        .intersection(&wanted)
+        .count()
+        < wanted.len()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(&child);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(30)).code(),
+        Some(0)
+    );
+
+    let events = registered_events(&storage);
+    let delivered: BTreeSet<&String> = events.iter().collect();
+    let missing = wanted.difference(&delivered).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} accounts answered 201 have no user.registered event",
+        wanted.len()
+    );
+    // An event only for a committed account: every one names an account in the database
+    // (registrations cut by the kill, or refused as taken, left neither).
+    let mut conn = storage.connection().await;
+    let accounts: BTreeSet<String> = sqlx::query_scalar::<_, String>("SELECT id FROM users")
+        .fetch_all(&mut conn)
+        .await
+        .expect("users")
+        .into_iter()
+        .collect();
+    let orphans: Vec<&&String> = delivered
+        .iter()
+        .filter(|id| !accounts.contains(id.as_str()))
+        .collect();
+    assert!(orphans.is_empty(), "events without an account: {orphans:?}");
+    println!(
+        "sigkill (registrations): {} accounts answered 201 before the kill, {} in the \
+         database, {} user.registered events delivered ({} ids twice)",
+        wanted.len(),
+        accounts.len(),
+        events.len(),
+        events.len() - delivered.len()
+    );
+}
