@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 
 use crate::{
     bi::batch,
-    helpers::{TestStorage, assert_problem, check_status, env_name, spawn_app_with},
+    helpers::{
+        Accounts as _, TestStorage, assert_problem, check_status, env_name, spawn_app_on,
+        spawn_app_with,
+    },
     process::{free_port, server, terminate, wait_exit, wait_healthy},
     sqs::{Sqs, tally},
 };
@@ -467,5 +470,47 @@ async fn sigkill_during_registrations_loses_no_event_of_a_committed_account() {
         accounts.len(),
         events.len(),
         events.len() - delivered.len()
+    );
+}
+
+#[tokio::test]
+async fn registrations_answered_while_the_queue_refuses_get_their_events_once_it_takes_them() {
+    // A spool that fits no message: the queue refuses every BI event.
+    let refusing = [
+        ("mq.spool.segment_bytes", json!(100)),
+        ("mq.spool.max_bytes", json!(100)),
+        ("events.max_attempts", json!(1_000)),
+        ("events.retry_backoff_ms", json!(50)),
+        ("events.retry_backoff_max_ms", json!(200)),
+    ];
+    let app = spawn_app_on(TestStorage::new().await, &refusing).await;
+    let mut ids = BTreeSet::new();
+    for n in 0..3 {
+        ids.insert(
+            app.register(&format!("refused{n}@example.com"), "correct horse battery")
+                .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let storage = app.stop_keeping_storage().await;
+    assert!(
+        registered_events(&storage).is_empty(),
+        "nothing reached the queue while it refused"
+    );
+
+    // The same storage, a queue that takes them: the events were kept, not dropped.
+    let app = spawn_app_on(storage, &[("events.poll_ms", json!(50))]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let delivered = loop {
+        let delivered: BTreeSet<String> = registered_events(&app.storage).into_iter().collect();
+        if delivered.is_superset(&ids) || Instant::now() > deadline {
+            break delivered;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        delivered.is_superset(&ids),
+        "user.registered events of {:?} were lost",
+        ids.difference(&delivered).collect::<Vec<_>>()
     );
 }
