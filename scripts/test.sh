@@ -44,17 +44,20 @@ for subset in "${subsets[@]}"; do
 done
 
 step "feature combinations: every module selection the server has compiles"
-# Modules common, user, auth (which needs user) and bi: twelve selections, each with the
-# SQLite driver when it has a database. The subsets above are built; the rest are checked.
+# Modules common, user, auth (which needs user), bi and events: twenty-four selections,
+# each with the SQLite driver when it has a database. The subsets above are built; the
+# rest are checked.
 built=" $(for subset in "${subsets[@]}"; do IFS='|' read -r _ f _ _ <<<"$subset"; printf '[%s] ' "$f"; done)"
 for common in "" common; do
   for accounts in "" user user,auth; do
     for bi in "" bi; do
-      features=$(echo "$common,$accounts,$bi" | tr -s ',' | sed 's/^,//; s/,$//')
-      [ -n "$accounts" ] && features="$features,sqlite"
-      case "$built" in *" [$features] "*) echo "features [$features]: built above"; continue ;; esac
-      echo "features [$features]"
-      cargo check -q -p trellis-server --no-default-features ${features:+--features "$features"}
+      for events in "" events; do
+        features=$(echo "$common,$accounts,$bi,$events" | tr -s ',' | sed 's/^,//; s/,$//')
+        [ -n "$accounts$events" ] && features="$features,sqlite"
+        case "$built" in *" [$features] "*) echo "features [$features]: built above"; continue ;; esac
+        echo "features [$features]"
+        cargo check -q -p trellis-server --no-default-features ${features:+--features "$features"}
+      done
     done
   done
 done
@@ -73,7 +76,7 @@ if cargo tree -p trellis-server --no-default-features --features common -e norma
 fi
 
 step "each module alone: its own tests, with only the core features it turns on"
-for module in common user auth bi; do
+for module in common user auth bi events; do
   cargo test -q -p "trellis-$module"
 done
 

@@ -374,6 +374,13 @@ impl ModuleContext {
         self.app.queue()
     }
 
+    /// The registry of every module's event publications, for a module that lets
+    /// operators list and resubmit them.
+    #[cfg(feature = "storage")]
+    pub fn event_registry(&self) -> crate::events::Registry {
+        crate::events::Registry::new(self.app.database().clone())
+    }
+
     /// The module's cache namespace.
     pub fn cache(&self) -> ModuleCache {
         self.app.inner.storage.cache.for_module(self.module)

@@ -8,5 +8,7 @@ use trellis_auth as _;
 use trellis_bi as _;
 #[cfg(feature = "common")]
 use trellis_common as _;
+#[cfg(feature = "events")]
+use trellis_events as _;
 #[cfg(feature = "user")]
 use trellis_user as _;

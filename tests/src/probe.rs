@@ -12,6 +12,8 @@ use serde::Deserialize;
 use trellis_core::{
     Module, ModuleBuilder, ModuleRegistration,
     bus::{Bus, Message, Request},
+    contracts::UserRegistered,
+    events::Published,
     jobs::Job,
     payload::JsonBody,
     problem::{ProblemError, ProblemJson},
@@ -118,6 +120,10 @@ impl Module for ProbeModule {
                         }
                     },
                 ))
+            })
+            .on_event(|ctx| {
+                let db = ctx.database();
+                Ok(move |_: Published<UserRegistered>| handle_registration(db.clone()))
             })
             .subscribe(|_| {
                 Ok(|ItemViewed(id): ItemViewed| async move {
@@ -259,7 +265,29 @@ pub static MIGRATIONS: &[Migration] = &[
         sqlite: "CREATE TABLE probe_job_runs (instance TEXT NOT NULL, ran_at BIGINT NOT NULL)",
         postgres: "CREATE TABLE probe_job_runs (instance TEXT NOT NULL, ran_at BIGINT NOT NULL)",
     },
+    Migration {
+        version: 4,
+        name: "create probe_event_faults",
+        sqlite: "CREATE TABLE probe_event_faults (reason TEXT NOT NULL)",
+        postgres: "CREATE TABLE probe_event_faults (reason TEXT NOT NULL)",
+    },
 ];
+
+/// The `UserRegistered` handler: fails while `probe_event_faults` has a row (its
+/// reason is the error), as a handler whose dependency is down would.
+async fn handle_registration(db: ModuleDb) -> anyhow::Result<()> {
+    let fault: Option<(String,)> = db
+        .run(
+            "read_event_fault",
+            sqlx::query_as("SELECT reason FROM probe_event_faults LIMIT 1")
+                .fetch_optional(db.pool()),
+        )
+        .await?;
+    match fault {
+        Some((reason,)) => anyhow::bail!("{reason}"),
+        None => Ok(()),
+    }
+}
 
 /// A stored note.
 #[derive(Debug, Clone, Object, serde::Serialize, serde::Deserialize)]

@@ -37,7 +37,10 @@ use serde::{Serialize, de::DeserializeOwned};
 #[cfg(feature = "storage")]
 pub(crate) use publications::purge;
 #[cfg(feature = "storage")]
-pub use publications::{MIGRATIONS, PUBLICATIONS_TABLE, Publications};
+pub use publications::{
+    MIGRATIONS, PUBLICATIONS_TABLE, Publication, PublicationStatus, Publications, Registry,
+    Resubmitted,
+};
 
 use crate::metrics::EVENT_HANDLER_DURATION_SECONDS;
 

@@ -13,6 +13,7 @@ use super::{Event, EventHandlerTable, Stored, relay};
 use crate::{
     clock::now_millis,
     config::EventsConfig,
+    metrics::EVENT_PUBLICATIONS_RESUBMITTED_TOTAL,
     problem::RequestScope,
     storage::{Backend, Database, DbError, Migration},
 };
@@ -335,4 +336,164 @@ pub(crate) async fn purge(db: &Database, before: i64) -> Result<u64, sqlx::Error
     .execute(db.pool())
     .await
     .map(|done| done.rows_affected())
+}
+
+/// Where a publication stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicationStatus {
+    /// Waiting for its handler (or for another attempt).
+    Pending,
+    /// Its handler ran.
+    Completed,
+    /// Its handler failed every attempt; kept until resubmitted.
+    Failed,
+}
+
+impl PublicationStatus {
+    /// `pending`, `completed` or `failed`, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(stored: &str) -> Self {
+        match stored {
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            _ => Self::Pending,
+        }
+    }
+}
+
+/// A publication, as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// The publication's id.
+    pub id: String,
+    /// The event's id (shared by the event's publications).
+    pub event_id: String,
+    /// The event's name.
+    pub event: String,
+    /// The module whose handler it is for.
+    pub module: String,
+    /// Where it stands.
+    pub status: PublicationStatus,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the event was emitted, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+    /// When its handler completed.
+    pub completed_at_ms: Option<i64>,
+    /// The last failed attempt's error.
+    pub last_error: Option<String>,
+    /// The event as stored (JSON).
+    pub payload: String,
+}
+
+/// What a resubmission found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resubmitted {
+    /// The failed publication is pending again.
+    Yes,
+    /// No publication has the id.
+    NotFound,
+    /// The publication is not failed (pending or completed).
+    NotFailed(PublicationStatus),
+}
+
+/// The publications, for the operators' API: list them, resubmit failed ones.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    db: Database,
+}
+
+impl Registry {
+    /// The registry of `db`.
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Up to `limit` publications after the id `after`, in id (emission) order, with
+    /// `status` if given.
+    pub async fn list(
+        &self,
+        status: Option<PublicationStatus>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Publication>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, event, listener, status, attempts, created_at, completed_at, \
+             last_error, payload FROM trellis_event_publications \
+             WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3",
+        )
+        .bind(status.map(PublicationStatus::as_str))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Publication {
+                    id: row.try_get("id")?,
+                    event_id: row.try_get("event_id")?,
+                    event: row.try_get("event")?,
+                    module: row.try_get("listener")?,
+                    status: PublicationStatus::parse(row.try_get("status")?),
+                    attempts: row.try_get("attempts")?,
+                    created_at_ms: row.try_get("created_at")?,
+                    completed_at_ms: row.try_get("completed_at")?,
+                    last_error: row.try_get("last_error")?,
+                    payload: row.try_get("payload")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
+    }
+
+    /// Makes the failed publication `id` pending again, with its attempts counted from 0.
+    pub async fn resubmit(&self, id: &str) -> Result<Resubmitted, DbError> {
+        let done = sqlx::query(
+            "UPDATE trellis_event_publications SET status = 'pending', attempts = 0, due_at = $2, \
+             claimed_by = NULL WHERE id = $1 AND status = 'failed'",
+        )
+        .bind(id)
+        .bind(now_millis())
+        .execute(self.db.pool())
+        .await?;
+        if done.rows_affected() > 0 {
+            self.resubmitted(1);
+            return Ok(Resubmitted::Yes);
+        }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM trellis_event_publications WHERE id = $1")
+                .bind(id)
+                .fetch_optional(self.db.pool())
+                .await?;
+        Ok(status.map_or(Resubmitted::NotFound, |s| {
+            Resubmitted::NotFailed(PublicationStatus::parse(&s))
+        }))
+    }
+
+    /// Makes every failed publication pending again; how many.
+    pub async fn resubmit_failed(&self) -> Result<u64, DbError> {
+        let done = sqlx::query(
+            "UPDATE trellis_event_publications SET status = 'pending', attempts = 0, due_at = $1, \
+             claimed_by = NULL WHERE status = 'failed'",
+        )
+        .bind(now_millis())
+        .execute(self.db.pool())
+        .await?;
+        self.resubmitted(done.rows_affected());
+        Ok(done.rows_affected())
+    }
+
+    fn resubmitted(&self, count: u64) {
+        if count > 0 {
+            metrics::counter!(EVENT_PUBLICATIONS_RESUBMITTED_TOTAL).increment(count);
+            self.db.events().wake();
+        }
+    }
 }

@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// How often the backlog gauges are read from the table.
-const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
 /// A running relay.
 pub(crate) struct Running {

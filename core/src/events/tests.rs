@@ -301,4 +301,73 @@ mod relay {
         assert_eq!(removed, 1, "only the completed one");
         assert_eq!(statuses(&db).await[0].1, "pending");
     }
+
+    #[tokio::test]
+    async fn a_failed_publication_is_listed_and_runs_again_once_resubmitted() {
+        let mut table = EventHandlerTable::default();
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let handled = Arc::new(AtomicUsize::new(0));
+        let (fault, done) = (broken.clone(), handled.clone());
+        table.add("a", move |_: Published<Noted>| {
+            let failing = fault.load(Ordering::SeqCst);
+            if !failing {
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            async move {
+                anyhow::ensure!(!failing, "the handler's dependency is down");
+                Ok(())
+            }
+        });
+        let mut setup = setup(table).await;
+        let db = setup.db.clone();
+        let registry = Registry::new(db.clone());
+        setup.start();
+        db.for_module("m")
+            .emit(&Noted { n: 1 })
+            .await
+            .expect("emits");
+        let failed = loop {
+            let failed = registry
+                .list(Some(PublicationStatus::Failed), None, 10)
+                .await
+                .expect("lists");
+            if !failed.is_empty() {
+                break failed;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(failed.len(), 1);
+        let publication = &failed[0];
+        assert_eq!(
+            (publication.event.as_str(), publication.module.as_str()),
+            ("test.noted", "a")
+        );
+        assert_eq!(publication.attempts, 3);
+        assert_eq!(
+            publication.last_error.as_deref(),
+            Some("the handler's dependency is down")
+        );
+        assert_eq!(publication.payload, r#"{"n":1}"#);
+
+        broken.store(false, Ordering::SeqCst);
+        assert_eq!(
+            registry.resubmit(&publication.id).await.expect("resubmits"),
+            Resubmitted::Yes
+        );
+        eventually("the resubmitted run", || {
+            handled.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            registry.resubmit(&publication.id).await.expect("answers"),
+            Resubmitted::NotFailed(PublicationStatus::Completed)
+        );
+        assert_eq!(
+            registry.resubmit("no-such-id").await.expect("answers"),
+            Resubmitted::NotFound
+        );
+        assert_eq!(registry.resubmit_failed().await.expect("answers"), 0);
+        db.events().stop_relay(Duration::from_secs(5)).await;
+    }
 }

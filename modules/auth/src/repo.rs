@@ -79,7 +79,18 @@ pub static MIGRATIONS: &[Migration] = &[
         sqlite: KEYS_AND_CLOSED_ACCOUNTS,
         postgres: KEYS_AND_CLOSED_ACCOUNTS,
     },
+    Migration {
+        version: 3,
+        name: "administrators manage event publications",
+        sqlite: MANAGE_EVENTS,
+        postgres: MANAGE_EVENTS,
+    },
 ];
+
+/// Administrators may list and resubmit event publications (the `events` module's
+/// operations).
+const MANAGE_EVENTS: &str = "INSERT INTO auth_role_permissions (role, permission) VALUES \
+     ('ADMIN', 'events:manage')";
 
 /// The role that holds `sudo`.
 pub const SUPER_ADMIN: &str = "SUPER_ADMIN";

@@ -21,6 +21,7 @@ mod middleware;
 mod openapi;
 mod process;
 mod proxies;
+mod publications;
 mod security;
 mod security_edge;
 mod sqs;

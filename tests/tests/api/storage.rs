@@ -79,8 +79,14 @@ async fn migrations_are_recorded_per_module_and_not_rerun_on_restart() {
         .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
         .collect();
     // Both modules have a version 1: recorded per module, they do not collide.
-    let expected =
-        [("probe", 1), ("probe", 2), ("probe", 3), ("user", 1)].map(|(m, v)| (m.to_owned(), v));
+    let expected = [
+        ("probe", 1),
+        ("probe", 2),
+        ("probe", 3),
+        ("probe", 4),
+        ("user", 1),
+    ]
+    .map(|(m, v)| (m.to_owned(), v));
     assert_eq!(applied, expected);
 }
 
