@@ -1,13 +1,17 @@
 //! The event publication registry end to end: a handler whose dependency is down leaves
 //! its publication failed (listed with the error, counted); once the fault is gone, a
-//! resubmission delivers it.
+//! resubmission delivers it. Two instances on one database share the publications and
+//! deliver each once.
 
 use std::time::{Duration, Instant};
 
 use poem::http::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_EMAIL, ADMIN_PASSWORD, Accounts as _, TestApp, admin, spawn_app_with};
+use crate::helpers::{
+    ADMIN_EMAIL, ADMIN_PASSWORD, Accounts as _, TestApp, TestStorage, admin, spawn_app_on,
+    spawn_app_with,
+};
 
 const PUBLICATIONS: &str = "/api/v1/events/publications";
 
@@ -105,4 +109,41 @@ async fn a_failed_handler_leaves_a_failed_publication_that_a_resubmission_delive
     );
     assert!(metric(&app, "event_publications_resubmitted_total").await - resubmitted_before >= 1.0);
     assert!(metric(&app, &series("event_publications_completed_total")).await >= 1.0);
+}
+
+#[tokio::test]
+async fn two_instances_share_the_publications_and_deliver_each_once() {
+    // Both relays look every 20 ms, so they contend for every publication.
+    let settings = [("events.poll_ms", json!(20))];
+    let first = spawn_app_on(TestStorage::new().await, &settings).await;
+    let second = spawn_app_on(first.storage.sharing().await, &settings).await;
+    let mut users = Vec::new();
+    for n in 0..20 {
+        let app = if n % 2 == 0 { &first } else { &second };
+        users.push(
+            app.register(&format!("pair{n}@example.com"), "correct horse battery")
+                .await,
+        );
+    }
+    // Each instance's bi handler writes to its own message-queue folder.
+    let delivered = || {
+        [&first, &second]
+            .iter()
+            .flat_map(|app| app.storage.written_events())
+            .filter(|event| event["name"] == "user.registered")
+            .map(|event| event["user_id"].as_str().expect("user_id").to_owned())
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while delivered().len() < users.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seen = delivered();
+    seen.sort();
+    users.sort();
+    assert_eq!(
+        seen, users,
+        "each registration's event once, by one instance"
+    );
 }
