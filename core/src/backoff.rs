@@ -1,4 +1,4 @@
-//! Exponential backoff, shared by the event dispatcher's handler retries and the message
+//! Exponential backoff, shared by the event relay's handler retries and the message
 //! queue's resends.
 
 /// `base_ms × 2^(attempt-1)`, at most `max_ms` (attempts count from 1).

@@ -41,7 +41,7 @@ pub struct Config {
     pub cache: CacheConfig,
     /// The bus's subscribers.
     pub bus: BusConfig,
-    /// The event dispatcher.
+    /// The relay delivering the modules' domain events.
     pub events: EventsConfig,
     /// The message queue events are forwarded to.
     pub mq: MqConfig,

@@ -134,7 +134,7 @@ impl std::fmt::Debug for AppContext {
 impl AppContext {
     /// Connects what `config` describes and this build has (the database, the cache, the
     /// message queue) and makes a context for `modules`, whose bus, readiness checks and
-    /// event dispatcher are started by [`assemble`](crate::assemble).
+    /// event handlers are wired by [`assemble`](crate::assemble).
     pub async fn connect(
         config: LoadedConfig,
         modules: Vec<ModuleInfo>,

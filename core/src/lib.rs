@@ -7,8 +7,9 @@
 //! - [`config`] (figment layers), [`telemetry`] (tracing) and [`metrics`] (Prometheus);
 //! - [`problem`]: `application/problem+json` errors; [`payload`]: strict JSON bodies;
 //!   [`client`]: the address per-client limits are keyed by;
-//! - [`readiness`] checks, [`storage`] (database, migrations, cache), the [`events`]
-//!   dispatcher (bounded queue, worker pool) and the message queue `mq` (file or SQS);
+//! - [`readiness`] checks, [`storage`] (database, migrations, cache), domain [`events`]
+//!   (recorded in the transaction of their change, delivered at least once by a relay)
+//!   and the message queue `mq` (file or SQS);
 //! - `jobs`: periodic jobs, each period's run on one instance.
 //!
 //! Core depends on no module. Modules depend on core only, never on each other.

@@ -242,14 +242,15 @@ impl ModuleDb {
     }
 
     /// Emits `event` on its own, for an event that comes with no other change (a failed
-    /// login): a transaction of one publication per handler.
+    /// login): one statement writing a publication per handler.
     pub async fn emit<E: Event>(&self, event: &E) -> Result<(), DbError> {
         if !self.db.events.handles::<E>() {
             return Ok(());
         }
-        let tx = self.begin().await?;
-        tx.emit(event).await?;
-        tx.commit().await
+        let mut conn = self.run("acquire", self.db.pool.acquire()).await?;
+        self.db.events.record(&mut conn, event).await?;
+        self.db.events.wake();
+        Ok(())
     }
 }
 
