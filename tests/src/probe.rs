@@ -273,19 +273,25 @@ pub static MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// The `UserRegistered` handler: fails while `probe_event_faults` has a row (its
-/// reason is the error), as a handler whose dependency is down would.
+/// The `UserRegistered` handler: fails while `probe_event_faults` has a row (its reason
+/// is the error), as a handler whose dependency is down would; while the reason is
+/// `hang`, it waits, holding its claim.
 async fn handle_registration(db: ModuleDb) -> anyhow::Result<()> {
-    let fault: Option<(String,)> = db
-        .run(
-            "read_event_fault",
-            sqlx::query_as("SELECT reason FROM probe_event_faults LIMIT 1")
-                .fetch_optional(db.pool()),
-        )
-        .await?;
-    match fault {
-        Some((reason,)) => anyhow::bail!("{reason}"),
-        None => Ok(()),
+    loop {
+        let fault: Option<(String,)> = db
+            .run(
+                "read_event_fault",
+                sqlx::query_as("SELECT reason FROM probe_event_faults LIMIT 1")
+                    .fetch_optional(db.pool()),
+            )
+            .await?;
+        match fault {
+            Some((reason,)) if reason == "hang" => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Some((reason,)) => anyhow::bail!("{reason}"),
+            None => return Ok(()),
+        }
     }
 }
 

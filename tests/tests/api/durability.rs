@@ -514,3 +514,75 @@ async fn registrations_answered_while_the_queue_refuses_get_their_events_once_it
         ids.difference(&delivered).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn a_killed_instances_claims_are_delivered_by_another_once_their_lease_runs_out() {
+    let storage = TestStorage::new().await;
+    let settings = vec![
+        ("events.lease_ms", json!(2_000)),
+        ("events.handler_timeout_ms", json!(1_500)),
+        ("events.poll_ms", json!(100)),
+    ];
+    let count = |sql: &'static str| {
+        let storage = &storage;
+        async move { storage.fetch_i64s(sql).await[0] }
+    };
+    let port = free_port();
+    let mut first = trellis(port, &storage, &settings)
+        .spawn()
+        .expect("the first instance starts");
+    wait_healthy(port).await;
+    // The probe module's handler hangs, holding its claim, while this row is there.
+    storage
+        .execute_sql("INSERT INTO probe_event_faults (reason) VALUES ('hang')")
+        .await;
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/v1/users"))
+        .json(&json!({
+            "email": "claimed@example.com", "password": "correct horse battery",
+            "first_name": "Ada", "last_name": "Lovelace"
+        }))
+        .send()
+        .await
+        .expect("registers");
+    assert_eq!(response.status(), 201);
+    let claimed = "SELECT COUNT(*) FROM trellis_event_publications \
+                   WHERE listener = 'probe' AND claimed_by IS NOT NULL AND status = 'pending'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(claimed).await == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(count(claimed).await, 1, "the first instance claimed it");
+    let claimed_at = Instant::now();
+    first.kill().expect("SIGKILL");
+    first.wait().expect("killed");
+    storage.execute_sql("DELETE FROM probe_event_faults").await;
+
+    let port = free_port();
+    let mut second = trellis(port, &storage, &settings)
+        .spawn()
+        .expect("the second instance starts");
+    wait_healthy(port).await;
+    let completed = "SELECT COUNT(*) FROM trellis_event_publications \
+                     WHERE listener = 'probe' AND status = 'completed'";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count(completed).await == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = claimed_at.elapsed();
+    assert_eq!(
+        count(completed).await,
+        1,
+        "the second instance delivered it"
+    );
+    assert!(
+        waited >= Duration::from_millis(1_800),
+        "not before the lease ran out ({waited:?} after the claim was seen)"
+    );
+    terminate(&second);
+    assert_eq!(
+        wait_exit(&mut second, Duration::from_secs(30)).code(),
+        Some(0)
+    );
+    println!("lease take-over: delivered {waited:?} after the claim was seen (lease 2 s)");
+}
