@@ -32,7 +32,12 @@ cargo build -p trellis-server --no-default-features --features "common,$name,sql
 cp target/debug/trellis "$RUN/trellis-generated-alone"
 cargo build -p trellis-server --features "$name"
 cp target/debug/trellis "$RUN/trellis-generated-all"
-for build in "alone|common,$name" "all|auth,bi,common,$name,user"; do
+# The server's default modules: its default features that are module crates.
+defaults=$(cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, os, sys
+server = next(p for p in json.load(sys.stdin)["packages"] if p["name"] == "trellis-server")
+print(",".join(f for f in server["features"]["default"] if os.path.isdir(f"modules/{f}")))')
+for build in "alone|common,$name" "all|$defaults,$name"; do
   IFS='|' read -r which modules <<<"$build"
   echo "generated module, $which: modules [$modules]"
   TEST_SUBSET_BIN="$RUN/trellis-generated-$which" TEST_SUBSET_MODULES="$modules" \
