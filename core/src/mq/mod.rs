@@ -314,7 +314,7 @@ impl MessageQueue {
                 }
             }
             Buffer::Disk(spool) => {
-                spool.append(&messages).await?;
+                spool.append(messages).await?;
                 inner.buffered.fetch_add(count, Ordering::Relaxed);
                 inner.buffered_gauge.increment(count as f64);
             }

@@ -10,8 +10,9 @@
 //!   Concurrent requests share one sync. A write or sync that fails (a full disk) is cut
 //!   off the file again and every append of the group fails: nothing was stored, and the
 //!   caller says so (503); the next group tries again.
-//! - **Delivery.** The queue's pump reads the log behind the writer and hands batches to
-//!   the backend; when every batch before a point has been accepted, that point becomes
+//! - **Delivery.** The queue's pump takes what the writer stored and hands batches to the
+//!   backend: from memory while it keeps up (the writer keeps up to 8 MiB of stored
+//!   frames for it), from the log when it falls behind or after a restart. When every batch before a point has been accepted, that point becomes
 //!   the checkpoint (`<directory>/checkpoint`, rewritten at most every 200 ms), and the
 //!   segments wholly before it are removed.
 //! - **Restart.** Delivery resumes at the checkpoint; what was delivered after the last
@@ -54,6 +55,8 @@ const MAX_FRAME: usize = 256 * 1024 * 1024;
 const GROUP_BYTES: usize = 16 * 1024 * 1024;
 /// Bytes one read of the log takes (more for a frame larger than this).
 const READ_BYTES: usize = 1024 * 1024;
+/// Bytes of stored frames the writer keeps in memory for the reader.
+const FRESH_BYTES: usize = 8 * 1024 * 1024;
 /// How often the checkpoint is written while deliveries advance it.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
@@ -70,6 +73,11 @@ pub(crate) struct Span {
     start: Position,
     end: Position,
     bytes: u64,
+}
+
+/// The size of `message`'s frame.
+fn frame_len(message: &OutboundMessage) -> usize {
+    HEADER + 4 + message.id.len() + message.body.len()
 }
 
 /// Appends `message` as one frame to `out`.
@@ -225,6 +233,8 @@ struct Shared {
     /// The last failed write's error, until a write succeeds.
     failure: Mutex<Option<String>>,
     acks: Mutex<Acks>,
+    /// Stored appends the reader has not taken yet, oldest first.
+    fresh: Mutex<Fresh>,
     syncs: Counter,
     written: Counter,
     write_errors: Counter,
@@ -251,11 +261,45 @@ impl Shared {
     fn failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         self.failure.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn fresh(&self) -> std::sync::MutexGuard<'_, Fresh> {
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stored append that starts at `at`, if the writer kept it; drops the ones
+    /// before it (the reader read them from the log).
+    fn take_fresh(&self, at: Position) -> Option<Stored> {
+        let mut fresh = self.fresh();
+        while fresh.appends.front()?.start <= at {
+            let stored = fresh.appends.pop_front()?;
+            fresh.bytes -= stored.bytes;
+            if stored.start == at {
+                return Some(stored);
+            }
+        }
+        None
+    }
+}
+
+/// What the writer keeps in memory for the reader, at most [`FRESH_BYTES`] of frames.
+#[derive(Default)]
+struct Fresh {
+    appends: VecDeque<Stored>,
+    bytes: usize,
+}
+
+/// One append as stored: where its first frame starts, and each message with where its
+/// frame ends.
+struct Stored {
+    start: Position,
+    messages: Vec<(OutboundMessage, Position)>,
+    bytes: usize,
 }
 
 /// Frames waiting for the writer, and who waits for them.
 struct Append {
     data: Vec<u8>,
+    messages: Vec<OutboundMessage>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -370,6 +414,7 @@ impl Spool {
                 checkpoint,
                 ..Acks::default()
             }),
+            fresh: Mutex::default(),
             syncs: counter!(MQ_SPOOL_SYNCS_TOTAL),
             written: counter!(MQ_SPOOL_WRITTEN_BYTES_TOTAL),
             write_errors: counter!(MQ_SPOOL_WRITE_ERRORS_TOTAL),
@@ -422,14 +467,9 @@ impl Spool {
     }
 
     /// Stores `messages`: returns once they are on disk, or says why none was stored.
-    pub async fn append(&self, messages: &[OutboundMessage]) -> Result<(), PublishError> {
-        let mut data = Vec::with_capacity(
-            messages
-                .iter()
-                .map(|m| HEADER + 4 + m.id.len() + m.body.len())
-                .sum(),
-        );
-        for message in messages {
+    pub async fn append(&self, messages: Vec<OutboundMessage>) -> Result<(), PublishError> {
+        let mut data = Vec::with_capacity(messages.iter().map(frame_len).sum());
+        for message in &messages {
             encode(message, &mut data)?;
         }
         let bytes = data.len() as u64;
@@ -449,7 +489,14 @@ impl Spool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|w| w.send(Append { data, done }).is_ok());
+            .map(|w| {
+                w.send(Append {
+                    data,
+                    messages,
+                    done,
+                })
+                .is_ok()
+            });
         let stored = match sent {
             Some(true) => outcome
                 .await
@@ -582,12 +629,13 @@ impl Writer {
                 group.push(next);
             }
             let outcome = self.write(&group).map_err(|e| e.to_string());
-            match &outcome {
-                Ok(()) => {
+            match outcome {
+                Ok(start) => {
+                    self.keep_fresh(start, &mut group);
                     self.committed.send_replace(self.at);
                     self.shared.failure().take();
                 }
-                Err(error) => {
+                Err(ref error) => {
                     self.shared.write_errors.increment(1);
                     let mut failure = self.shared.failure();
                     if failure.is_none() {
@@ -600,14 +648,16 @@ impl Writer {
                     *failure = Some(error.clone());
                 }
             }
+            let outcome = outcome.map(|_| ());
             for append in group {
                 let _ = append.done.send(outcome.clone());
             }
         }
     }
 
-    /// Writes the group after what is stored and syncs it; on failure cuts it off again.
-    fn write(&mut self, group: &[Append]) -> std::io::Result<()> {
+    /// Writes the group after what is stored and syncs it; answers where it starts. On
+    /// failure cuts it off again.
+    fn write(&mut self, group: &[Append]) -> std::io::Result<Position> {
         if self.broken || (self.at.offset >= self.segment_bytes && self.at.offset > 0) {
             self.next_segment()?;
         }
@@ -623,9 +673,10 @@ impl Writer {
         self.shared.syncs.increment(1);
         match written {
             Ok(()) => {
-                self.shared.written.increment(offset - self.at.offset);
+                let start = self.at;
+                self.shared.written.increment(offset - start.offset);
                 self.at.offset = offset;
-                Ok(())
+                Ok(start)
             }
             Err(error) => {
                 if self.file.set_len(self.at.offset).is_err() {
@@ -633,6 +684,33 @@ impl Writer {
                 }
                 Err(error)
             }
+        }
+    }
+
+    /// Hands the group's messages, stored from `at` on, to the reader through memory, as
+    /// far as [`FRESH_BYTES`] allows; the reader reads the others from the log.
+    fn keep_fresh(&self, mut at: Position, group: &mut [Append]) {
+        let mut fresh = self.shared.fresh();
+        for append in group {
+            let (start, bytes) = (at, append.data.len());
+            at.offset += bytes as u64;
+            if fresh.bytes + bytes > FRESH_BYTES {
+                continue;
+            }
+            let mut end = start;
+            let messages = std::mem::take(&mut append.messages)
+                .into_iter()
+                .map(|message| {
+                    end.offset += frame_len(&message) as u64;
+                    (message, end)
+                })
+                .collect();
+            fresh.bytes += bytes;
+            fresh.appends.push_back(Stored {
+                start,
+                messages,
+                bytes,
+            });
         }
     }
 
@@ -652,7 +730,8 @@ impl Writer {
     }
 }
 
-/// The reading side: follows the writer through the log, from the checkpoint on.
+/// The reading side: follows the writer from the checkpoint on, through memory while it
+/// keeps up and through the log otherwise.
 pub(crate) struct SpoolReader {
     shared: Arc<Shared>,
     committed: watch::Receiver<Position>,
@@ -699,10 +778,7 @@ impl SpoolReader {
                 end.offset - start.offset
             } else {
                 // Frames across two segments: count them one by one.
-                batch
-                    .iter()
-                    .map(|m| (HEADER + 4 + m.id.len() + m.body.len()) as u64)
-                    .sum()
+                batch.iter().map(|m| frame_len(m) as u64).sum()
             },
         };
         self.shared.acks().open.insert(start, (span, false));
@@ -718,6 +794,13 @@ impl SpoolReader {
                     return false;
                 }
                 continue;
+            }
+            if let Some(stored) = self.shared.take_fresh(self.at) {
+                for (message, end) in stored.messages {
+                    self.ready.push_back((message, self.at, end));
+                    self.at = end;
+                }
+                return true;
             }
             let finished = self.at.segment < committed.segment;
             let file = match &self.file {

@@ -383,3 +383,36 @@ async fn a_full_spool_refuses_publishing_until_deliveries_make_room() {
     assert_eq!(queue.close(Duration::MAX).await, 0);
     assert_eq!(transport.accepted.lock().expect("accepted").len(), 5);
 }
+
+#[tokio::test]
+async fn a_reader_that_falls_behind_memory_reads_the_log_and_delivers_each_message_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let transport = Arc::new(Scripted::default());
+    transport.down.store(true, Ordering::SeqCst);
+    let mut settings = spooled(dir.path(), 1 << 30);
+    settings.spool.segment_bytes = 1 << 20;
+    let queue = MessageQueue::with_transport(&settings, transport.clone()).expect("opens");
+    let publish = |from: usize| {
+        let queue = &queue;
+        async move {
+            let batch = (from..from + 1_000)
+                .map(|i| message(i, "an event"))
+                .collect();
+            queue.publish_all(batch).await.expect("stored");
+        }
+    };
+    // About 38 bytes a frame: 300,000 messages are more than the 8 MiB the writer keeps
+    // in memory for the reader, which waits while the backend is down.
+    for from in (0..300_000).step_by(1_000) {
+        publish(from).await;
+    }
+    transport.down.store(false, Ordering::SeqCst);
+    // More while the reader works through the log.
+    for from in (300_000..400_000).step_by(1_000) {
+        publish(from).await;
+    }
+    assert_eq!(queue.close(Duration::MAX).await, 0);
+    let accepted = transport.accepted.lock().expect("accepted").clone();
+    assert_eq!(accepted.len(), 400_000, "each message once");
+    assert_eq!(accepted.iter().collect::<BTreeSet<_>>().len(), 400_000);
+}
