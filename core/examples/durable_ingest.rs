@@ -7,8 +7,9 @@
 //! taskset -c 0 cargo run --release -p trellis-core --example durable_ingest [SECONDS]
 //! ```
 //!
-//! The spool's figure includes delivering every event to the file backend in the same
-//! process; the table's has no relay running. With `TEST_POSTGRES_URL`, the table is also
+//! The spool delivers to the file backend in the same process while it is measured (a
+//! batch refused because the spool is at `mq.spool.max_bytes` is retried and not
+//! counted); the table has no relay running. With `TEST_POSTGRES_URL`, the table is also
 //! measured on PostgreSQL (its server's CPU is not counted).
 
 use std::{
