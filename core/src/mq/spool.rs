@@ -12,9 +12,10 @@
 //!   caller says so (503); the next group tries again.
 //! - **Delivery.** The queue's pump takes what the writer stored and hands batches to the
 //!   backend: from memory while it keeps up (the writer keeps up to 8 MiB of stored
-//!   frames for it), from the log when it falls behind or after a restart. When every batch before a point has been accepted, that point becomes
-//!   the checkpoint (`<directory>/checkpoint`, rewritten at most every 200 ms), and the
-//!   segments wholly before it are removed.
+//!   frames for it), from the log when it falls behind or after a restart. When every
+//!   batch before a point has been accepted, that point becomes the checkpoint
+//!   (`<directory>/checkpoint`, rewritten at most every 200 ms), and the segments wholly
+//!   before it are removed.
 //! - **Restart.** Delivery resumes at the checkpoint; what was delivered after the last
 //!   checkpoint is sent again (at least once). A frame cut short by a crash at the end of
 //!   the log was never acknowledged and is removed.
