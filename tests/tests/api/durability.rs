@@ -92,6 +92,14 @@ fn trellis(port: u16, storage: &TestStorage, settings: &[(&str, Value)]) -> Comm
     command
 }
 
+/// A server from `command` on a free port, once it answers `/healthz`.
+async fn started(command: impl FnOnce(u16) -> Command) -> (u16, Child) {
+    let port = free_port();
+    let child = command(port).spawn().expect("the server starts");
+    wait_healthy(port).await;
+    (port, child)
+}
+
 /// The loads come from one address; the ingest limits are tested elsewhere.
 fn unlimited() -> Vec<(&'static str, Value)> {
     vec![
@@ -108,12 +116,10 @@ async fn killed_under_load(
     enough: usize,
     within: Duration,
 ) -> Vec<String> {
-    let port = free_port();
-    let mut child: Child = command(port).spawn().expect("the server starts");
-    wait_healthy(port).await;
+    let (port, mut child) = started(&command).await;
     let load = Load::start(port, 4);
-    let started = Instant::now();
-    while load.accepted() < enough && started.elapsed() < within {
+    let loading = Instant::now();
+    while load.accepted() < enough && loading.elapsed() < within {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     child.kill().expect("SIGKILL");
@@ -125,9 +131,7 @@ async fn killed_under_load(
         accepted.len()
     );
 
-    let port = free_port();
-    let mut child = command(port).spawn().expect("the server starts again");
-    wait_healthy(port).await;
+    let (_, mut child) = started(&command).await;
     terminate(&child);
     let status = wait_exit(&mut child, Duration::from_secs(150));
     assert_eq!(status.code(), Some(0), "the drain delivered everything");
@@ -401,11 +405,7 @@ async fn sigkill_during_registrations_loses_no_event_of_a_committed_account() {
         ("events.lease_ms", json!(3_000)),
         ("events.handler_timeout_ms", json!(2_000)),
     ];
-    let port = free_port();
-    let mut child = trellis(port, &storage, &settings)
-        .spawn()
-        .expect("the server starts");
-    wait_healthy(port).await;
+    let (port, mut child) = started(|port| trellis(port, &storage, &settings)).await;
     let load = tokio::spawn(register_until_gone(port, 4));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     child.kill().expect("SIGKILL");
@@ -417,11 +417,7 @@ async fn sigkill_during_registrations_loses_no_event_of_a_committed_account() {
         created.len()
     );
 
-    let port = free_port();
-    let mut child = trellis(port, &storage, &settings)
-        .spawn()
-        .expect("the server starts again");
-    wait_healthy(port).await;
+    let (_, mut child) = started(|port| trellis(port, &storage, &settings)).await;
     let wanted: BTreeSet<&String> = created.iter().collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     while registered_events(&storage)
@@ -527,11 +523,7 @@ async fn a_killed_instances_claims_are_delivered_by_another_once_their_lease_run
         let storage = &storage;
         async move { storage.fetch_i64s(sql).await[0] }
     };
-    let port = free_port();
-    let mut first = trellis(port, &storage, &settings)
-        .spawn()
-        .expect("the first instance starts");
-    wait_healthy(port).await;
+    let (port, mut first) = started(|port| trellis(port, &storage, &settings)).await;
     // The probe module's handler hangs, holding its claim, while this row is there.
     storage
         .execute_sql("INSERT INTO probe_event_faults (reason) VALUES ('hang')")
@@ -558,11 +550,7 @@ async fn a_killed_instances_claims_are_delivered_by_another_once_their_lease_run
     first.wait().expect("killed");
     storage.execute_sql("DELETE FROM probe_event_faults").await;
 
-    let port = free_port();
-    let mut second = trellis(port, &storage, &settings)
-        .spawn()
-        .expect("the second instance starts");
-    wait_healthy(port).await;
+    let (_, mut second) = started(|port| trellis(port, &storage, &settings)).await;
     let completed = "SELECT COUNT(*) FROM trellis_event_publications \
                      WHERE listener = 'probe' AND status = 'completed'";
     let deadline = Instant::now() + Duration::from_secs(15);
