@@ -613,6 +613,9 @@ pub struct SpoolConfig {
     /// Bytes published and not yet delivered, at most; past it publishing is refused
     /// (503 with `Retry-After` to the client) until the backend catches up.
     pub max_bytes: u64,
+    /// How long the writer waits, once an append arrives, for others to share its sync
+    /// (fractions allowed; 0: it syncs at once). Each publish may wait this much longer.
+    pub commit_delay_ms: f64,
 }
 
 impl Default for SpoolConfig {
@@ -621,6 +624,7 @@ impl Default for SpoolConfig {
             directory: PathBuf::from("data/spool"),
             segment_bytes: 64 * 1024 * 1024,
             max_bytes: 1024 * 1024 * 1024,
+            commit_delay_ms: 0.5,
         }
     }
 }
@@ -952,6 +956,9 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
              than 0 and at most `max_bytes`"
                 .into(),
         );
+    }
+    if !(0.0..=100.0).contains(&mq.spool.commit_delay_ms) {
+        problems.push("`mq.spool.commit_delay_ms`: from 0 to 100".into());
     }
     let buckets = &config.metrics.latency_buckets;
     if buckets.is_empty() || buckets.windows(2).any(|w| w[0] >= w[1]) {

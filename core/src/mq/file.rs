@@ -9,6 +9,12 @@
 //! on. Each piece of a batch is written with one `write` and synced (`fdatasync`) before
 //! the batch counts as delivered; a write or sync that fails (a full disk) is cut off the
 //! file again, so the file never holds a cut line, and the batch is sent again later.
+//! Behind the spool (`mq.durability = "disk"`) a batch is synced later instead, before
+//! the spool's checkpoint moves past it ([`Transport::sync`]): the spool holds it until
+//! then, and one sync serves every batch since the last checkpoint. A sync that fails
+//! then cannot say which lines it lost: the backend refuses every batch from then on
+//! and readiness reports it down, the checkpoint stays, and after a restart everything
+//! after it is sent again.
 //!
 //! One instance per folder: the backend holds an exclusive lock on `<directory>/.lock`
 //! (`flock`) from start to close, and a second instance given the same folder refuses to
@@ -52,6 +58,12 @@ struct LiveFile {
     size: u64,
     /// The folder's lock, held until the transport closes.
     lock: Option<File>,
+    /// Each batch is synced before it counts as delivered; otherwise at [`Self::sync_accepted`].
+    sync_each_batch: bool,
+    /// Lines were written since the last sync.
+    unsynced: bool,
+    /// Why a sync of accepted lines failed: they may be lost, and nothing more is accepted.
+    sync_failed: Option<String>,
 }
 
 impl FileTransport {
@@ -66,6 +78,9 @@ impl FileTransport {
             file: None,
             size: 0,
             lock: Some(lock),
+            sync_each_batch: true,
+            unsynced: false,
+            sync_failed: None,
         };
         live.reopen().map_err(|e| {
             anyhow::anyhow!(
@@ -82,6 +97,17 @@ impl FileTransport {
             max_total_bytes: config.max_total_bytes,
             state: Arc::new(Mutex::new(live)),
         })
+    }
+
+    /// Syncs accepted batches only when asked ([`Transport::sync`]), not each one as it
+    /// is written: for a queue whose spool holds every batch until then.
+    pub fn synced_at_checkpoints(self) -> Self {
+        self.live().sync_each_batch = false;
+        self
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, LiveFile> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -118,6 +144,9 @@ impl LiveFile {
     /// lines are stored, and the error that stopped the rest: what was written of those
     /// is cut off again, so the file still ends with a whole line.
     fn append(&mut self, data: &[u8], ends: &[usize]) -> (usize, Option<std::io::Error>) {
+        if let Some(error) = &self.sync_failed {
+            return (0, Some(std::io::Error::other(error.clone())));
+        }
         let mut stored = 0;
         let mut piece_start = 0;
         for (line, &end) in ends.iter().enumerate() {
@@ -140,7 +169,8 @@ impl LiveFile {
         }
     }
 
-    /// Writes `data` at the end of the live file and syncs it; on failure cuts it off.
+    /// Writes `data` at the end of the live file and syncs it (unless the sync waits for
+    /// [`Self::sync_accepted`]); on failure cuts it off.
     fn commit(&mut self, data: &[u8]) -> std::io::Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -149,13 +179,22 @@ impl LiveFile {
             self.reopen()?;
         }
         let file = self.file.as_mut().ok_or(std::io::ErrorKind::NotFound)?;
-        match file.write_all(data).and_then(|()| file.sync_data()) {
+        let written = file
+            .write_all(data)
+            .and_then(|()| match self.sync_each_batch {
+                true => file.sync_data(),
+                false => Ok(()),
+            });
+        match written {
             Ok(()) => {
                 self.size += data.len() as u64;
+                self.unsynced = !self.sync_each_batch;
                 Ok(())
             }
             Err(error) => {
                 if file.set_len(self.size).is_err() {
+                    // Reopened on the next batch: what it holds unsynced is synced first.
+                    let _ = self.sync_accepted();
                     self.file = None;
                 }
                 Err(error)
@@ -163,9 +202,36 @@ impl LiveFile {
         }
     }
 
+    /// Syncs the lines written since the last sync. A failure sticks: which lines were
+    /// lost is unknown, so nothing more is accepted until a restart sends again what
+    /// the spool's checkpoint had not passed.
+    fn sync_accepted(&mut self) -> Result<(), String> {
+        if let Some(error) = &self.sync_failed {
+            return Err(error.clone());
+        }
+        let Some(file) = self.file.as_ref().filter(|_| self.unsynced) else {
+            return Ok(());
+        };
+        if let Err(error) = file.sync_data() {
+            let error = format!(
+                "{}: a sync failed ({error}); restart to send again what the spool holds",
+                self.directory.join(LIVE).display()
+            );
+            tracing::error!(
+                error,
+                "the event file may have lost lines; refusing new batches"
+            );
+            self.sync_failed = Some(error.clone());
+            return Err(error);
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
     fn rotate(&mut self) -> std::io::Result<()> {
         if let Some(file) = self.file.take() {
             file.sync_all()?;
+            self.unsynced = false;
         }
         let stamp = file_stamp();
         let mut target = self.directory.join(format!("events-{stamp}.ndjson"));
@@ -346,6 +412,9 @@ impl Transport for FileTransport {
 
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
+            if let Some(error) = self.live().sync_failed.clone() {
+                return Err(error);
+            }
             check_writable(&self.directory)
                 .await
                 .map_err(|e| format!("{}: {e}", self.directory.display()))
@@ -363,6 +432,20 @@ impl Transport for FileTransport {
                         self.max_total_bytes
                     )
                 })
+        })
+    }
+
+    fn sync(&self) -> BoxFuture<'_, Result<(), String>> {
+        let state = self.state.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sync_accepted()
+            })
+            .await
+            .map_err(|e| e.to_string())?
         })
     }
 

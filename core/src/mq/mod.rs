@@ -106,6 +106,12 @@ pub trait Transport: Send + Sync + 'static {
     fn capacity_warning(&self) -> BoxFuture<'_, Option<String>> {
         Box::pin(async { None })
     }
+    /// Makes every batch accepted so far durable, for a backend that accepts batches
+    /// before they are (the file backend behind the spool). The spool's checkpoint moves
+    /// past delivered batches only after this succeeds.
+    fn sync(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Flushes whatever the backend itself buffers (called once, at close).
     fn close(&self) -> BoxFuture<'_, Result<(), String>>;
 }
@@ -208,7 +214,14 @@ impl MessageQueue {
     /// Opens the backend `config` selects and starts sending.
     pub async fn connect(config: &MqConfig) -> anyhow::Result<Self> {
         let transport: Arc<dyn Transport> = match config.backend {
-            MqBackend::File => Arc::new(FileTransport::open(&config.file)?),
+            MqBackend::File => {
+                let file = FileTransport::open(&config.file)?;
+                // The spool holds each batch until a checkpoint syncs the file once.
+                Arc::new(match config.durability {
+                    Durability::Disk => file.synced_at_checkpoints(),
+                    Durability::Memory => file,
+                })
+            }
             #[cfg(feature = "sqs")]
             MqBackend::Sqs => Arc::new(SqsTransport::connect(&config.sqs).await?),
             // Refused by the configuration's validation.
@@ -259,7 +272,7 @@ impl MessageQueue {
         inner.buffered_gauge.set(waiting as f64);
         if let Some(spool) = inner.spool() {
             *inner.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(spool.keep_checkpoint());
+                Some(spool.keep_checkpoint(inner.transport.clone()));
         }
         let pump = tokio::spawn(pump(inner.clone(), source));
         *inner.pump.lock().unwrap_or_else(|p| p.into_inner()) = Some(pump);
@@ -392,7 +405,13 @@ impl MessageQueue {
             {
                 task.abort();
             }
-            spool.save_checkpoint().await;
+            if let Err(error) = spool.save_checkpoint(&*inner.transport).await {
+                tracing::error!(
+                    backend = self.backend(),
+                    error,
+                    "the spool's checkpoint stays: the backend could not sync"
+                );
+            }
             spool.release_folder();
         }
         let left = self.buffered();

@@ -5,15 +5,17 @@
 //!   message one frame: its length and CRC-32 (4 bytes each, little-endian), then the id's
 //!   length (4 bytes), the id and the body. A write starts a new segment once the current
 //!   one holds `mq.spool.segment_bytes`.
-//! - **Group commit.** One writer thread takes every append waiting for it, writes them
-//!   together and syncs the file once (`fdatasync`); only then does each append return.
-//!   Concurrent requests share one sync. A write or sync that fails (a full disk) is cut
+//! - **Group commit.** One writer thread takes an append, waits `mq.spool.commit_delay_ms`
+//!   for more, encodes every append waiting for it into one buffer, writes it and syncs
+//!   the file once (`fdatasync`); only then does each append return. Concurrent requests
+//!   share one sync. A write or sync that fails (a full disk) is cut
 //!   off the file again and every append of the group fails: nothing was stored, and the
 //!   caller says so (503); the next group tries again.
 //! - **Delivery.** The queue's pump takes what the writer stored and hands batches to the
 //!   backend: from memory while it keeps up (the writer keeps up to 8 MiB of stored
 //!   frames for it), from the log when it falls behind or after a restart. When every
-//!   batch before a point has been accepted, that point becomes the checkpoint
+//!   batch before a point has been accepted, and the backend has synced them (a backend
+//!   that accepts before it syncs: [`Transport::sync`]), that point becomes the checkpoint
 //!   (`<directory>/checkpoint`, rewritten at most every 200 ms), and the segments wholly
 //!   before it are removed.
 //! - **Restart.** Delivery resumes at the checkpoint; what was delivered after the last
@@ -37,7 +39,7 @@ use std::{
 use metrics::{Counter, Gauge, counter, gauge};
 use tokio::sync::{oneshot, watch};
 
-use super::{BatchLimits, OutboundMessage, PublishError, lock_folder};
+use super::{BatchLimits, OutboundMessage, PublishError, Transport, lock_folder};
 use crate::{
     config::SpoolConfig,
     metrics::{
@@ -81,17 +83,23 @@ fn frame_len(message: &OutboundMessage) -> usize {
     HEADER + 4 + message.id.len() + message.body.len()
 }
 
-/// Appends `message` as one frame to `out`.
-fn encode(message: &OutboundMessage, out: &mut Vec<u8>) -> Result<(), PublishError> {
-    let payload = 4 + message.id.len() + message.body.len();
-    if payload > MAX_FRAME {
-        return Err(PublishError::Storage {
+/// Refuses a message too large for a frame.
+fn check_size(message: &OutboundMessage) -> Result<(), PublishError> {
+    let payload = frame_len(message) - HEADER;
+    match payload > MAX_FRAME {
+        true => Err(PublishError::Storage {
             error: format!(
                 "message {} is {payload} bytes; at most {MAX_FRAME}",
                 message.id
             ),
-        });
+        }),
+        false => Ok(()),
     }
+}
+
+/// Appends `message` as one frame to `out` (its size checked by [`check_size`]).
+fn encode(message: &OutboundMessage, out: &mut Vec<u8>) {
+    let payload = frame_len(message) - HEADER;
     out.extend_from_slice(&(payload as u32).to_le_bytes());
     let crc_at = out.len();
     out.extend_from_slice(&[0; 4]);
@@ -101,7 +109,6 @@ fn encode(message: &OutboundMessage, out: &mut Vec<u8>) -> Result<(), PublishErr
     out.extend_from_slice(message.body.as_bytes());
     let crc = crc32fast::hash(&out[start..]);
     out[crc_at..start].copy_from_slice(&crc.to_le_bytes());
-    Ok(())
 }
 
 /// What [`decode`] found in a stretch of the log.
@@ -297,10 +304,10 @@ struct Stored {
     bytes: usize,
 }
 
-/// Frames waiting for the writer, and who waits for them.
+/// Messages waiting for the writer (`bytes` of frames), and who waits for them.
 struct Append {
-    data: Vec<u8>,
     messages: Vec<OutboundMessage>,
+    bytes: usize,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -431,6 +438,8 @@ impl Spool {
         let writer = Writer {
             shared: shared.clone(),
             segment_bytes: config.segment_bytes,
+            commit_delay: Duration::from_secs_f64(config.commit_delay_ms / 1_000.0),
+            buffer: Vec::new(),
             file,
             at: end,
             broken: false,
@@ -469,11 +478,8 @@ impl Spool {
 
     /// Stores `messages`: returns once they are on disk, or says why none was stored.
     pub async fn append(&self, messages: Vec<OutboundMessage>) -> Result<(), PublishError> {
-        let mut data = Vec::with_capacity(messages.iter().map(frame_len).sum());
-        for message in &messages {
-            encode(message, &mut data)?;
-        }
-        let bytes = data.len() as u64;
+        messages.iter().try_for_each(check_size)?;
+        let bytes = messages.iter().map(frame_len).sum::<usize>() as u64;
         let shared = &self.shared;
         shared
             .pending
@@ -492,8 +498,8 @@ impl Spool {
             .as_ref()
             .map(|w| {
                 w.send(Append {
-                    data,
                     messages,
+                    bytes: bytes as usize,
                     done,
                 })
                 .is_ok()
@@ -545,18 +551,31 @@ impl Spool {
         }
     }
 
-    /// Writes the checkpoint if it moved, and removes the segments wholly before it.
-    pub async fn save_checkpoint(&self) {
-        save_checkpoint(self.shared.clone()).await;
+    /// Writes the checkpoint if it moved, once `transport` has synced what was delivered
+    /// ([`Transport::sync`]), and removes the segments wholly before it. `Err`: the sync
+    /// failed, and the checkpoint stays.
+    pub async fn save_checkpoint(&self, transport: &dyn Transport) -> Result<(), String> {
+        save_checkpoint(&self.shared, transport).await
     }
 
     /// Writes the checkpoint every 200 ms while deliveries move it (until aborted).
-    pub fn keep_checkpoint(&self) -> tokio::task::JoinHandle<()> {
+    pub fn keep_checkpoint(&self, transport: Arc<dyn Transport>) -> tokio::task::JoinHandle<()> {
         let shared = self.shared.clone();
         tokio::spawn(async move {
+            let mut failing = false;
             loop {
                 tokio::time::sleep(CHECKPOINT_EVERY).await;
-                save_checkpoint(shared.clone()).await;
+                let saved = save_checkpoint(&shared, &*transport).await;
+                if let Err(error) = &saved
+                    && !failing
+                {
+                    tracing::error!(
+                        backend = transport.backend(),
+                        error,
+                        "the spool's checkpoint stays while the backend cannot sync"
+                    );
+                }
+                failing = saved.is_err();
             }
         })
     }
@@ -576,15 +595,21 @@ impl Spool {
     }
 }
 
-/// Removes the delivered segments and writes the checkpoint, if it moved since the last
-/// time; a failure is logged and tried again next time.
-async fn save_checkpoint(shared: Arc<Shared>) {
+/// Syncs the backend, then removes the delivered segments and writes the checkpoint, if
+/// it moved since the last time; a failure is tried again next time (one to write is
+/// logged here, one to sync is returned).
+async fn save_checkpoint(shared: &Shared, transport: &dyn Transport) -> Result<(), String> {
     let Some(at) = ({
         let mut acks = shared.acks();
         std::mem::take(&mut acks.moved).then_some(acks.checkpoint)
     }) else {
-        return;
+        return Ok(());
     };
+    // Every batch before `at` was accepted before this sync started.
+    if let Err(error) = transport.sync().await {
+        shared.acks().moved = true;
+        return Err(error);
+    }
     let directory = shared.directory.clone();
     let saved = tokio::task::spawn_blocking(move || {
         // Delivered segments go first: that frees room even on a full disk, and a start
@@ -603,12 +628,16 @@ async fn save_checkpoint(shared: Arc<Shared>) {
         shared.acks().moved = true;
         tracing::error!(directory = %shared.directory.display(), %error, "spool: cannot write the checkpoint");
     }
+    Ok(())
 }
 
 /// The writer thread's state.
 struct Writer {
     shared: Arc<Shared>,
     segment_bytes: u64,
+    commit_delay: Duration,
+    /// The group's frames (kept between groups: written from the same memory each time).
+    buffer: Vec<u8>,
     file: File,
     /// The end of what is stored.
     at: Position,
@@ -620,13 +649,18 @@ struct Writer {
 impl Writer {
     fn run(mut self, appends: &flume::Receiver<Append>) {
         while let Ok(first) = appends.recv() {
-            let mut bytes = first.data.len();
+            // Sleeping (rather than waiting on the channel) lets the appends arriving
+            // meanwhile queue up without waking the thread for each.
+            if !self.commit_delay.is_zero() {
+                std::thread::sleep(self.commit_delay);
+            }
+            let mut bytes = first.bytes;
             let mut group = vec![first];
             while bytes < GROUP_BYTES {
                 let Ok(next) = appends.try_recv() else {
                     break;
                 };
-                bytes += next.data.len();
+                bytes += next.bytes;
                 group.push(next);
             }
             let outcome = self.write(&group).map_err(|e| e.to_string());
@@ -662,21 +696,20 @@ impl Writer {
         if self.broken || (self.at.offset >= self.segment_bytes && self.at.offset > 0) {
             self.next_segment()?;
         }
-        let mut offset = self.at.offset;
-        let written = group
-            .iter()
-            .try_for_each(|append| {
-                self.file.write_all_at(&append.data, offset)?;
-                offset += append.data.len() as u64;
-                Ok(())
-            })
+        self.buffer.clear();
+        for message in group.iter().flat_map(|append| &append.messages) {
+            encode(message, &mut self.buffer);
+        }
+        let written = self
+            .file
+            .write_all_at(&self.buffer, self.at.offset)
             .and_then(|()| self.file.sync_data());
         self.shared.syncs.increment(1);
         match written {
             Ok(()) => {
                 let start = self.at;
-                self.shared.written.increment(offset - start.offset);
-                self.at.offset = offset;
+                self.shared.written.increment(self.buffer.len() as u64);
+                self.at.offset += self.buffer.len() as u64;
                 Ok(start)
             }
             Err(error) => {
@@ -693,7 +726,7 @@ impl Writer {
     fn keep_fresh(&self, mut at: Position, group: &mut [Append]) {
         let mut fresh = self.shared.fresh();
         for append in group {
-            let (start, bytes) = (at, append.data.len());
+            let (start, bytes) = (at, append.bytes);
             at.offset += bytes as u64;
             if fresh.bytes + bytes > FRESH_BYTES {
                 continue;
@@ -899,7 +932,7 @@ mod tests {
     fn frames_decode_to_what_was_encoded_and_a_cut_or_damaged_frame_is_found() {
         let mut data = Vec::new();
         for n in 0..3 {
-            encode(&message(n), &mut data).expect("encoded");
+            encode(&message(n), &mut data);
         }
         let whole = decode(&data);
         assert_eq!(

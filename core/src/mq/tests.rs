@@ -4,13 +4,16 @@ use super::*;
 use crate::config::{Durability, FileMqConfig, SpoolConfig};
 
 /// A backend that records what it accepted and fails on cue: whole sends while `down`,
-/// and the first attempt of every entry whose body starts with `flaky` or `bad`.
+/// the first attempt of every entry whose body starts with `flaky` or `bad`, and syncs
+/// while `unsyncable`.
 #[derive(Default)]
 struct Scripted {
     accepted: Mutex<Vec<String>>,
     seen: Mutex<BTreeSet<String>>,
     down: AtomicBool,
     sends: AtomicUsize,
+    unsyncable: AtomicBool,
+    syncs: AtomicUsize,
 }
 
 impl Transport for Scripted {
@@ -66,6 +69,15 @@ impl Transport for Scripted {
                 Err("connection refused".into())
             } else {
                 Ok(())
+            }
+        })
+    }
+    fn sync(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            match self.unsyncable.load(Ordering::SeqCst) {
+                true => Err("input/output error".into()),
+                false => Ok(()),
             }
         })
     }
@@ -246,6 +258,7 @@ fn spooled(directory: &Path, max_bytes: u64) -> MqConfig {
             directory: directory.to_path_buf(),
             segment_bytes: 1_000,
             max_bytes,
+            ..SpoolConfig::default()
         },
         ..config(1)
     }
@@ -321,6 +334,34 @@ async fn what_the_spool_held_at_close_is_delivered_after_the_next_start() {
             .collect()
     );
     assert!(first.accepted.lock().expect("accepted").is_empty());
+}
+
+#[tokio::test]
+async fn the_checkpoint_waits_for_the_backends_sync_so_what_it_could_not_sync_is_sent_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = spooled(dir.path(), 1 << 20);
+    let unsynced = Arc::new(Scripted::default());
+    unsynced.unsyncable.store(true, Ordering::SeqCst);
+    let queue = MessageQueue::with_transport(&settings, unsynced.clone()).expect("opens");
+    for i in 0..40 {
+        queue.publish(message(i, "accepted")).await.expect("stored");
+    }
+    assert_eq!(queue.close(Duration::MAX).await, 0);
+    assert_eq!(unsynced.accepted.lock().expect("accepted").len(), 40);
+    assert!(unsynced.syncs.load(Ordering::SeqCst) >= 1);
+
+    // Accepted but never synced: the next start sends all of it again.
+    let synced = Arc::new(Scripted::default());
+    let queue = MessageQueue::with_transport(&settings, synced.clone()).expect("opens again");
+    assert_eq!(queue.buffered(), 40);
+    assert_eq!(queue.close(Duration::MAX).await, 0);
+    assert_eq!(synced.accepted.lock().expect("accepted").len(), 40);
+
+    // Synced this time: the checkpoint moved past it.
+    let queue = MessageQueue::with_transport(&settings, Arc::new(Scripted::default()))
+        .expect("opens a third time");
+    assert_eq!(queue.buffered(), 0);
+    assert_eq!(queue.close(Duration::MAX).await, 0);
 }
 
 #[tokio::test]
