@@ -3,8 +3,15 @@
 //!
 //! - **Log.** Messages are appended to segment files `<directory>/<number>.spool`, each
 //!   message one frame: its length and CRC-32 (4 bytes each, little-endian), then the id's
-//!   length (4 bytes), the id and the body. A write starts a new segment once the current
-//!   one holds `mq.spool.segment_bytes`.
+//!   length (4 bytes), the id and the body. The CRC covers the segment's number (8 bytes,
+//!   little-endian) before the rest, so a frame is only valid in its own segment. A write
+//!   starts a new segment once the current one holds `mq.spool.segment_bytes`; the
+//!   finished one is cut to its last frame.
+//! - **Reuse.** Up to [`SPARES`] delivered segments are kept as `<number>.spare` and
+//!   renamed into the next new segment, which is then written over from its start: its
+//!   pages are likely still cached, and writing into them costs less than into new
+//!   ones. What it held before fails the CRC of its new number, so a restart finds the
+//!   end of the log where its last write ended.
 //! - **Group commit.** One writer thread takes an append, waits `mq.spool.commit_delay_ms`
 //!   for more, encodes every append waiting for it into one buffer, writes it and syncs
 //!   the file once (`fdatasync`); only then does each append return. Concurrent requests
@@ -62,6 +69,9 @@ const READ_BYTES: usize = 1024 * 1024;
 const FRESH_BYTES: usize = 8 * 1024 * 1024;
 /// How often the checkpoint is written while deliveries advance it.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// Delivered segments kept for reuse, at most.
+const SPARES: usize = 2;
+const SPARE_SUFFIX: &str = ".spare";
 
 /// A place in the log: a segment and a byte offset in it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -97,8 +107,17 @@ fn check_size(message: &OutboundMessage) -> Result<(), PublishError> {
     }
 }
 
-/// Appends `message` as one frame to `out` (its size checked by [`check_size`]).
-fn encode(message: &OutboundMessage, out: &mut Vec<u8>) {
+/// A frame's CRC: the segment's number, then the payload.
+fn frame_crc(segment: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&segment.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Appends `message` as one frame of `segment` to `out` (its size checked by
+/// [`check_size`]).
+fn encode(message: &OutboundMessage, segment: u64, out: &mut Vec<u8>) {
     let payload = frame_len(message) - HEADER;
     out.extend_from_slice(&(payload as u32).to_le_bytes());
     let crc_at = out.len();
@@ -107,7 +126,7 @@ fn encode(message: &OutboundMessage, out: &mut Vec<u8>) {
     out.extend_from_slice(&(message.id.len() as u32).to_le_bytes());
     out.extend_from_slice(message.id.as_bytes());
     out.extend_from_slice(message.body.as_bytes());
-    let crc = crc32fast::hash(&out[start..]);
+    let crc = frame_crc(segment, &out[start..]);
     out[crc_at..start].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -124,7 +143,8 @@ struct Decoded {
     damaged: bool,
 }
 
-fn decode(data: &[u8]) -> Decoded {
+/// Reads the frames of `segment` at the start of `data`.
+fn decode(data: &[u8], segment: u64) -> Decoded {
     let mut decoded = Decoded::default();
     let mut at = 0;
     while data.len() - at >= HEADER {
@@ -140,7 +160,7 @@ fn decode(data: &[u8]) -> Decoded {
         }
         let payload = &data[at + HEADER..at + HEADER + len];
         let id_len = word(at + HEADER) as usize;
-        let message = (crc32fast::hash(payload) == word(at + 4) && id_len <= len - 4)
+        let message = (frame_crc(segment, payload) == word(at + 4) && id_len <= len - 4)
             .then(|| {
                 let id = std::str::from_utf8(&payload[4..4 + id_len]).ok()?;
                 let body = std::str::from_utf8(&payload[4 + id_len..]).ok()?;
@@ -163,6 +183,18 @@ fn decode(data: &[u8]) -> Decoded {
 
 fn segment_path(directory: &Path, segment: u64) -> PathBuf {
     directory.join(format!("{segment:020}{SUFFIX}"))
+}
+
+/// The delivered segments kept for reuse.
+fn spares(directory: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(directory)? {
+        let path = entry?.path();
+        if path.to_str().is_some_and(|p| p.ends_with(SPARE_SUFFIX)) {
+            found.push(path);
+        }
+    }
+    Ok(found)
 }
 
 /// The segments under `directory` with their sizes, oldest first.
@@ -368,7 +400,7 @@ impl Spool {
         for (index, (segment, size)) in found.iter_mut().enumerate() {
             let path = segment_path(directory, *segment);
             let data = std::fs::read(&path).map_err(named)?;
-            let decoded = decode(&data);
+            let decoded = decode(&data, *segment);
             if *segment == checkpoint.segment {
                 checkpoint.offset = checkpoint.offset.min(data.len() as u64);
             }
@@ -388,7 +420,8 @@ impl Spool {
                     tracing::warn!(
                         segment = %path.display(),
                         bytes = cut,
-                        "spool: a write cut short (never acknowledged) removed from the end"
+                        "spool: what follows the last whole frame removed (a write cut short \
+                         and never acknowledged, or what a reused segment held before)"
                     );
                     OpenOptions::new()
                         .write(true)
@@ -612,13 +645,17 @@ async fn save_checkpoint(shared: &Shared, transport: &dyn Transport) -> Result<(
     }
     let directory = shared.directory.clone();
     let saved = tokio::task::spawn_blocking(move || {
-        // Delivered segments go first: that frees room even on a full disk, and a start
-        // from an older checkpoint skips to the first segment left.
-        for (segment, _) in segments(&directory)? {
-            if segment >= at.segment {
-                break;
+        // Delivered segments go first (kept as spares, or removed): a start from an
+        // older checkpoint skips to the first segment left.
+        let delivered = segments(&directory)?
+            .into_iter()
+            .take_while(|(segment, _)| *segment < at.segment);
+        for (spare, (segment, _)) in (spares(&directory)?.len()..).zip(delivered) {
+            let path = segment_path(&directory, segment);
+            match spare < SPARES {
+                true => std::fs::rename(&path, path.with_extension(&SPARE_SUFFIX[1..]))?,
+                false => std::fs::remove_file(&path)?,
             }
-            std::fs::remove_file(segment_path(&directory, segment))?;
         }
         write_checkpoint(&directory, at)
     })
@@ -688,6 +725,20 @@ impl Writer {
                 let _ = append.done.send(outcome.clone());
             }
         }
+        // A reused segment ends at its last frame, so that the next start finds nothing
+        // after it to remove.
+        if !self.broken {
+            let _ = self.cut_to_end();
+        }
+    }
+
+    /// Cuts what a reused segment held before off the end of what is stored.
+    fn cut_to_end(&self) -> std::io::Result<()> {
+        if self.file.metadata()?.len() > self.at.offset {
+            self.file.set_len(self.at.offset)?;
+            self.file.sync_all()?;
+        }
+        Ok(())
     }
 
     /// Writes the group after what is stored and syncs it; answers where it starts. On
@@ -698,7 +749,7 @@ impl Writer {
         }
         self.buffer.clear();
         for message in group.iter().flat_map(|append| &append.messages) {
-            encode(message, &mut self.buffer);
+            encode(message, self.at.segment, &mut self.buffer);
         }
         let written = self
             .file
@@ -748,14 +799,24 @@ impl Writer {
         }
     }
 
+    /// Ends the segment at its last frame and starts the next, in a spare if there is one.
     fn next_segment(&mut self) -> std::io::Result<()> {
+        if !self.broken {
+            // The reader reads a finished segment to its end.
+            self.cut_to_end()?;
+        }
         let directory = &self.shared.directory;
         let segment = self.at.segment + 1;
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(segment_path(directory, segment))?;
+        let path = segment_path(directory, segment);
+        let spare = spares(directory).ok().and_then(|s| s.into_iter().next());
+        let file = match spare.map(|spare| std::fs::rename(spare, &path)) {
+            Some(Ok(())) => OpenOptions::new().write(true).open(&path)?,
+            _ => OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)?,
+        };
         sync_folder(directory)?;
         self.file = file;
         self.at = Position { segment, offset: 0 };
@@ -869,7 +930,7 @@ impl SpoolReader {
                     continue;
                 }
             };
-            let decoded = decode(&data);
+            let decoded = decode(&data, self.at.segment);
             for (message, end) in decoded.messages {
                 let start = self.at;
                 self.at.offset = offset + end as u64;
@@ -932,9 +993,9 @@ mod tests {
     fn frames_decode_to_what_was_encoded_and_a_cut_or_damaged_frame_is_found() {
         let mut data = Vec::new();
         for n in 0..3 {
-            encode(&message(n), &mut data);
+            encode(&message(n), 7, &mut data);
         }
-        let whole = decode(&data);
+        let whole = decode(&data, 7);
         assert_eq!(
             whole
                 .messages
@@ -946,15 +1007,58 @@ mod tests {
         assert_eq!(whole.consumed, data.len());
         assert!(!whole.damaged && whole.wanted.is_none());
 
-        let cut = decode(&data[..data.len() - 3]);
+        let cut = decode(&data[..data.len() - 3], 7);
         assert_eq!(cut.messages.len(), 2);
         assert!(cut.wanted.is_some() && !cut.damaged);
 
         let mut damaged = data.clone();
         let last = damaged.len() - 2;
         damaged[last] ^= 0x20;
-        let found = decode(&damaged);
+        let found = decode(&damaged, 7);
         assert_eq!(found.messages.len(), 2);
         assert!(found.damaged);
+
+        let elsewhere = decode(&data, 8);
+        assert!(elsewhere.messages.is_empty() && elsewhere.damaged);
+    }
+
+    #[tokio::test]
+    async fn what_a_reused_segment_held_before_is_not_read_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Segment 3 reused segment 1's file: two new frames written over its start, then
+        // the crash; four whole frames of segment 1 follow (all frames the same size).
+        let mut data = Vec::new();
+        for n in 10..12 {
+            encode(&message(n), 3, &mut data);
+        }
+        let mut old = Vec::new();
+        for n in 20..26 {
+            encode(&message(n), 1, &mut old);
+        }
+        data.extend_from_slice(&old[data.len()..]);
+        std::fs::write(segment_path(dir.path(), 3), &data).expect("write");
+
+        let config = SpoolConfig {
+            directory: dir.path().to_path_buf(),
+            ..SpoolConfig::default()
+        };
+        let Opened {
+            spool,
+            mut reader,
+            waiting,
+        } = Spool::open(&config).expect("opens");
+        assert_eq!(waiting, 2);
+        let limits = BatchLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            max_in_flight: 1,
+        };
+        let (batch, _) = reader.next_batch(limits).await.expect("a batch");
+        assert_eq!(batch, [message(10), message(11)]);
+        spool.append(vec![message(12)]).await.expect("stored");
+        let (batch, _) = reader.next_batch(limits).await.expect("a batch");
+        assert_eq!(batch, [message(12)]);
+        spool.close_writer().await;
+        assert!(reader.next_batch(limits).await.is_none());
     }
 }

@@ -305,6 +305,46 @@ async fn spooled_messages_are_delivered_once_each_and_delivered_segments_are_rem
 }
 
 #[tokio::test]
+async fn delivered_segments_are_reused_and_what_they_held_is_never_delivered_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = spooled(dir.path(), 1 << 20);
+    let spares = || {
+        std::fs::read_dir(dir.path())
+            .expect("folder")
+            .filter(|e| e.as_ref().expect("entry").path().extension() == Some("spare".as_ref()))
+            .count()
+    };
+    let mut next = 0;
+    for round in 0..3 {
+        let transport = Arc::new(Scripted::default());
+        let queue = MessageQueue::with_transport(&settings, transport.clone()).expect("opens");
+        assert_eq!(queue.buffered(), 0, "round {round}: nothing was left");
+        for _ in 0..200 {
+            queue
+                .publish(message(next, "an ordinary message"))
+                .await
+                .expect("stored");
+            next += 1;
+        }
+        assert_eq!(queue.close(Duration::MAX).await, 0);
+        let accepted: BTreeSet<String> = transport
+            .accepted
+            .lock()
+            .expect("accepted")
+            .iter()
+            .cloned()
+            .collect();
+        let expected: BTreeSet<String> = (next - 200..next).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            accepted, expected,
+            "round {round}: this round's messages, each once"
+        );
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        assert_eq!(spares(), 2, "two delivered segments kept for reuse");
+    }
+}
+
+#[tokio::test]
 async fn what_the_spool_held_at_close_is_delivered_after_the_next_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = Arc::new(Scripted::default());
