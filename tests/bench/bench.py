@@ -88,8 +88,11 @@ def cpu_seconds(pid):
 
 
 def settle(pid, timeout=60.0):
-    """Waits until the server is idle (under 5% of a CPU over 250 ms), so that work left
-    from one scenario (queued events, password hashes) does not slow the next one."""
+    """Waits until the disk has written back what earlier scenarios left (a BI ingest run
+    leaves gigabytes, and PostgreSQL's commits would wait behind them) and the server is
+    idle (under 5% of a CPU over 250 ms), so that work left from one scenario (queued
+    events, password hashes) does not slow the next one."""
+    os.sync()
     deadline = time.monotonic() + timeout
     before = cpu_seconds(pid)
     while time.monotonic() < deadline:
