@@ -75,6 +75,16 @@ if cargo tree -p trellis-server --no-default-features --features common -e norma
   exit 1
 fi
 
+step "OpenTelemetry: one version of each crate in the build (two would not see each other's spans)"
+versions=$(cargo tree --workspace --all-features --prefix none --format '{p}' \
+  | grep -E '^(opentelemetry|opentelemetry_sdk|opentelemetry-otlp|opentelemetry-proto|tracing-opentelemetry) v' \
+  | sed 's/ (\*)$//' | sort -u)
+echo "$versions"
+if [ "$(echo "$versions" | cut -d' ' -f1 | uniq -d)" != "" ]; then
+  echo "more than one version of an OpenTelemetry crate (above)"
+  exit 1
+fi
+
 step "each module alone: its own tests, with only the core features it turns on"
 for module in common user auth bi events; do
   cargo test -q -p "trellis-$module"

@@ -33,6 +33,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Logs.
     pub telemetry: TelemetryConfig,
+    /// Traces (OpenTelemetry).
+    pub tracing: TracingConfig,
     /// Prometheus metrics.
     pub metrics: MetricsConfig,
     /// The database.
@@ -189,6 +191,62 @@ impl Default for CorsConfig {
     }
 }
 
+/// `[tracing]`: OpenTelemetry traces, exported over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// Off: no exporter, no trace context kept, no cost per request.
+    pub enabled: bool,
+    /// The OTLP/HTTP traces endpoint (a collector, Jaeger, Tempo).
+    pub endpoint: String,
+    /// `service.name` of every span.
+    pub service_name: String,
+    /// Which new traces are recorded; a caller's sampled or unsampled `traceparent` is
+    /// followed except with `never`.
+    pub sampler: TraceSampler,
+    /// With `sampler = "ratio"`: the share of new traces recorded, from 0 to 1.
+    pub ratio: f64,
+    /// Headers sent with each export (an API key).
+    pub headers: BTreeMap<String, String>,
+    /// One export's deadline.
+    pub export_timeout_ms: u64,
+    /// Spans waiting for export, at most; past it new ones are dropped.
+    pub max_queue_size: usize,
+    /// Spans per export, at most.
+    pub max_export_batch_size: usize,
+    /// How long finished spans wait before an export.
+    pub scheduled_delay_ms: u64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            endpoint: "http://127.0.0.1:4318/v1/traces".into(),
+            service_name: "trellis".into(),
+            sampler: TraceSampler::Ratio,
+            ratio: 1.0,
+            headers: BTreeMap::new(),
+            export_timeout_ms: 10_000,
+            max_queue_size: 2_048,
+            max_export_batch_size: 512,
+            scheduled_delay_ms: 5_000,
+        }
+    }
+}
+
+/// Which traces are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceSampler {
+    /// Every new trace; a caller's decision is followed.
+    Always,
+    /// None at all, whatever the caller decided.
+    Never,
+    /// `ratio` of new traces (by trace id); a caller's decision is followed.
+    Ratio,
+}
+
 /// `[telemetry]`: where logs go and how they look.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -309,6 +367,10 @@ impl Config {
         let mut shown = self.clone();
         for section in shown.modules.values_mut() {
             redact_section(section);
+        }
+        // Export headers carry API keys.
+        for value in shown.tracing.headers.values_mut() {
+            *value = "***".into();
         }
         shown
     }
@@ -822,6 +884,29 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             "`telemetry.level`: `{}` is not a valid filter: {e}",
             config.telemetry.level
         ));
+    }
+    let tracing = &config.tracing;
+    if !(0.0..=1.0).contains(&tracing.ratio) {
+        problems.push("`tracing.ratio`: from 0 to 1".into());
+    }
+    if tracing.enabled
+        && !tracing.endpoint.starts_with("http://")
+        && !tracing.endpoint.starts_with("https://")
+    {
+        problems.push(format!(
+            "`tracing.endpoint`: `{}` is not an http:// or https:// URL",
+            tracing.endpoint
+        ));
+    }
+    if tracing.max_queue_size == 0
+        || tracing.max_export_batch_size == 0
+        || tracing.max_export_batch_size > tracing.max_queue_size
+    {
+        problems.push(
+            "`tracing.max_queue_size` and `tracing.max_export_batch_size`: both at least 1, \
+             the batch at most the queue"
+                .into(),
+        );
     }
     if config.server.host.parse::<std::net::IpAddr>().is_err() {
         problems.push(format!(

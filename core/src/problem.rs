@@ -95,6 +95,9 @@ pub struct Problem {
     pub instance: Option<String>,
     /// The request id (also in the `X-Request-Id` response header); quote it when reporting.
     pub request_id: Option<String>,
+    /// The request's trace id (also in the `X-Trace-Id` response header), when tracing
+    /// is on.
+    pub trace_id: Option<String>,
     /// For validation problems: each offending field.
     pub errors: Option<Vec<FieldViolation>>,
 }
@@ -103,11 +106,12 @@ impl Problem {
     /// A problem of type `urn:trellis:problem:<slug>`, filled with the current request's id
     /// and path when called inside a request.
     pub fn new(status: StatusCode, slug: &str, title: impl Into<String>) -> Self {
-        let (request_id, instance) = REQUEST_SCOPE
+        let (request_id, instance, trace_id) = REQUEST_SCOPE
             .try_with(|scope| {
                 (
                     Some(scope.id.to_string()),
                     Some(scope.uri.path().to_owned()),
+                    scope.trace_id.as_deref().map(str::to_owned),
                 )
             })
             .unwrap_or_default();
@@ -118,6 +122,7 @@ impl Problem {
             detail: None,
             instance,
             request_id,
+            trace_id,
             errors: None,
         }
     }
@@ -356,6 +361,8 @@ pub struct RequestScope {
     pub id: Arc<str>,
     /// The request URI.
     pub uri: Uri,
+    /// The request's trace id, when tracing is on.
+    pub trace_id: Option<Arc<str>>,
     route: OnceLock<Arc<str>>,
 }
 
@@ -369,7 +376,16 @@ impl RequestScope {
         Self {
             id,
             uri,
+            trace_id: None,
             route: OnceLock::new(),
+        }
+    }
+
+    /// The same scope, in the trace `trace_id`.
+    pub fn with_trace_id(self, trace_id: Arc<str>) -> Self {
+        Self {
+            trace_id: Some(trace_id),
+            ..self
         }
     }
 

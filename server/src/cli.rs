@@ -82,13 +82,17 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let telemetry = match trellis_core::telemetry::init(&loaded.config.telemetry) {
-            Ok(telemetry) => Arc::new(telemetry),
-            Err(error) => {
-                eprintln!("trellis: {error:#}");
-                return ExitCode::from(2);
-            }
-        };
+        let flush_budget = Duration::from_millis(
+            (loaded.config.tracing.export_timeout_ms).min(loaded.config.server.shutdown_timeout_ms),
+        );
+        let telemetry =
+            match trellis_core::telemetry::init(&loaded.config.telemetry, &loaded.config.tracing) {
+                Ok(telemetry) => Arc::new(telemetry),
+                Err(error) => {
+                    eprintln!("trellis: {error:#}");
+                    return ExitCode::from(2);
+                }
+            };
         let watcher = telemetry
             .clone()
             .watch_level(sources, Duration::from_secs(1));
@@ -97,6 +101,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
             Err(error) => Err(error),
         };
         watcher.abort();
+        telemetry.flush_traces(flush_budget);
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) if error.is::<ShutdownIncomplete>() => {

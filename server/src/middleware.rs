@@ -7,7 +7,10 @@
 //! 1. request id: reuse a sane incoming `X-Request-Id` or generate one, open the
 //!    [`RequestScope`], echo the id;
 //! 2. access log: one span and one access-log line per request; server-side failure causes
-//!    carried by problem responses are logged inside the span;
+//!    carried by problem responses are logged inside the span. With `tracing.enabled` the
+//!    span is the request's OpenTelemetry server span: it continues a caller's
+//!    `traceparent`, is named `<method> <route template>`, carries `trace_id` and
+//!    `span_id` into every log line inside it, and the response carries `X-Trace-Id`;
 //! 3. metrics: in-flight gauge, request counter and duration histogram by method, route
 //!    template and status;
 //! 4. admission: 503 over-capacity for a connection beyond `server.max_connections`
@@ -71,6 +74,8 @@ use crate::{
 
 /// The request id header.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The response header naming the request's trace (with `tracing.enabled`).
+pub static X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
 
 const UNMATCHED: &str = "unmatched";
 
@@ -99,6 +104,33 @@ pub struct Stack<E> {
     pub(crate) proxies: Option<TrustedProxies>,
     /// Tells whether the server drains.
     pub(crate) readiness: Readiness,
+}
+
+/// The request's span. With tracing on it is the OpenTelemetry server span, with the
+/// HTTP semantic conventions' attributes (its name and route are recorded once the
+/// router has matched), continuing the caller's trace when `traceparent` says so.
+fn request_span(req: &Request, id: &str) -> tracing::Span {
+    let method = req.method().as_str();
+    let path = req.uri().path();
+    if !trellis_core::telemetry::tracing_enabled() {
+        return tracing::info_span!("request", request_id = id, method, path);
+    }
+    let span = tracing::info_span!(
+        "request",
+        request_id = id,
+        method,
+        path,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        otel.name = method,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    trellis_core::telemetry::continue_trace(&span, req.headers());
+    span
 }
 
 /// An incoming id is reused when it is 1 to 128 visible ASCII characters from a safe set,
@@ -130,11 +162,25 @@ impl<E: Endpoint> Endpoint for Stack<E> {
         };
         let header = HeaderValue::from_str(&id).ok();
         let api = req.uri().path().starts_with(API_PREFIX);
-        let scope = RequestScope::new(id.clone(), req.uri().clone());
-        let mut resp = scope.run(self.observe(req, &id)).await;
+        let span = request_span(&req, &id);
+        let mut scope = RequestScope::new(id.clone(), req.uri().clone());
+        let trace_header = match trellis_core::telemetry::trace_ids(&span) {
+            Some((trace_id, span_id)) => {
+                span.record("trace_id", trace_id.as_str());
+                span.record("span_id", span_id.as_str());
+                let header = HeaderValue::from_str(&trace_id).ok();
+                scope = scope.with_trace_id(trace_id.into());
+                header
+            }
+            None => None,
+        };
+        let mut resp = scope.run(self.observe(req, span)).await;
         let headers = resp.headers_mut();
         if let Some(header) = header {
             headers.insert(X_REQUEST_ID.clone(), header);
+        }
+        if let Some(header) = trace_header {
+            headers.insert(X_TRACE_ID.clone(), header);
         }
         harden(headers, api, self.vary_origin);
         if self.readiness.is_draining() {
@@ -145,17 +191,11 @@ impl<E: Endpoint> Endpoint for Stack<E> {
 }
 
 impl<E: Endpoint> Stack<E> {
-    /// Steps 2 and 3: the span, the access-log line and the request metrics.
-    async fn observe(&self, req: Request, id: &str) -> Response {
+    /// Steps 2 and 3: the access-log line in `span` and the request metrics.
+    async fn observe(&self, req: Request, span: tracing::Span) -> Response {
         let started = Instant::now();
         let method = req.method().clone();
         let client = client_ip(&req);
-        let span = tracing::info_span!(
-            "request",
-            request_id = id,
-            method = method.as_str(),
-            path = req.uri().path(),
-        );
         let in_flight = self.metrics.in_flight();
         let resp = self.guard(req).instrument(span.clone()).await;
         drop(in_flight);
@@ -163,6 +203,15 @@ impl<E: Endpoint> Stack<E> {
         let status = resp.status();
         let route = RequestScope::current_route().filter(|_| resp.data::<Unmatched>().is_none());
         self.metrics.record(&method, route.clone(), status, elapsed);
+        if trellis_core::telemetry::tracing_enabled() {
+            let template = route.as_deref().unwrap_or(UNMATCHED);
+            trellis_core::telemetry::rename_span(&span, format!("{} {template}", method.as_str()));
+            span.record("http.route", template);
+            span.record("http.response.status_code", status.as_u16());
+            if status.is_server_error() {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
 
         let _entered = span.enter();
         if let Some(InternalError(cause)) = resp.data::<InternalError>() {

@@ -18,9 +18,51 @@ use tracing_subscriber::{
     EnvFilter, Layer, Registry, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
 };
 
-use crate::config::{ConfigSources, LogFormat, LogOutput, LogRotation, TelemetryConfig};
+use crate::config::{
+    ConfigSources, LogFormat, LogOutput, LogRotation, TelemetryConfig, TracingConfig,
+};
 
 mod line;
+#[cfg(feature = "otel")]
+mod trace;
+pub use trace::{
+    continue_trace, enabled as tracing_enabled, ids as trace_ids, rename as rename_span,
+};
+
+/// Without the `otel` feature there are no traces, and `tracing.enabled` is refused.
+#[cfg(not(feature = "otel"))]
+mod trace {
+    use std::time::Duration;
+
+    use crate::config::TracingConfig;
+
+    pub(crate) struct Tracing;
+
+    impl Tracing {
+        pub(crate) fn shutdown(&self, _: Duration) {}
+    }
+
+    pub(crate) fn layer(
+        _: &TracingConfig,
+    ) -> anyhow::Result<(Tracing, tracing_subscriber::layer::Identity)> {
+        anyhow::bail!(
+            "`tracing.enabled`: this build has no tracing (the `otel` feature of trellis-core)"
+        )
+    }
+
+    /// Whether tracing is on: never, in this build.
+    pub fn enabled() -> bool {
+        false
+    }
+    /// Nothing to continue.
+    pub fn continue_trace(_: &tracing::Span, _: &poem::http::HeaderMap) {}
+    /// No ids.
+    pub fn ids(_: &tracing::Span) -> Option<(String, String)> {
+        None
+    }
+    /// No span to name.
+    pub fn rename(_: &tracing::Span, _: String) {}
+}
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
@@ -28,6 +70,7 @@ type FilterHandle = reload::Handle<EnvFilter, Registry>;
 pub struct Telemetry {
     filter: FilterHandle,
     level: Mutex<String>,
+    tracing: Option<trace::Tracing>,
     _guard: WorkerGuard,
 }
 
@@ -45,8 +88,9 @@ fn batched<W: std::io::Write>(writer: W) -> std::io::BufWriter<W> {
     std::io::BufWriter::with_capacity(64 * 1024, writer)
 }
 
-/// Installs the global subscriber described by `config`. Call once, first thing in `main`.
-pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
+/// Installs the global subscriber described by `config`, with traces as `tracing` says.
+/// Call once, first thing in `main`.
+pub fn init(config: &TelemetryConfig, tracing: &TracingConfig) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(&config.level)
         .with_context(|| format!("`telemetry.level`: invalid filter `{}`", config.level))?;
     let (filter_layer, filter_handle) = reload::Layer::new(filter);
@@ -83,37 +127,81 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     // (tests/bench/RESULTS.md). The compact format never colours.
     let ansi = config.output == LogOutput::Console && std::io::stdout().is_terminal();
 
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .with_ansi(ansi);
-    let fmt_layer: Box<dyn Layer<_> + Send + Sync> = match config.format {
-        LogFormat::Pretty => fmt.pretty().boxed(),
-        LogFormat::Compact => fmt
-            .event_format(line::LineFormat)
-            .fmt_fields(line::LineFields)
-            .boxed(),
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .boxed(),
+    let fmt_layer = FmtLayer {
+        format: config.format,
+        writer,
+        ansi,
     };
 
-    tracing_subscriber::registry()
-        .with(filter_layer)
-        .with(fmt_layer)
-        .try_init()
-        .context("a global tracing subscriber is already installed")?;
+    let traced = tracing.enabled.then(|| trace::layer(tracing)).transpose()?;
+    let registry = tracing_subscriber::registry();
+    let installed = match traced {
+        Some((tracing, spans)) => {
+            // The level filters the log lines only: traces do not depend on it. A filter
+            // per layer costs more per request than one for all, so it is used only with
+            // tracing on.
+            let logs = fmt_layer.boxed().with_filter(filter_layer);
+            registry
+                .with(logs)
+                .with(spans)
+                .try_init()
+                .map(|()| Some(tracing))
+        }
+        None => registry
+            .with(filter_layer)
+            .with(fmt_layer.boxed())
+            .try_init()
+            .map(|()| None),
+    };
+    let tracing = installed.context("a global tracing subscriber is already installed")?;
 
     Ok(Telemetry {
         filter: filter_handle,
         level: Mutex::new(config.level.clone()),
+        tracing,
         _guard: guard,
     })
 }
 
+/// The log lines' layer, as `telemetry.format` says.
+struct FmtLayer {
+    format: LogFormat,
+    writer: tracing_appender::non_blocking::NonBlocking,
+    ansi: bool,
+}
+
+impl FmtLayer {
+    fn boxed<S>(self) -> Box<dyn Layer<S> + Send + Sync>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(self.writer)
+            .with_ansi(self.ansi);
+        match self.format {
+            LogFormat::Pretty => fmt.pretty().boxed(),
+            LogFormat::Compact => fmt
+                .event_format(line::LineFormat)
+                .fmt_fields(line::LineFields)
+                .boxed(),
+            LogFormat::Json => fmt
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .boxed(),
+        }
+    }
+}
+
 impl Telemetry {
+    /// Exports the spans still waiting, within `budget` (at shutdown).
+    pub fn flush_traces(&self, budget: Duration) {
+        if let Some(tracing) = &self.tracing {
+            tracing.shutdown(budget);
+        }
+    }
+
     /// The level in force.
     pub fn level(&self) -> String {
         self.level.lock().map(|l| l.clone()).unwrap_or_default()
@@ -213,7 +301,7 @@ mod tests {
                 max_files: 0,
             },
         };
-        let telemetry = init(&config).expect("installs");
+        let telemetry = init(&config, &TracingConfig::default()).expect("installs");
         tracing::info!("hidden at warn");
         tracing::warn!(answer = 42, "kept at warn");
         assert!(telemetry.set_level("info").expect("valid level"));

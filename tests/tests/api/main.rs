@@ -26,3 +26,4 @@ mod security;
 mod security_edge;
 mod sqs;
 mod storage;
+mod traces;

@@ -1,0 +1,157 @@
+//! Traces: OpenTelemetry spans made from `tracing` spans (`tracing-opentelemetry`),
+//! batched and exported over OTLP/HTTP (protobuf) when `tracing.enabled`.
+//!
+//! - **Off** (the default): no layer, no exporter thread; [`continue_trace`] and
+//!   [`trace_id`] answer at once and a request costs what it did without tracing.
+//! - **Sampling.** `always` and `ratio` follow a caller's `traceparent` (a sampled parent
+//!   is recorded, an unsampled one is not) and decide for new traces; `never` records
+//!   nothing. An unsampled request still gets a trace id (logs, responses, problems).
+//! - **Export.** A batch processor on its own thread exports every
+//!   `tracing.scheduled_delay_ms` or `tracing.max_export_batch_size` spans, each export
+//!   within `tracing.export_timeout_ms`; at most `tracing.max_queue_size` spans wait, the
+//!   others are dropped. An endpoint that is down costs the export thread, not requests.
+
+use std::{sync::OnceLock, time::Duration};
+
+use anyhow::Context as _;
+use opentelemetry::{
+    propagation::{Extractor, TextMapPropagator as _},
+    trace::{TraceContextExt as _, TracerProvider as _},
+};
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
+};
+use poem::http::HeaderMap;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::{Layer, registry::LookupSpan};
+
+use crate::config::{TraceSampler, TracingConfig};
+
+/// Set once tracing is on.
+static ENABLED: OnceLock<()> = OnceLock::new();
+
+/// The tracer provider: flushed and stopped by [`Tracing::shutdown`].
+pub(crate) struct Tracing {
+    provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Exports what is waiting and stops the export thread, within `budget`.
+    pub(crate) fn shutdown(&self, budget: Duration) {
+        if let Err(error) = self.provider.shutdown_with_timeout(budget) {
+            tracing::warn!(%error, "traces: the last export did not finish");
+        }
+    }
+}
+
+/// The exporter and the layer that turns `tracing` spans into OpenTelemetry spans.
+pub(crate) fn layer<S>(config: &TracingConfig) -> anyhow::Result<(Tracing, impl Layer<S>)>
+where
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+{
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(&config.endpoint)
+        .with_timeout(Duration::from_millis(config.export_timeout_ms))
+        .with_headers(config.headers.clone().into_iter().collect())
+        .build()
+        .context("`tracing`: cannot build the OTLP exporter")?;
+    let batches = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(config.max_queue_size)
+                .with_max_export_batch_size(config.max_export_batch_size)
+                .with_scheduled_delay(Duration::from_millis(config.scheduled_delay_ms))
+                .build(),
+        )
+        .build();
+    let sampler = match config.sampler {
+        TraceSampler::Always => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        TraceSampler::Never => Sampler::AlwaysOff,
+        TraceSampler::Ratio => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.ratio)))
+        }
+    };
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(batches)
+        .with_sampler(sampler)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(config.service_name.clone())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("trellis");
+    let _ = ENABLED.set(());
+    // Spans from `info` up, and warnings and errors as events of their span; whatever
+    // `telemetry.level` lets through to the logs.
+    let wanted = tracing_subscriber::filter::filter_fn(|meta| match meta.is_span() {
+        true => *meta.level() <= tracing::Level::INFO,
+        false => *meta.level() <= tracing::Level::WARN,
+    });
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(wanted);
+    Ok((Tracing { provider }, layer))
+}
+
+/// Whether tracing is on.
+pub fn enabled() -> bool {
+    ENABLED.get().is_some()
+}
+
+/// Request headers as the propagator reads them.
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` continue the caller's trace when `headers` carry a valid W3C
+/// `traceparent` (and `tracestate`); garbage is ignored and a new trace starts.
+pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
+    if !enabled() {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Names `span`'s OpenTelemetry span (once it has started: its ids were asked for, so
+/// `otel.name` recorded on it no longer would).
+pub fn rename(span: &tracing::Span, name: String) {
+    if enabled() {
+        span.context().span().update_name(name);
+    }
+}
+
+/// The trace id and span id of `span` (32 and 16 lowercase hex digits), when tracing
+/// is on.
+pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
+    if !enabled() {
+        return None;
+    }
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then(|| {
+        (
+            span_context.trace_id().to_string(),
+            span_context.span_id().to_string(),
+        )
+    })
+}
