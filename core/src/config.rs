@@ -184,7 +184,7 @@ impl Default for CorsConfig {
             allowed_headers: ["authorization", "content-type", "x-request-id"]
                 .map(String::from)
                 .to_vec(),
-            exposed_headers: vec!["x-request-id".into()],
+            exposed_headers: vec!["x-request-id".into(), "x-trace-id".into()],
             allow_credentials: false,
             max_age_ms: 600_000,
         }

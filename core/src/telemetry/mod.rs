@@ -13,9 +13,14 @@ use std::{
 };
 
 use anyhow::Context as _;
+use tracing::span;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::{
-    EnvFilter, Layer, Registry, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
+    EnvFilter, Layer, Registry,
+    filter::LevelFilter,
+    layer::{Context, SubscriberExt as _},
+    reload,
+    util::SubscriberInitExt as _,
 };
 
 use crate::config::{
@@ -136,17 +141,12 @@ pub fn init(config: &TelemetryConfig, tracing: &TracingConfig) -> anyhow::Result
     let traced = tracing.enabled.then(|| trace::layer(tracing)).transpose()?;
     let registry = tracing_subscriber::registry();
     let installed = match traced {
-        Some((tracing, spans)) => {
-            // The level filters the log lines only: traces do not depend on it. A filter
-            // per layer costs more per request than one for all, so it is used only with
-            // tracing on.
-            let logs = fmt_layer.boxed().with_filter(filter_layer);
-            registry
-                .with(logs)
-                .with(spans)
-                .try_init()
-                .map(|()| Some(tracing))
-        }
+        Some((tracing, spans)) => registry
+            .with(SpansToo(filter_layer))
+            .with(fmt_layer.boxed())
+            .with(spans)
+            .try_init()
+            .map(|()| Some(tracing)),
         None => registry
             .with(filter_layer)
             .with(fmt_layer.boxed())
@@ -161,6 +161,64 @@ pub fn init(config: &TelemetryConfig, tracing: &TracingConfig) -> anyhow::Result
         tracing,
         _guard: guard,
     })
+}
+
+/// With tracing on: the level's filter (`telemetry.level`), which lets through as well
+/// the spans traces are made of (`info` and up) whatever the level, so that traces do
+/// not depend on it. One filter for every layer: with a filter per layer (the log
+/// layer's level, the trace layer's own), a check that is not followed by its event (a
+/// `log` record below the level, sqlx's notices) leaves the next span filtered out for
+/// the trace layer.
+struct SpansToo<L>(L);
+
+fn traced(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_span() && *meta.level() <= tracing::Level::INFO
+}
+
+impl<S: tracing::Subscriber, L: Layer<S>> Layer<S> for SpansToo<L> {
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+
+    fn register_callsite(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        match traced(meta) {
+            true => tracing::subscriber::Interest::always(),
+            false => self.0.register_callsite(meta),
+        }
+    }
+
+    fn enabled(&self, meta: &tracing::Metadata<'_>, cx: Context<'_, S>) -> bool {
+        traced(meta) || self.0.enabled(meta, cx)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.0
+            .max_level_hint()
+            .map(|level| level.max(LevelFilter::INFO))
+    }
+
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, cx: Context<'_, S>) {
+        self.0.on_new_span(attrs, id, cx);
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, cx: Context<'_, S>) {
+        self.0.on_record(id, values, cx);
+    }
+
+    fn on_enter(&self, id: &span::Id, cx: Context<'_, S>) {
+        self.0.on_enter(id, cx);
+    }
+
+    fn on_exit(&self, id: &span::Id, cx: Context<'_, S>) {
+        self.0.on_exit(id, cx);
+    }
+
+    fn on_close(&self, id: span::Id, cx: Context<'_, S>) {
+        self.0.on_close(id, cx);
+    }
 }
 
 /// The log lines' layer, as `telemetry.format` says.

@@ -87,18 +87,13 @@ where
         .build();
     let tracer = provider.tracer("trellis");
     let _ = ENABLED.set(());
-    // Spans from `info` up, and warnings and errors as events of their span; whatever
-    // `telemetry.level` lets through to the logs.
-    let wanted = tracing_subscriber::filter::filter_fn(|meta| match meta.is_span() {
-        true => *meta.level() <= tracing::Level::INFO,
-        false => *meta.level() <= tracing::Level::WARN,
-    });
+    // Spans from `info` up (let through whatever `telemetry.level` says), and the log
+    // lines the level lets through, as events of their span.
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_location(false)
         .with_threads(false)
-        .with_tracked_inactivity(false)
-        .with_filter(wanted);
+        .with_tracked_inactivity(false);
     Ok((Tracing { provider }, layer))
 }
 

@@ -97,6 +97,16 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
     }
 }
 
+/// A server on `port` exporting its spans to `endpoint` every 50 ms.
+fn traced_server(port: u16, storage: &TestStorage, endpoint: &str) -> std::process::Command {
+    let mut command = server(port, storage);
+    command
+        .env("TRELLIS_TRACING__ENABLED", "true")
+        .env("TRELLIS_TRACING__ENDPOINT", endpoint)
+        .env("TRELLIS_TRACING__SCHEDULED_DELAY_MS", "50");
+    command
+}
+
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 
@@ -105,11 +115,8 @@ async fn a_callers_traceparent_is_continued_by_a_server_span_named_by_its_route(
     let (endpoint, received) = receiver().await;
     let port = free_port();
     let storage = TestStorage::new().await;
-    let mut child = server(port, &storage)
-        .env("TRELLIS_TRACING__ENABLED", "true")
-        .env("TRELLIS_TRACING__ENDPOINT", &endpoint)
+    let mut child = traced_server(port, &storage, &endpoint)
         .env("TRELLIS_TRACING__SERVICE_NAME", "trellis-under-test")
-        .env("TRELLIS_TRACING__SCHEDULED_DELAY_MS", "100")
         .env("TRELLIS_TELEMETRY__LEVEL", "info")
         .spawn()
         .expect("server starts");
@@ -207,12 +214,9 @@ async fn sampler_never_and_ratio_zero_export_no_span() {
         let (endpoint, received) = receiver().await;
         let port = free_port();
         let storage = TestStorage::new().await;
-        let mut child = server(port, &storage)
-            .env("TRELLIS_TRACING__ENABLED", "true")
-            .env("TRELLIS_TRACING__ENDPOINT", &endpoint)
+        let mut child = traced_server(port, &storage, &endpoint)
             .env("TRELLIS_TRACING__SAMPLER", sampler)
             .env("TRELLIS_TRACING__RATIO", ratio)
-            .env("TRELLIS_TRACING__SCHEDULED_DELAY_MS", "50")
             .spawn()
             .expect("server starts");
         wait_healthy(port).await;
