@@ -1,15 +1,15 @@
 //! Traces: OpenTelemetry spans made from `tracing` spans (`tracing-opentelemetry`),
 //! batched and exported over OTLP/HTTP (protobuf) when `tracing.enabled`.
 //!
-//! - **Off** (the default): no layer, no exporter thread; [`continue_trace`] and
-//!   [`trace_id`] answer at once and a request costs what it did without tracing.
+//! - **Off** (the default): no layer, no exporter thread; [`continue_trace`], [`ids`]
+//!   and [`rename`] return at once.
 //! - **Sampling.** `always` and `ratio` follow a caller's `traceparent` (a sampled parent
 //!   is recorded, an unsampled one is not) and decide for new traces; `never` records
 //!   nothing. An unsampled request still gets a trace id (logs, responses, problems).
 //! - **Export.** A batch processor on its own thread exports every
 //!   `tracing.scheduled_delay_ms` or `tracing.max_export_batch_size` spans, each export
 //!   within `tracing.export_timeout_ms`; at most `tracing.max_queue_size` spans wait, the
-//!   others are dropped. An endpoint that is down costs the export thread, not requests.
+//!   others are dropped. Requests only hand finished spans to its queue.
 
 use std::{sync::OnceLock, time::Duration};
 
