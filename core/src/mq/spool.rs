@@ -182,30 +182,28 @@ fn decode(data: &[u8], segment: u64) -> Decoded {
 }
 
 fn segment_path(directory: &Path, segment: u64) -> PathBuf {
-    directory.join(format!("{segment:020}{SUFFIX}"))
+    numbered_path(directory, segment, SUFFIX)
 }
 
-/// The delivered segments kept for reuse.
-fn spares(directory: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(directory)? {
-        let path = entry?.path();
-        if path.to_str().is_some_and(|p| p.ends_with(SPARE_SUFFIX)) {
-            found.push(path);
-        }
-    }
-    Ok(found)
+/// `<directory>/<number><suffix>`: a segment (`.spool`) or a spare (`.spare`).
+fn numbered_path(directory: &Path, number: u64, suffix: &str) -> PathBuf {
+    directory.join(format!("{number:020}{suffix}"))
 }
 
 /// The segments under `directory` with their sizes, oldest first.
 fn segments(directory: &Path) -> std::io::Result<Vec<(u64, u64)>> {
+    numbered(directory, SUFFIX)
+}
+
+/// The files `<number><suffix>` under `directory` with their sizes, by number.
+fn numbered(directory: &Path, suffix: &str) -> std::io::Result<Vec<(u64, u64)>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(directory)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(number) = name
             .to_str()
-            .and_then(|n| n.strip_suffix(SUFFIX))
+            .and_then(|n| n.strip_suffix(suffix))
             .and_then(|n| n.parse::<u64>().ok())
         else {
             continue;
@@ -650,10 +648,11 @@ async fn save_checkpoint(shared: &Shared, transport: &dyn Transport) -> Result<(
         let delivered = segments(&directory)?
             .into_iter()
             .take_while(|(segment, _)| *segment < at.segment);
-        for (spare, (segment, _)) in (spares(&directory)?.len()..).zip(delivered) {
+        let spares = numbered(&directory, SPARE_SUFFIX)?.len();
+        for (spare, (segment, _)) in (spares..).zip(delivered) {
             let path = segment_path(&directory, segment);
             match spare < SPARES {
-                true => std::fs::rename(&path, path.with_extension(&SPARE_SUFFIX[1..]))?,
+                true => std::fs::rename(&path, numbered_path(&directory, segment, SPARE_SUFFIX))?,
                 false => std::fs::remove_file(&path)?,
             }
         }
@@ -808,7 +807,11 @@ impl Writer {
         let directory = &self.shared.directory;
         let segment = self.at.segment + 1;
         let path = segment_path(directory, segment);
-        let spare = spares(directory).ok().and_then(|s| s.into_iter().next());
+        let spare = numbered(directory, SPARE_SUFFIX).ok().and_then(|spares| {
+            spares
+                .first()
+                .map(|&(n, _)| numbered_path(directory, n, SPARE_SUFFIX))
+        });
         let file = match spare.map(|spare| std::fs::rename(spare, &path)) {
             Some(Ok(())) => OpenOptions::new().write(true).open(&path)?,
             _ => OpenOptions::new()
