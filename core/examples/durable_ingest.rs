@@ -113,6 +113,7 @@ async fn spool(folder: &Path, seconds: u64) -> anyhow::Result<(f64, f64)> {
                 .map(|n| OutboundMessage {
                     id: format!("{batch}-{n}"),
                     body: body(n),
+                    traceparent: None,
                 })
                 .collect();
             match queue.publish_all(messages).await {

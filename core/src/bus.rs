@@ -15,7 +15,9 @@
 //!     piling up work without bound. [`Bus::drain`] waits for them at shutdown.
 //!
 //!   Each run is measured (`bus_subscriber_duration_seconds`, by message, module and
-//!   outcome) and keeps the publisher's tracing span (its request id).
+//!   outcome) and keeps the publisher's tracing span (its request id); with traces on,
+//!   it runs in a span of its own (`bus deliver <message>`), as a request does
+//!   (`bus request <message>`).
 //!
 //! Message types that several modules share live in [`crate::contracts`]. Handlers are
 //! registered through [`crate::ModuleBuilder`]; the server freezes the tables before serving,
@@ -93,6 +95,16 @@ pub enum Delivery {
     Inline,
     /// Off the publisher's path.
     Detached,
+}
+
+impl Delivery {
+    /// `inline` or `detached`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inline => "inline",
+            Self::Detached => "detached",
+        }
+    }
 }
 
 struct Subscriber<M> {
@@ -225,15 +237,24 @@ impl Bus {
         let tables = self.tables.get().ok_or(BusError::NotStarted {
             message: type_name::<R>(),
         })?;
-        let handler = tables
+        let (module, handler) = tables
             .handlers
             .get(&TypeId::of::<R>())
-            .and_then(|entry| entry.handler.downcast_ref::<ErasedHandler<R>>())
+            .and_then(|entry| {
+                let handler = entry.handler.downcast_ref::<ErasedHandler<R>>()?;
+                Some((entry.module, handler.clone()))
+            })
             .ok_or(BusError::NoHandler {
                 message: type_name::<R>(),
-            })?
-            .clone();
-        Ok(handler(request).await)
+            })?;
+        let message = short_name::<R>();
+        let span = crate::trace_span!(
+            "bus.request",
+            otel.name = format!("bus request {message}"),
+            bus.message = message,
+            bus.module = module,
+        );
+        Ok(handler(request).instrument(span).await)
     }
 
     /// Whether some module handles `R` (for features that degrade without it).
@@ -258,8 +279,21 @@ impl Bus {
         let runtime = &self.subscribers;
         let mut inline = Vec::new();
         for subscriber in subscribers {
+            let span = crate::trace_span!(
+                "bus.deliver",
+                otel.name = format!("bus deliver {name}"),
+                bus.message = name,
+                bus.module = subscriber.module,
+                bus.delivery = subscriber.delivery.as_str(),
+            );
+            // Without traces, the publisher's span (its request id).
+            let span = if span.is_none() {
+                tracing::Span::current()
+            } else {
+                span
+            };
             let run = measured(name, subscriber.module, (subscriber.run)(message.clone()))
-                .instrument(tracing::Span::current());
+                .instrument(span);
             match subscriber.delivery {
                 // Tracked too: one the publisher stopped waiting for still finishes at
                 // shutdown.

@@ -23,6 +23,11 @@ pub const HTTP_OVERLOAD_REJECTIONS_TOTAL: &str = "http_overload_rejections_total
 /// Connections closed because a request's header did not arrive within
 /// `server.header_read_timeout_ms`.
 pub const HTTP_HEADER_TIMEOUTS_TOTAL: &str = "http_header_timeouts_total";
+/// Trace spans exported to `tracing.endpoint`.
+pub const TRACE_SPANS_EXPORTED_TOTAL: &str = "trace_spans_exported_total";
+/// Trace spans dropped, by reason (`queue_full`: `tracing.max_queue_size` were waiting;
+/// `export_failed`: the endpoint was down or refused them).
+pub const TRACE_SPANS_DROPPED_TOTAL: &str = "trace_spans_dropped_total";
 /// Periodic job runs on this instance, by job and outcome (`ok`, `failed`, `timed_out`).
 pub const JOBS_RUNS_TOTAL: &str = "jobs_runs_total";
 /// Items a job's runs removed or processed, by job.
@@ -156,6 +161,15 @@ fn describe() {
         HTTP_OVERLOAD_REJECTIONS_TOTAL,
         "Connections and requests answered 503 because a cap was reached, by limit \
          (connections: server.max_connections, in_flight: server.max_in_flight)."
+    );
+    describe_counter!(
+        TRACE_SPANS_EXPORTED_TOTAL,
+        "Trace spans exported to tracing.endpoint."
+    );
+    describe_counter!(
+        TRACE_SPANS_DROPPED_TOTAL,
+        "Trace spans dropped, by reason: queue_full (tracing.max_queue_size spans were \
+         waiting) or export_failed (the endpoint was down or refused them)."
     );
     describe_counter!(
         HTTP_HEADER_TIMEOUTS_TOTAL,

@@ -108,6 +108,8 @@ pub(crate) struct Stored {
     pub(crate) listener: String,
     pub(crate) payload: String,
     pub(crate) request_id: Option<String>,
+    /// The emitting span's W3C `traceparent` (with traces on).
+    pub(crate) traceparent: Option<String>,
     pub(crate) emitted_at_ms: i64,
     /// Attempts made before this one.
     pub(crate) attempts: i64,

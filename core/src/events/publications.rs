@@ -24,10 +24,11 @@ pub const PUBLICATIONS_TABLE: &str = "trellis_event_publications";
 /// The table. `due_at` is when a publication may next be claimed: at once for a new one,
 /// after the backoff for one to retry, after the lease for one claimed (so a claim whose
 /// instance died runs out by itself).
-pub static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create trellis_event_publications",
-    sqlite: "CREATE TABLE trellis_event_publications (
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create trellis_event_publications",
+        sqlite: "CREATE TABLE trellis_event_publications (
         id TEXT PRIMARY KEY,
         event_id TEXT NOT NULL,
         event TEXT NOT NULL,
@@ -45,7 +46,7 @@ pub static MIGRATIONS: &[Migration] = &[Migration {
     CREATE INDEX trellis_event_publications_due ON trellis_event_publications (status, due_at);
     CREATE INDEX trellis_event_publications_completed
         ON trellis_event_publications (completed_at) WHERE status = 'completed';",
-    postgres: "CREATE TABLE trellis_event_publications (
+        postgres: "CREATE TABLE trellis_event_publications (
         id TEXT PRIMARY KEY,
         event_id TEXT NOT NULL,
         event TEXT NOT NULL,
@@ -63,10 +64,17 @@ pub static MIGRATIONS: &[Migration] = &[Migration {
     CREATE INDEX trellis_event_publications_due ON trellis_event_publications (status, due_at);
     CREATE INDEX trellis_event_publications_completed
         ON trellis_event_publications (completed_at) WHERE status = 'completed';",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "trellis_event_publications carry the emitting span's traceparent",
+        sqlite: "ALTER TABLE trellis_event_publications ADD COLUMN traceparent TEXT;",
+        postgres: "ALTER TABLE trellis_event_publications ADD COLUMN traceparent TEXT;",
+    },
+];
 
 /// Columns per publication in the insert.
-const INSERT_COLUMNS: usize = 7;
+const INSERT_COLUMNS: usize = 8;
 
 /// The publications of this instance's database: what [`Tx::emit`](crate::storage::Tx::emit)
 /// writes to, and the relay that delivers them. Cheap to clone.
@@ -137,6 +145,7 @@ impl Publications {
             .map_err(|e| DbError::Query(sqlx::Error::Encode(e.into())))?;
         let event_id = uuid::Uuid::now_v7().to_string();
         let request_id = RequestScope::current_id().map(|id| id.to_string());
+        let traceparent = crate::telemetry::traceparent();
         let now = now_millis();
         let rows: Vec<String> = (0..listeners.len())
             .map(|row| {
@@ -149,7 +158,8 @@ impl Publications {
             .collect();
         let sql = format!(
             "INSERT INTO {PUBLICATIONS_TABLE} \
-             (id, event_id, event, listener, payload, request_id, created_at, due_at) VALUES {}",
+             (id, event_id, event, listener, payload, request_id, traceparent, created_at, due_at) \
+             VALUES {}",
             rows.join(", ")
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -161,6 +171,7 @@ impl Publications {
                 .bind(listener)
                 .bind(payload.clone())
                 .bind(request_id.clone())
+                .bind(traceparent.clone())
                 .bind(now);
         }
         query.execute(conn).await?;
@@ -209,7 +220,7 @@ impl Publications {
 
 /// What a claim returns, in [`Stored`]'s order.
 const STORED_COLUMNS: &str =
-    "id, event_id, event, listener, payload, request_id, created_at, attempts";
+    "id, event_id, event, listener, payload, request_id, traceparent, created_at, attempts";
 
 /// The claim for the routes of `table`: up to `$4` due publications, leased to `$2`
 /// until `$1`. On PostgreSQL the rows are locked and others' locked rows skipped, so
@@ -251,6 +262,7 @@ pub(crate) fn stored(row: &AnyRow) -> Result<Stored, sqlx::Error> {
         listener: row.try_get("listener")?,
         payload: row.try_get("payload")?,
         request_id: row.try_get("request_id")?,
+        traceparent: row.try_get("traceparent")?,
         emitted_at_ms: row.try_get("created_at")?,
         attempts: row.try_get("attempts")?,
     })

@@ -13,6 +13,7 @@ use futures_util::{FutureExt as _, StreamExt as _, stream};
 use metrics::{counter, gauge};
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::{
     EventHandlerTable, Stored,
@@ -262,8 +263,21 @@ async fn run_one(table: &EventHandlerTable, stored: &Stored, timeout: Duration) 
     let Some(route) = table.route(&stored.event, &stored.listener) else {
         return Outcome::NotHere;
     };
+    let span = crate::trace_span!(
+        "event.handle",
+        otel.name = format!("event {} {}", stored.event, stored.listener),
+        otel.kind = "consumer",
+        event = stored.event,
+        event_id = stored.event_id,
+        module = stored.listener,
+        attempt = stored.attempts + 1,
+        otel.status_code = tracing::field::Empty,
+    );
+    crate::telemetry::follow_trace(&span, stored.traceparent.as_deref());
     let started = std::time::Instant::now();
-    let run = AssertUnwindSafe((route.run)(stored)).catch_unwind();
+    let run = AssertUnwindSafe((route.run)(stored))
+        .catch_unwind()
+        .instrument(span.clone());
     let outcome = match tokio::time::timeout(timeout, run).await {
         Ok(Ok(Ok(()))) => Outcome::Completed,
         Ok(Ok(Err(error))) => Outcome::Failed(format!("{error:#}")),
@@ -274,5 +288,8 @@ async fn run_one(table: &EventHandlerTable, stored: &Stored, timeout: Duration) 
         )),
     };
     route.duration.record(started.elapsed());
+    if matches!(outcome, Outcome::Failed(_)) {
+        span.record("otel.status_code", "ERROR");
+    }
     outcome
 }

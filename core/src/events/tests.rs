@@ -51,6 +51,7 @@ async fn a_handler_gets_the_stored_event_with_its_publication_facts() {
         listener: "a".into(),
         payload: r#"{"n":7}"#.into(),
         request_id: Some("r1".into()),
+        traceparent: None,
         emitted_at_ms: 5,
         attempts: 2,
     };

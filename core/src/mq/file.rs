@@ -497,6 +497,7 @@ mod tests {
         OutboundMessage {
             id: n.to_string(),
             body: format!("{head}{pad}\"}}"),
+            traceparent: None,
         }
     }
 

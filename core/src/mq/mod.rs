@@ -40,6 +40,7 @@ use metrics::{counter, gauge, histogram};
 use poem::http::{HeaderName, HeaderValue, StatusCode, header};
 use rand::Rng as _;
 use tokio::{sync::Semaphore, task::JoinHandle};
+use tracing::Instrument as _;
 
 pub use file::FileTransport;
 #[cfg(feature = "sqs")]
@@ -63,7 +64,27 @@ pub struct OutboundMessage {
     pub id: String,
     /// The body (one JSON document, no raw newlines).
     pub body: String,
+    /// The W3C `traceparent` of the span that published it
+    /// ([`traceparent`](crate::telemetry::traceparent)): the send's span joins that trace,
+    /// and SQS carries it as a message attribute.
+    pub traceparent: Option<String>,
 }
+
+impl OutboundMessage {
+    /// What the message weighs against a batch's `max_bytes`: its body, and its
+    /// `traceparent` as a backend carries it (SQS counts an attribute's name, type and
+    /// value).
+    pub fn size(&self) -> usize {
+        self.body.len()
+            + self
+                .traceparent
+                .as_ref()
+                .map_or(0, |t| TRACEPARENT.len() + "String".len() + t.len())
+    }
+}
+
+/// The name a message's `traceparent` travels under.
+pub const TRACEPARENT: &str = "traceparent";
 
 /// How large a batch a backend takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,17 +559,17 @@ impl Source {
             Some(message) => message,
             None => receiver.recv_async().await.ok()?,
         };
-        let mut bytes = first.body.len();
+        let mut bytes = first.size();
         let mut batch = vec![first];
         while batch.len() < limits.max_messages {
             let Ok(message) = receiver.try_recv() else {
                 break;
             };
-            if bytes + message.body.len() > limits.max_bytes {
+            if bytes + message.size() > limits.max_bytes {
                 *carried = Some(message);
                 break;
             }
-            bytes += message.body.len();
+            bytes += message.size();
             batch.push(message);
         }
         Some((batch, None))
@@ -583,9 +604,13 @@ async fn deliver(inner: &Inner, mut batch: Vec<OutboundMessage>) {
     let backend = inner.transport.backend();
     let mut attempt = 0;
     loop {
+        let span = send_span(backend, &batch, attempt);
         let started = Instant::now();
-        let outcome = inner.transport.send(&batch).await;
+        let outcome = inner.transport.send(&batch).instrument(span.clone()).await;
         histogram!(MQ_SEND_DURATION_SECONDS, "backend" => backend).record(started.elapsed());
+        if !matches!(&outcome, Ok(failures) if failures.is_empty()) {
+            span.record("otel.status_code", "ERROR");
+        }
         match outcome {
             Ok(failures) => {
                 inner.mark(true, "");
@@ -629,6 +654,39 @@ async fn deliver(inner: &Inner, mut batch: Vec<OutboundMessage>) {
         counter!(MQ_RETRIED_TOTAL, "backend" => backend).increment(batch.len() as u64);
         tokio::time::sleep(inner.backoff(attempt)).await;
     }
+}
+
+/// Traces a send links to at most, besides the one it joins.
+const MAX_LINKS: usize = 32;
+
+/// The span of one send, with traces on: in the trace of the batch's first message that
+/// has one, linked to the others' (up to [`MAX_LINKS`]).
+fn send_span(backend: &'static str, batch: &[OutboundMessage], attempt: u32) -> tracing::Span {
+    let span = crate::trace_span!(
+        "mq.send",
+        otel.name = format!("send {backend}"),
+        otel.kind = "producer",
+        messaging.system = backend,
+        messaging.operation.type = "send",
+        messaging.batch.message_count = batch.len(),
+        attempt = attempt + 1,
+        otel.status_code = tracing::field::Empty,
+    );
+    if span.is_none() {
+        return span;
+    }
+    let mut traces: Vec<&str> = Vec::new();
+    for traceparent in batch.iter().filter_map(|m| m.traceparent.as_deref()) {
+        if traces.len() > MAX_LINKS || traces.contains(&traceparent) {
+            continue;
+        }
+        match traces.is_empty() {
+            true => crate::telemetry::follow_trace(&span, Some(traceparent)),
+            false => crate::telemetry::link_trace(&span, traceparent),
+        }
+        traces.push(traceparent);
+    }
+    span
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //!
 //! - **Log.** Messages are appended to segment files `<directory>/<number>.spool`, each
 //!   message one frame: its length and CRC-32 (4 bytes each, little-endian), then the id's
-//!   length (4 bytes), the id and the body. The CRC covers the segment's number (8 bytes,
+//!   length (4 bytes), the id, the `traceparent`'s length (1 byte, 0 for none), the
+//!   `traceparent` and the body. The CRC covers the segment's number (8 bytes,
 //!   little-endian) before the rest, so a frame is only valid in its own segment. A write
 //!   starts a new segment once the current one holds `mq.spool.segment_bytes`; the
 //!   finished one is cut to its last frame.
@@ -90,7 +91,17 @@ pub(crate) struct Span {
 
 /// The size of `message`'s frame.
 fn frame_len(message: &OutboundMessage) -> usize {
-    HEADER + 4 + message.id.len() + message.body.len()
+    HEADER + 4 + message.id.len() + 1 + carried(message).len() + message.body.len()
+}
+
+/// The `traceparent` a frame carries: none longer than its one length byte says (a W3C
+/// `traceparent` has 55 characters).
+fn carried(message: &OutboundMessage) -> &str {
+    message
+        .traceparent
+        .as_deref()
+        .filter(|t| t.len() <= usize::from(u8::MAX))
+        .unwrap_or("")
 }
 
 /// Refuses a message too large for a frame.
@@ -125,6 +136,9 @@ fn encode(message: &OutboundMessage, segment: u64, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&(message.id.len() as u32).to_le_bytes());
     out.extend_from_slice(message.id.as_bytes());
+    let traceparent = carried(message);
+    out.push(traceparent.len() as u8);
+    out.extend_from_slice(traceparent.as_bytes());
     out.extend_from_slice(message.body.as_bytes());
     let crc = frame_crc(segment, &out[start..]);
     out[crc_at..start].copy_from_slice(&crc.to_le_bytes());
@@ -150,7 +164,7 @@ fn decode(data: &[u8], segment: u64) -> Decoded {
     while data.len() - at >= HEADER {
         let word = |i: usize| u32::from_le_bytes(data[i..i + 4].try_into().expect("4 bytes"));
         let len = word(at) as usize;
-        if !(4..=MAX_FRAME).contains(&len) {
+        if !(5..=MAX_FRAME).contains(&len) {
             decoded.damaged = true;
             break;
         }
@@ -160,13 +174,17 @@ fn decode(data: &[u8], segment: u64) -> Decoded {
         }
         let payload = &data[at + HEADER..at + HEADER + len];
         let id_len = word(at + HEADER) as usize;
-        let message = (frame_crc(segment, payload) == word(at + 4) && id_len <= len - 4)
+        let message = (frame_crc(segment, payload) == word(at + 4) && id_len < len - 4)
             .then(|| {
                 let id = std::str::from_utf8(&payload[4..4 + id_len]).ok()?;
-                let body = std::str::from_utf8(&payload[4 + id_len..]).ok()?;
+                let rest = &payload[4 + id_len..];
+                let (&traceparent_len, rest) = rest.split_first()?;
+                let (traceparent, body) = rest.split_at_checked(traceparent_len.into())?;
+                let traceparent = std::str::from_utf8(traceparent).ok()?;
                 Some(OutboundMessage {
                     id: id.to_owned(),
-                    body: body.to_owned(),
+                    body: std::str::from_utf8(body).ok()?.to_owned(),
+                    traceparent: (!traceparent.is_empty()).then(|| traceparent.to_owned()),
                 })
             })
             .flatten();
@@ -855,17 +873,17 @@ impl SpoolReader {
             }
         }
         let (first, start, mut end) = self.ready.pop_front()?;
-        let mut bytes = first.body.len();
+        let mut bytes = first.size();
         let mut batch = vec![first];
         while batch.len() < limits.max_messages {
             match self.ready.front() {
-                Some((next, _, _)) if bytes + next.body.len() <= limits.max_bytes => {}
+                Some((next, _, _)) if bytes + next.size() <= limits.max_bytes => {}
                 _ => break,
             }
             let Some((next, _, next_end)) = self.ready.pop_front() else {
                 break;
             };
-            bytes += next.body.len();
+            bytes += next.size();
             end = next_end;
             batch.push(next);
         }
@@ -985,10 +1003,13 @@ impl SpoolReader {
 mod tests {
     use super::*;
 
+    /// Every other message carries a `traceparent`.
     fn message(n: usize) -> OutboundMessage {
         OutboundMessage {
             id: format!("m{n}"),
             body: format!("{{\"n\":{n}}}"),
+            traceparent: (n % 2 == 1)
+                .then(|| format!("00-4bf92f3577b34da6a3ce929d0e0e{n:04x}-00f067aa0ba902b7-01")),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Amazon SQS (or a compatible server) through aws-sdk-sqs: `SendMessageBatch` with up to
 //! 10 entries and 1 MiB. The SDK's own retries are off: the queue in front resends
 //! failed batches and refused entries itself, so every retry is counted. On a FIFO queue
-//! (`….fifo`) each message's id is its deduplication id.
+//! (`….fifo`) each message's id is its deduplication id. A message's `traceparent`
+//! travels as the string message attribute `traceparent`.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use aws_sdk_sqs::{
     Client,
     config::SharedHttpClient,
     error::DisplayErrorContext,
-    types::{QueueAttributeName, SendMessageBatchRequestEntry},
+    types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry},
 };
 use aws_smithy_http_client::{
     Builder,
@@ -18,7 +19,7 @@ use aws_smithy_http_client::{
 };
 use futures_util::future::BoxFuture;
 
-use super::{BatchLimits, EntryFailure, OutboundMessage, Transport};
+use super::{BatchLimits, EntryFailure, OutboundMessage, TRACEPARENT, Transport};
 use crate::config::SqsConfig;
 
 /// The HTTP client every SQS connection uses: hyper with rustls and ring, the platform's
@@ -80,6 +81,14 @@ impl SqsTransport {
             entry = entry
                 .message_group_id("trellis")
                 .message_deduplication_id(&message.id);
+        }
+        if let Some(traceparent) = &message.traceparent {
+            let value = MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(traceparent)
+                .build()
+                .map_err(|e| e.to_string())?;
+            entry = entry.message_attributes(TRACEPARENT, value);
         }
         entry.build().map_err(|e| e.to_string())
     }

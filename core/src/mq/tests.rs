@@ -102,6 +102,7 @@ fn message(id: usize, body: &str) -> OutboundMessage {
     OutboundMessage {
         id: format!("m{id}"),
         body: body.to_owned(),
+        traceparent: None,
     }
 }
 
@@ -199,6 +200,7 @@ async fn the_file_backend_appends_lines_and_rotates_keeping_every_line() {
         .map(|i| OutboundMessage {
             id: format!("e{i}"),
             body: serde_json::json!({ "id": format!("e{i}"), "pad": "0123456789" }).to_string(),
+            traceparent: None,
         })
         .collect();
     let batch_bytes = bodies[..5].iter().map(|m| m.body.len() + 1).sum::<usize>();

@@ -18,6 +18,7 @@ use std::{
 
 use futures_util::future::BoxFuture;
 use serde::{Serialize, de::DeserializeOwned};
+use tracing::Instrument as _;
 
 use crate::{
     config::CacheConfig,
@@ -183,6 +184,7 @@ impl Cache {
         ModuleCache {
             cache: self.clone(),
             namespace: Arc::from(format!("{}:{module}:", self.prefix)),
+            module,
             hits: metrics::counter!(CACHE_HITS_TOTAL, "module" => module),
             misses: metrics::counter!(CACHE_MISSES_TOTAL, "module" => module),
         }
@@ -247,6 +249,7 @@ async fn subscribe(url: &str) -> Result<sqlx::postgres::PgListener, sqlx::Error>
 pub struct ModuleCache {
     cache: Cache,
     namespace: Arc<str>,
+    module: &'static str,
     hits: metrics::Counter,
     misses: metrics::Counter,
 }
@@ -259,9 +262,28 @@ impl ModuleCache {
         full
     }
 
+    /// The span of one call, with traces on.
+    fn span(&self, operation: &'static str) -> tracing::Span {
+        crate::trace_span!(
+            "cache",
+            otel.name = format!("cache {operation}"),
+            otel.kind = "client",
+            cache.system = self.cache.kind(),
+            cache.operation = operation,
+            module = self.module,
+        )
+    }
+
     /// The cached bytes; a failure is a miss.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        match self.cache.store.get(&self.key(key)).await {
+        let key = self.key(key);
+        match self
+            .cache
+            .store
+            .get(&key)
+            .instrument(self.span("get"))
+            .await
+        {
             Ok(Some(value)) => {
                 self.cache.record_ok();
                 self.hits.increment(1);
@@ -282,7 +304,9 @@ impl ModuleCache {
 
     /// Stores bytes for `ttl`; a failure is logged once per outage and otherwise ignored.
     pub async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) {
-        match self.cache.store.set(&self.key(key), value, ttl).await {
+        let key = self.key(key);
+        let stored = self.cache.store.set(&key, value, ttl);
+        match stored.instrument(self.span("set")).await {
             Ok(()) => self.cache.record_ok(),
             Err(error) => self.cache.record_error("set", &error),
         }
@@ -329,7 +353,12 @@ impl ModuleCache {
     /// know that the stale value could not be removed.
     pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
         let key = self.key(key);
-        let result = self.cache.store.delete(&key).await;
+        let result = self
+            .cache
+            .store
+            .delete(&key)
+            .instrument(self.span("delete"))
+            .await;
         match &result {
             Ok(()) => self.cache.record_ok(),
             Err(error) => self.cache.record_error("delete", error),
@@ -354,7 +383,12 @@ impl ModuleCache {
     /// Adds `by` atomically; a new counter expires after `ttl` (a fixed window, as rate
     /// limits need). The error is returned so the caller decides whether to fail open.
     pub async fn incr(&self, key: &str, by: i64, ttl: Duration) -> Result<i64, CacheError> {
-        let result = self.cache.store.incr(&self.key(key), by, ttl).await;
+        let result = self
+            .cache
+            .store
+            .incr(&self.key(key), by, ttl)
+            .instrument(self.span("incr"))
+            .await;
         match &result {
             Ok(_) => self.cache.record_ok(),
             Err(error) => self.cache.record_error("incr", error),
@@ -384,6 +418,7 @@ impl ModuleCache {
             .cache
             .store
             .take(&self.key(key), cost, interval, burst)
+            .instrument(self.span("take"))
             .await;
         match result {
             Ok(None) => {

@@ -16,6 +16,7 @@ use sqlx::{
     AnyPool, Executor as _,
     any::{AnyConnectOptions, AnyPoolOptions},
 };
+use tracing::{Instrument as _, Span};
 
 use crate::{
     config::DatabaseConfig,
@@ -53,6 +54,23 @@ pub struct Database {
 }
 
 static DRIVERS: Once = Once::new();
+
+/// The span a statement runs in, with traces on: named by its module and operation,
+/// never by its text or values.
+fn statement_span(backend: Backend, module: &'static str, operation: &'static str) -> Span {
+    crate::trace_span!(
+        "db",
+        otel.name = format!("db {module}.{operation}"),
+        otel.kind = "client",
+        db.system.name = match backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgresql",
+        },
+        db.operation.name = operation,
+        module,
+        otel.status_code = tracing::field::Empty,
+    )
+}
 
 impl Database {
     /// Connects (creating the SQLite file and its folder when needed) and checks that the
@@ -205,16 +223,20 @@ impl ModuleDb {
         self.db.backend
     }
 
-    /// Runs one query, timing it as `operation` and classifying its error.
+    /// Runs one query, timing it as `operation` and classifying its error. With traces
+    /// on, it runs in a span `db <module>.<operation>` (the operation's name, never the
+    /// statement or its values).
     pub async fn run<T, F>(&self, operation: &'static str, query: F) -> Result<T, DbError>
     where
         F: Future<Output = Result<T, sqlx::Error>>,
     {
+        let span = statement_span(self.db.backend, self.module, operation);
         let started = Instant::now();
-        let result = query.await.map_err(DbError::from);
+        let result = query.instrument(span.clone()).await.map_err(DbError::from);
         metrics::histogram!(DB_QUERY_DURATION_SECONDS, "module" => self.module, "operation" => operation)
             .record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
+            span.record("otel.status_code", "ERROR");
             metrics::counter!(
                 DB_QUERY_ERRORS_TOTAL,
                 "module" => self.module,
@@ -236,6 +258,7 @@ impl ModuleDb {
         Ok(Tx {
             inner: Arc::new(tokio::sync::Mutex::new(Some(tx))),
             backend: self.db.backend,
+            module: self.module,
             events: self.db.events.clone(),
             emitted: Arc::new(AtomicBool::new(false)),
         })
@@ -261,6 +284,8 @@ impl ModuleDb {
 pub struct Tx {
     inner: Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Any>>>>,
     backend: Backend,
+    /// The module that began it.
+    module: &'static str,
     events: Publications,
     emitted: Arc<AtomicBool>,
 }
@@ -309,7 +334,10 @@ impl Tx {
     /// committed already or the database refused.
     pub async fn commit(&self) -> Result<(), DbError> {
         let tx = self.inner.lock().await.take().ok_or(DbError::NotFound)?;
-        tx.commit().await.map_err(DbError::from)?;
+        tx.commit()
+            .instrument(statement_span(self.backend, self.module, "commit"))
+            .await
+            .map_err(DbError::from)?;
         if self.emitted.load(Ordering::Relaxed) {
             self.events.wake();
         }

@@ -31,8 +31,30 @@ mod line;
 #[cfg(feature = "otel")]
 mod trace;
 pub use trace::{
-    continue_trace, enabled as tracing_enabled, ids as trace_ids, rename as rename_span,
+    continue_trace, enabled as tracing_enabled, follow as follow_trace, ids as trace_ids,
+    link as link_trace, rename as rename_span, traceparent,
 };
+
+#[doc(hidden)]
+pub use tracing as __tracing;
+
+/// A span made for traces only: `tracing::info_span!(…)` with the same arguments when
+/// tracing is on, and a disabled span otherwise, so that with tracing off neither the
+/// logs nor the cost of the code it wraps change.
+///
+/// ```no_run
+/// let span = trellis_core::trace_span!("db", otel.name = "db find_user", otel.kind = "client");
+/// ```
+#[macro_export]
+macro_rules! trace_span {
+    ($($arguments:tt)+) => {
+        if $crate::telemetry::tracing_enabled() {
+            $crate::telemetry::__tracing::info_span!($($arguments)+)
+        } else {
+            $crate::telemetry::__tracing::Span::none()
+        }
+    };
+}
 
 /// Without the `otel` feature there are no traces, and `tracing.enabled` is refused.
 #[cfg(not(feature = "otel"))]
@@ -67,6 +89,14 @@ mod trace {
     }
     /// No span to name.
     pub fn rename(_: &tracing::Span, _: String) {}
+    /// No trace to carry.
+    pub fn traceparent() -> Option<String> {
+        None
+    }
+    /// No trace to follow.
+    pub fn follow(_: &tracing::Span, _: Option<&str>) {}
+    /// No trace to link.
+    pub fn link(_: &tracing::Span, _: &str) {}
 }
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
@@ -246,7 +276,7 @@ impl FmtLayer {
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
-                .with_span_list(false)
+                .with_span_list(true)
                 .boxed(),
         }
     }
@@ -368,6 +398,11 @@ mod tests {
             "no change, no reload"
         );
         tracing::info!("shown at info");
+        tracing::info_span!("request", request_id = "r1", trace_id = "t1").in_scope(|| {
+            tracing::info_span!("db", module = "user").in_scope(|| {
+                tracing::warn!("inside a span inside a request");
+            });
+        });
         assert!(telemetry.set_level("[[[").is_err());
         drop(telemetry);
 
@@ -382,9 +417,15 @@ mod tests {
             [
                 "kept at warn",
                 "log level changed from the configuration file",
-                "shown at info"
+                "shown at info",
+                "inside a span inside a request"
             ]
         );
         assert_eq!(lines[0]["answer"], 42);
+        // A line in a span inside the request span still carries the request's ids.
+        let inside = &lines[3];
+        assert_eq!(inside["span"]["module"], "user", "{inside}");
+        assert_eq!(inside["spans"][0]["request_id"], "r1", "{inside}");
+        assert_eq!(inside["spans"][0]["trace_id"], "t1", "{inside}");
     }
 }

@@ -334,6 +334,7 @@ impl BiApi {
         };
         let origin = Origin {
             request_id: RequestScope::current_id().map(|id| id.to_string()),
+            traceparent: trellis_core::telemetry::traceparent(),
             user_id: auth.0.as_ref().map(|p| p.user_id.clone()),
             session_id: auth.0.map(|p| p.session_id),
             received_at: received_now(),

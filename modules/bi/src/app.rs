@@ -126,6 +126,7 @@ impl Ingest {
         }
         let origin = Origin {
             request_id: published.request_id().map(str::to_owned),
+            traceparent: trellis_core::telemetry::traceparent(),
             user_id: published.user_id().map(str::to_owned),
             session_id: None,
             received_at: rfc3339_millis(published.emitted_at_ms()),

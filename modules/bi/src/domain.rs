@@ -59,6 +59,9 @@ pub struct BiEvent {
     /// The request that carried (or caused) the event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The W3C `traceparent` of the span that accepted it (with traces on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// The authenticated caller (client events) or the user concerned (server events).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
@@ -74,6 +77,7 @@ pub struct BiEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Origin {
     pub request_id: Option<String>,
+    pub traceparent: Option<String>,
     pub user_id: Option<String>,
     pub session_id: Option<String>,
     /// RFC 3339 with milliseconds; one instant for every event of a request.
@@ -109,6 +113,7 @@ impl BiEvent {
             timestamp,
             received_at: origin.received_at,
             request_id: origin.request_id,
+            traceparent: origin.traceparent,
             user_id: origin.user_id,
             session_id: origin.session_id,
             properties,

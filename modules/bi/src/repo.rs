@@ -23,6 +23,7 @@ impl Forwarder {
             .map(|event| OutboundMessage {
                 id: event.id.clone(),
                 body: serde_json::to_string(event).expect("a BI event serializes"),
+                traceparent: event.traceparent.clone(),
             })
             .collect();
         self.queue.publish_all(messages).await

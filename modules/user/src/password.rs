@@ -19,6 +19,7 @@ use argon2::{
     password_hash::{PasswordHasher as _, PasswordVerifier as _},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument as _;
 
 use crate::domain::Password;
 
@@ -105,27 +106,39 @@ impl Hasher {
     }
 
     /// Runs `work` on the blocking pool with a permit that it keeps until it returns,
-    /// whatever happens to the caller.
+    /// whatever happens to the caller. With traces on, the wait and the work are one span,
+    /// `password <operation>`.
     async fn run<T: Send + 'static>(
         &self,
+        operation: &'static str,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Busy> {
-        let permit = self.permit().await?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let gauge = metrics::gauge!(PASSWORD_HASHES_RUNNING);
-            gauge.increment(1.0);
-            let out = work();
-            gauge.decrement(1.0);
-            out
-        })
+        let span = trellis_core::trace_span!(
+            "password",
+            otel.name = format!("password {operation}"),
+            password.operation = operation,
+            password.algorithm = "argon2id",
+        );
+        async {
+            let permit = self.permit().await?;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let gauge = metrics::gauge!(PASSWORD_HASHES_RUNNING);
+                gauge.increment(1.0);
+                let out = work();
+                gauge.decrement(1.0);
+                out
+            })
+            .await
+            .map_err(|_| Busy)
+        }
+        .instrument(span)
         .await
-        .map_err(|_| Busy)
     }
 
     /// Hashes a new password.
     pub async fn hash(&self, password: Password) -> Result<anyhow::Result<String>, Busy> {
-        self.run(move || {
+        self.run("hash", move || {
             argon2()
                 .hash_password(password.expose().as_bytes())
                 .map(|hash| hash.to_string())
@@ -137,7 +150,7 @@ impl Hasher {
     /// Checks `password` against `stored`; with no stored hash, checks against the decoy
     /// and answers false.
     pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, Busy> {
-        self.run(move || {
+        self.run("verify", move || {
             let exists = stored.is_some();
             let hash = stored.unwrap_or_else(|| DECOY.clone());
             let matches = argon2::PasswordHash::new(&hash).is_ok_and(|parsed| {

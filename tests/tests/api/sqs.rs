@@ -18,6 +18,7 @@ use crate::{
     bi::{accepted_ids, batch, refuse_hostile_requests},
     helpers::{TestStorage, assert_problem, check_status, env_name, spawn_app_with},
     process::{free_port, server, terminate, wait_exit, wait_healthy},
+    traces,
 };
 
 pub(crate) struct Sqs {
@@ -77,6 +78,25 @@ impl Sqs {
             ("modules.bi.burst_per_address", json!(1_000_000)),
             ("mq.backend", json!("sqs")),
         ]
+    }
+
+    /// The binary on `port`, sending to this queue.
+    pub(crate) fn server(&self, port: u16, storage: &TestStorage) -> Command {
+        let mut command = server(port, storage);
+        for (key, value) in self.settings() {
+            let value = value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned);
+            command.env(env_name(key), value);
+        }
+        for key in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_EC2_METADATA_DISABLED",
+        ] {
+            command.env(key, std::env::var(key).expect("set by services.sh"));
+        }
+        command
     }
 
     /// Starts reading (and deleting) messages as they arrive, as a real consumer does;
@@ -314,21 +334,7 @@ async fn sigterm_during_a_load_loses_no_accepted_event() {
     let consumer = sqs.consume();
     let storage = TestStorage::new().await;
     let port = free_port();
-    let mut command = server(port, &storage);
-    for (key, value) in sqs.settings() {
-        let value = value
-            .as_str()
-            .map_or_else(|| value.to_string(), str::to_owned);
-        command.env(env_name(key), value);
-    }
-    for key in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_EC2_METADATA_DISABLED",
-    ] {
-        command.env(key, std::env::var(key).expect("set by services.sh"));
-    }
-    let mut child = command.spawn().expect("server starts");
+    let mut child = sqs.server(port, &storage).spawn().expect("server starts");
     wait_healthy(port).await;
 
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -411,4 +417,69 @@ async fn rejected_requests_enqueue_nothing_and_odd_characters_survive() {
     assert_eq!(bodies.len(), 1, "only the accepted event: {bodies:?}");
     assert_eq!(bodies[0]["id"], ids[0].as_str());
     assert_eq!(bodies[0]["properties"], odd["properties"]);
+}
+
+#[tokio::test]
+#[ignore = "needs the SQS-compatible server; scripts/test.sh runs it"]
+async fn a_message_carries_the_traceparent_of_the_request_that_accepted_it() {
+    const TRACE: &str = "5a000000000000000000000000000005";
+    let sqs = Sqs::queue().await;
+    let (endpoint, received) = traces::receiver().await;
+    let storage = TestStorage::new().await;
+    let port = free_port();
+    let mut command = sqs.server(port, &storage);
+    traces::export_to(&mut command, &endpoint);
+    let mut child = command.spawn().expect("server starts");
+    wait_healthy(port).await;
+
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/v1/bi/events"))
+        .header("traceparent", format!("00-{TRACE}-00f067aa0ba902b7-01"))
+        .json(&json!({"name": "traced.event"}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 202);
+    let spans = received
+        .trace_with(TRACE, &["POST /api/v1/bi/events", "send sqs"])
+        .await;
+    let request = traces::named(&spans, "POST /api/v1/bi/events");
+    let send = traces::named(&spans, "send sqs");
+    assert!(
+        traces::inside(send, request, &spans),
+        "{}",
+        traces::tree(&spans)
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let message = loop {
+        let output = sqs
+            .client
+            .receive_message()
+            .queue_url(&sqs.url)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .expect("ReceiveMessage");
+        if let Some(message) = output.messages().first() {
+            break message.clone();
+        }
+        assert!(Instant::now() < deadline, "the message arrives");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let expected = format!("00-{TRACE}-{}-01", traces::hex(&request.span_id));
+    let attribute = message
+        .message_attributes()
+        .and_then(|a| a.get("traceparent"))
+        .unwrap_or_else(|| panic!("a traceparent attribute: {message:?}"));
+    assert_eq!(attribute.data_type(), "String");
+    assert_eq!(attribute.string_value(), Some(expected.as_str()));
+    let body: Value = serde_json::from_str(message.body().expect("body")).expect("JSON");
+    assert_eq!(body["traceparent"], expected);
+
+    terminate(&child);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(60)).code(),
+        Some(0)
+    );
 }
