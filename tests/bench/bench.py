@@ -12,15 +12,22 @@ BENCH_PREVIOUS names an earlier build's `trellis` binary: it then runs in the sa
 (`KEY=value` pairs, e.g. the limits it needs lifted), so a change on the request path is
 measured against the code before it in one run.
 
+Trellis also runs with tracing on, sampling 1 % and all requests, exporting over OTLP/HTTP
+to a receiver in this process that reads and drops what it is sent, and sampling all
+requests towards an endpoint that never answers.
+
 With TEST_POSTGRES_URL and TEST_REDIS_URL (run.sh starts the services), the rounds also
 run Trellis on PostgreSQL + Redis, and two such instances behind nginx (nginx and both
 instances on CPU 0): authenticated reads and BI batches through the proxy.
 """
 
+import http.server
 import json
 import os
+import threading
 import re
 import shutil
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -55,6 +62,11 @@ NGINX = "/usr/sbin/nginx"
 SHARED_NAME = "trellis, PostgreSQL + Redis"
 MEMORY_NAME = "trellis, mq.durability = memory"
 PROXY_NAME = "nginx, two instances (PostgreSQL + Redis)"
+# Trellis again, with tracing on: the share of requests sampled, and whether the endpoint
+# answers (a listener that never accepts stands for one that hangs).
+TRACED = (("trellis, tracing 1 % sampled", "0.01", True),
+          ("trellis, tracing all sampled", "1.0", True),
+          ("trellis, tracing all sampled, endpoint never answers", "1.0", False))
 
 
 def log(msg):
@@ -207,6 +219,30 @@ def start_trellis(port, data, workdir, name="trellis", extra_env=None):
     return Server(name, [str(RELEASE / "trellis")], port, env, cwd=workdir)
 
 
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP exports, counts them, answers an empty ExportTraceServiceResponse."""
+    exports, body_bytes = 0, 0
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        self.rfile.read(length)
+        Receiver.exports += 1
+        Receiver.body_bytes += length
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def start_receiver(port):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{port}/v1/traces"
+
+
 def create_database(name):
     """A fresh PostgreSQL database on the services' server; its URL."""
     for statement in (f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"):
@@ -308,6 +344,21 @@ def main():
     memory = start_trellis(18189, memory_data, work, MEMORY_NAME, {"TRELLIS_MQ__DURABILITY": "memory"})
     token = token_for(trellis, "bench@example.com")
     auth = [f"Authorization: Bearer {token}"]
+    endpoint = start_receiver(18199)
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(1)
+    black_hole_endpoint = "http://127.0.0.1:%d/v1/traces" % black_hole.getsockname()[1]
+    traced = []
+    for index, (name, ratio, answers) in enumerate(TRACED):
+        traced_data = work / f"data-traced-{index}"
+        traced_data.mkdir()
+        traced.append(start_trellis(18193 + index, traced_data, work, name, {
+            "TRELLIS_TRACING__ENABLED": "true",
+            "TRELLIS_TRACING__ENDPOINT": endpoint if answers else black_hole_endpoint,
+            "TRELLIS_TRACING__SAMPLER": "ratio",
+            "TRELLIS_TRACING__RATIO": ratio,
+        }))
     previous, previous_auth = None, []
     if PREVIOUS:
         previous_data = work / "data-previous"
@@ -321,6 +372,8 @@ def main():
         }, cwd=work)
         previous_auth = [f"Authorization: Bearer {token_for(previous, 'bench@example.com')}"]
     tokens = {trellis.name: auth, PREVIOUS_NAME: previous_auth}
+    for server in traced:
+        tokens[server.name] = [f"Authorization: Bearer {token_for(server, 'bench@example.com')}"]
     shared, proxy, instances = None, None, []
     if POSTGRES and REDIS:
         for tool in (PSQL, NGINX):
@@ -354,7 +407,7 @@ def main():
     for round_ in range(ROUNDS):
         for scenario, path, headers in (("healthz", "/healthz", []), ("me", "/api/v1/users/me", auth)):
             servers = (trellis, poem, openapi, *quieter) if scenario == "healthz" else (trellis, poem, openapi)
-            servers += (previous,) if previous else ()
+            servers += (*traced, *((previous,) if previous else ()))
             if scenario == "me" and shared:
                 servers += (shared, proxy)
             for server in servers:
@@ -417,7 +470,9 @@ def main():
         registrations[name] = wrk(server.url("/api/v1/users"), script=registration_script(work, tag))
 
     rss_after = rss_mib(trellis.proc.pid)
-    for s in (poem, openapi, memory, *quieter, *((previous,) if previous else ()),
+    traced_spans = {s.name: (metric(s, "trace_spans_exported_total"),
+                             metric(s, "trace_spans_dropped_total"), rss_mib(s.proc.pid)) for s in traced}
+    for s in (poem, openapi, memory, *quieter, *traced, *((previous,) if previous else ()),
               *((shared, proxy, *instances) if shared else ())):
         s.stop()
 
@@ -442,7 +497,7 @@ def main():
     bi_events = count_events(work / "data" / "events")
     write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, total,
                   (bi_runs, bi_memory_runs, spool), bi_events, load_before, load_after, started,
-                  previous_login, registrations)
+                  previous_login, registrations, traced_spans)
     shutil.rmtree(work, ignore_errors=True)
     log(f"results written to {RESULTS}")
 
@@ -455,7 +510,7 @@ def count_events(directory):
 
 def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms, me_small, me_large, users,
                   bi, bi_events, load_before, load_after, started, previous_login=None,
-                  registrations=None):
+                  registrations=None, traced_spans=None):
     bi_runs, bi_memory_runs, spool = bi
     def rps(scenario, server):
         return [r["rps"] for r in results[(scenario, server)]]
@@ -563,6 +618,7 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         f"(p99 {login['p99_ms']:.0f} ms at 64 connections).",
         "",
         *previous_section(results, login, cpu_per_login_ms, previous_login, registrations or {}),
+        *tracing_section(results, traced_spans or {}),
         *shared_section,
         "## BI ingest",
         "",
@@ -592,6 +648,35 @@ def write_results(results, startup, rss_idle, rss_after, login, cpu_per_login_ms
         "",
     ]
     RESULTS.write_text("\n".join(lines) + kept_history())
+
+
+def tracing_section(results, traced_spans):
+    """Tracing on against off (the same build, the same rounds)."""
+    if not traced_spans:
+        return []
+    lines = [
+        "## What tracing costs",
+        "",
+        "The same build with `tracing.enabled = true`, `sampler = ratio`, exporting over OTLP/HTTP to "
+        "a receiver in the benchmark's process (on any CPU), or to a listener that never answers, in "
+        "the same rounds; ratios to tracing off.",
+        "",
+        "| scenario | server | req/s | vs tracing off | target |",
+        "|---|---|---|---|---|",
+    ]
+    for scenario in ("healthz", "me"):
+        off = statistics.median(r["rps"] for r in results[(scenario, "trellis")])
+        lines.append(f"| {scenario} | trellis (tracing off) | {fmt([r['rps'] for r in results[(scenario, 'trellis')]])} | 1.00 × | |")
+        for name, ratio, _ in TRACED:
+            runs = [r["rps"] for r in results[(scenario, name)]]
+            value = statistics.median(runs) / off
+            target = "≥ 0.95 ×: " + ("met" if value >= 0.95 else "**missed**") if ratio == "0.01" else "reported"
+            lines.append(f"| {scenario} | {name} | {fmt(runs)} | {value:.2f} × | {target} |")
+    lines += ["", "| server | spans exported | spans dropped | RSS after the run |", "|---|---|---|---|"]
+    lines += [f"| {name} | {exported:,.0f} | {dropped:,.0f} | {rss:.1f} MiB |"
+              for name, (exported, dropped, rss) in traced_spans.items()]
+    lines.append("")
+    return lines
 
 
 def registration_script(work, name):

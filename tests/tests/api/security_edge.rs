@@ -381,17 +381,20 @@ fn client_from(address: &str) -> reqwest::Client {
         .expect("client")
 }
 
-/// The bytes of every file in `directory`.
+/// Bytes of the files in `directory`, each file once: a listing taken while the live file
+/// is renamed at a rotation can name it twice, under its old name and its new one.
 fn folder_bytes(directory: &std::path::Path) -> u64 {
-    std::fs::read_dir(directory)
+    use std::os::unix::fs::MetadataExt as _;
+    let files: std::collections::HashMap<u64, u64> = std::fs::read_dir(directory)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
+                .map(|m| (m.ino(), m.len()))
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default();
+    files.values().sum()
 }
 
 #[tokio::test]
