@@ -64,6 +64,7 @@ use trellis_core::{
     },
     problem::{InternalError, Problem, ProblemJson, RequestScope},
     readiness::{AdminRequest, Readiness},
+    telemetry::RequestTrace,
 };
 use trellis_openapi::RouteIndex;
 
@@ -106,15 +107,31 @@ pub struct Stack<E> {
     pub(crate) readiness: Readiness,
 }
 
-/// The request's span. With tracing on it is the OpenTelemetry server span, with the
-/// HTTP semantic conventions' attributes (its name and route are recorded once the
-/// router has matched), continuing the caller's trace when `traceparent` says so.
-fn request_span(req: &Request, id: &str) -> tracing::Span {
+/// The request's span, and its trace id when tracing is on. A sampled request's span is
+/// the OpenTelemetry server span, with the HTTP semantic conventions' attributes (its
+/// name and route are recorded once the router has matched), continuing the caller's
+/// trace when `traceparent` says so; an unsampled one only carries its ids.
+fn request_span(req: &Request, id: &str) -> RequestSpan {
     let method = req.method().as_str();
     let path = req.uri().path();
-    if !trellis_core::telemetry::tracing_enabled() {
-        return tracing::info_span!("request", request_id = id, method, path);
-    }
+    let parent = match trellis_core::telemetry::decide_trace(req.headers()) {
+        RequestTrace::Off => {
+            let span = tracing::info_span!("request", request_id = id, method, path);
+            return RequestSpan::untraced(span, None);
+        }
+        RequestTrace::Unsampled { trace_id, span_id } => {
+            let span = tracing::info_span!(
+                "request",
+                request_id = id,
+                method,
+                path,
+                trace_id = trace_id.as_str(),
+                span_id = span_id.as_str()
+            );
+            return RequestSpan::untraced(span, Some(trace_id));
+        }
+        RequestTrace::Sampled(parent) => parent,
+    };
     let span = tracing::info_span!(
         "request",
         request_id = id,
@@ -129,8 +146,35 @@ fn request_span(req: &Request, id: &str) -> tracing::Span {
         http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
     );
-    trellis_core::telemetry::continue_trace(&span, req.headers());
-    span
+    parent.adopt(&span);
+    let trace_id = trellis_core::telemetry::trace_ids(&span).map(|(trace_id, span_id)| {
+        span.record("trace_id", trace_id.as_str());
+        span.record("span_id", span_id.as_str());
+        trace_id
+    });
+    RequestSpan {
+        span,
+        trace_id,
+        traced: true,
+    }
+}
+
+/// A request's span, as [`request_span`] made it.
+struct RequestSpan {
+    span: tracing::Span,
+    trace_id: Option<String>,
+    /// Whether the trace layer records it (a sampled request).
+    traced: bool,
+}
+
+impl RequestSpan {
+    fn untraced(span: tracing::Span, trace_id: Option<String>) -> Self {
+        Self {
+            span,
+            trace_id,
+            traced: false,
+        }
+    }
 }
 
 /// An incoming id is reused when it is 1 to 128 visible ASCII characters from a safe set,
@@ -162,19 +206,14 @@ impl<E: Endpoint> Endpoint for Stack<E> {
         };
         let header = HeaderValue::from_str(&id).ok();
         let api = req.uri().path().starts_with(API_PREFIX);
-        let span = request_span(&req, &id);
+        let request = request_span(&req, &id);
         let mut scope = RequestScope::new(id.clone(), req.uri().clone());
-        let trace_header = match trellis_core::telemetry::trace_ids(&span) {
-            Some((trace_id, span_id)) => {
-                span.record("trace_id", trace_id.as_str());
-                span.record("span_id", span_id.as_str());
-                let header = HeaderValue::from_str(&trace_id).ok();
-                scope = scope.with_trace_id(trace_id.into());
-                header
-            }
-            None => None,
-        };
-        let mut resp = scope.run(self.observe(req, span)).await;
+        let mut trace_header = None;
+        if let Some(trace_id) = request.trace_id.as_deref() {
+            trace_header = HeaderValue::from_str(trace_id).ok();
+            scope = scope.with_trace_id(trace_id.into());
+        }
+        let mut resp = scope.run(self.observe(req, request)).await;
         let headers = resp.headers_mut();
         if let Some(header) = header {
             headers.insert(X_REQUEST_ID.clone(), header);
@@ -192,7 +231,8 @@ impl<E: Endpoint> Endpoint for Stack<E> {
 
 impl<E: Endpoint> Stack<E> {
     /// Steps 2 and 3: the access-log line in `span` and the request metrics.
-    async fn observe(&self, req: Request, span: tracing::Span) -> Response {
+    async fn observe(&self, req: Request, request: RequestSpan) -> Response {
+        let span = request.span;
         let started = Instant::now();
         let method = req.method().clone();
         let client = client_ip(&req);
@@ -203,7 +243,7 @@ impl<E: Endpoint> Stack<E> {
         let status = resp.status();
         let route = RequestScope::current_route().filter(|_| resp.data::<Unmatched>().is_none());
         self.metrics.record(&method, route.clone(), status, elapsed);
-        if trellis_core::telemetry::tracing_enabled() {
+        if request.traced {
             let template = route.as_deref().unwrap_or(UNMATCHED);
             trellis_core::telemetry::rename_span(&span, format!("{} {template}", method.as_str()));
             span.record("http.route", template);

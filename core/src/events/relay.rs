@@ -263,17 +263,22 @@ async fn run_one(table: &EventHandlerTable, stored: &Stored, timeout: Duration) 
     let Some(route) = table.route(&stored.event, &stored.listener) else {
         return Outcome::NotHere;
     };
-    let span = crate::trace_span!(
-        "event.handle",
-        otel.name = format!("event {} {}", stored.event, stored.listener),
-        otel.kind = "consumer",
-        event = stored.event,
-        event_id = stored.event_id,
-        module = stored.listener,
-        attempt = stored.attempts + 1,
-        otel.status_code = tracing::field::Empty,
-    );
-    crate::telemetry::follow_trace(&span, stored.traceparent.as_deref());
+    // Traced when the request that emitted the event was, as a child of its span.
+    let traceparent = stored.traceparent.as_deref();
+    let span = match crate::telemetry::trace_follows(traceparent) {
+        true => tracing::info_span!(
+            "event.handle",
+            otel.name = format!("event {} {}", stored.event, stored.listener),
+            otel.kind = "consumer",
+            event = stored.event,
+            event_id = stored.event_id,
+            module = stored.listener,
+            attempt = stored.attempts + 1,
+            otel.status_code = tracing::field::Empty,
+        ),
+        false => tracing::Span::none(),
+    };
+    crate::telemetry::follow_trace(&span, traceparent);
     let started = std::time::Instant::now();
     let run = AssertUnwindSafe((route.run)(stored))
         .catch_unwind()

@@ -659,10 +659,16 @@ async fn deliver(inner: &Inner, mut batch: Vec<OutboundMessage>) {
 /// Traces a send links to at most, besides the one it joins.
 const MAX_LINKS: usize = 32;
 
-/// The span of one send, with traces on: in the trace of the batch's first message that
-/// has one, linked to the others' (up to [`MAX_LINKS`]).
+/// The span of one send, when a message of the batch was published by traced work: in
+/// the trace of the first such message, linked to the others' (up to [`MAX_LINKS`]).
 fn send_span(backend: &'static str, batch: &[OutboundMessage], attempt: u32) -> tracing::Span {
-    let span = crate::trace_span!(
+    let traced = batch
+        .iter()
+        .any(|m| crate::telemetry::trace_follows(m.traceparent.as_deref()));
+    if !traced {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
         "mq.send",
         otel.name = format!("send {backend}"),
         otel.kind = "producer",
@@ -672,9 +678,6 @@ fn send_span(backend: &'static str, batch: &[OutboundMessage], attempt: u32) -> 
         attempt = attempt + 1,
         otel.status_code = tracing::field::Empty,
     );
-    if span.is_none() {
-        return span;
-    }
     let mut traces: Vec<&str> = Vec::new();
     for traceparent in batch.iter().filter_map(|m| m.traceparent.as_deref()) {
         if traces.len() > MAX_LINKS || traces.contains(&traceparent) {

@@ -31,16 +31,18 @@ mod line;
 #[cfg(feature = "otel")]
 mod trace;
 pub use trace::{
-    continue_trace, enabled as tracing_enabled, follow as follow_trace, ids as trace_ids,
-    link as link_trace, rename as rename_span, traceparent,
+    Parent as TraceParent, RequestTrace, decide as decide_trace, enabled as tracing_enabled,
+    follow as follow_trace, follows as trace_follows, ids as trace_ids, link as link_trace,
+    rename as rename_span, traced_here, traceparent,
 };
 
 #[doc(hidden)]
 pub use tracing as __tracing;
 
-/// A span made for traces only: `tracing::info_span!(…)` with the same arguments when
-/// tracing is on, and a disabled span otherwise, so that with tracing off neither the
-/// logs nor the cost of the code it wraps change.
+/// A span made for traces only: `tracing::info_span!(…)` with the same arguments inside
+/// traced work ([`traced_here`]), and a disabled span otherwise, so that with tracing off,
+/// and in requests that are not sampled, neither the logs nor the cost of the code it
+/// wraps change.
 ///
 /// ```no_run
 /// let span = trellis_core::trace_span!("db", otel.name = "db find_user", otel.kind = "client");
@@ -48,7 +50,7 @@ pub use tracing as __tracing;
 #[macro_export]
 macro_rules! trace_span {
     ($($arguments:tt)+) => {
-        if $crate::telemetry::tracing_enabled() {
+        if $crate::telemetry::traced_here() {
             $crate::telemetry::__tracing::info_span!($($arguments)+)
         } else {
             $crate::telemetry::__tracing::Span::none()
@@ -81,8 +83,38 @@ mod trace {
     pub fn enabled() -> bool {
         false
     }
-    /// Nothing to continue.
-    pub fn continue_trace(_: &tracing::Span, _: &poem::http::HeaderMap) {}
+    /// How a request is traced: never, in this build.
+    pub enum RequestTrace {
+        /// Tracing is off.
+        Off,
+        /// Never made.
+        Sampled(Parent),
+        /// Never made.
+        Unsampled {
+            /// Unused.
+            trace_id: String,
+            /// Unused.
+            span_id: String,
+        },
+    }
+    /// No caller to continue.
+    pub struct Parent;
+    impl Parent {
+        /// Nothing to adopt.
+        pub fn adopt(self, _: &tracing::Span) {}
+    }
+    /// Off.
+    pub fn decide(_: &poem::http::HeaderMap) -> RequestTrace {
+        RequestTrace::Off
+    }
+    /// Nothing is traced.
+    pub fn traced_here() -> bool {
+        false
+    }
+    /// Nothing is traced.
+    pub fn follows(_: Option<&str>) -> bool {
+        false
+    }
     /// No ids.
     pub fn ids(_: &tracing::Span) -> Option<(String, String)> {
         None

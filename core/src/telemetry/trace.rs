@@ -1,11 +1,15 @@
 //! Traces: OpenTelemetry spans made from `tracing` spans (`tracing-opentelemetry`),
 //! batched and exported over OTLP/HTTP (protobuf) when `tracing.enabled`.
 //!
-//! - **Off** (the default): no layer, no exporter thread; [`continue_trace`], [`ids`]
-//!   and [`rename`] return at once.
-//! - **Sampling.** `always` and `ratio` follow a caller's `traceparent` (a sampled parent
-//!   is recorded, an unsampled one is not) and decide for new traces; `never` records
-//!   nothing. An unsampled request still gets a trace id (logs, responses, problems).
+//! - **Off** (the default): no layer, no exporter thread; [`decide`] answers `Off`.
+//! - **Sampling** is decided per request, before its span exists ([`decide`]): `always`
+//!   and `ratio` follow a caller's `traceparent` (a sampled parent is recorded, an
+//!   unsampled one is not) and decide for new traces; `never` records nothing. An
+//!   unsampled request still gets a trace id (logs, responses, problems), but the trace
+//!   layer never sees its span or anything inside it ([`TracedOnly`]), so it costs about
+//!   what it costs with tracing off. Work done later for a request (an event's handler,
+//!   a queue send) is traced when the request was ([`follows`]); spans inside traced work
+//!   are made only there ([`traced_here`]).
 //! - **Export.** A batch processor on its own thread exports every
 //!   `tracing.scheduled_delay_ms` or `tracing.max_export_batch_size` spans, each export
 //!   within `tracing.export_timeout_ms`; at most `tracing.max_queue_size` spans wait, the
@@ -16,6 +20,7 @@
 //!   makes a span its child, [`link`] links a span to it.
 
 use std::{
+    any::TypeId,
     collections::HashMap,
     sync::{
         Arc, OnceLock,
@@ -41,16 +46,17 @@ use opentelemetry_sdk::{
     },
 };
 use poem::http::HeaderMap;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-use tracing_subscriber::{Layer, registry::LookupSpan};
+use tracing::span;
+use tracing_opentelemetry::{OpenTelemetrySpanExt as _, OtelData};
+use tracing_subscriber::{Layer, Registry, layer, registry::LookupSpan};
 
 use crate::{
     config::{TraceSampler, TracingConfig},
     metrics::{TRACE_SPANS_DROPPED_TOTAL, TRACE_SPANS_EXPORTED_TOTAL},
 };
 
-/// Set once tracing is on.
-static ENABLED: OnceLock<()> = OnceLock::new();
+/// How requests are sampled: set once tracing is on.
+static SAMPLING: OnceLock<(TraceSampler, f64)> = OnceLock::new();
 
 /// The tracer provider: flushed and stopped by [`Tracing::shutdown`].
 pub(crate) struct Tracing {
@@ -69,7 +75,7 @@ impl Tracing {
 /// The exporter and the layer that turns `tracing` spans into OpenTelemetry spans.
 pub(crate) fn layer<S>(config: &TracingConfig) -> anyhow::Result<(Tracing, impl Layer<S>)>
 where
-    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    S: tracing::Subscriber + for<'span> LookupSpan<'span> + 'static,
 {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -98,11 +104,12 @@ where
         waiting,
         limit: config.max_queue_size,
     };
+    // Requests are sampled by [`decide`] before their span exists, and everything else
+    // follows them: the SDK records what reaches it.
     let sampler = match config.sampler {
-        TraceSampler::Always => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
         TraceSampler::Never => Sampler::AlwaysOff,
-        TraceSampler::Ratio => {
-            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.ratio)))
+        TraceSampler::Always | TraceSampler::Ratio => {
+            Sampler::ParentBased(Box::new(Sampler::AlwaysOn))
         }
     };
     let provider = SdkTracerProvider::builder()
@@ -115,7 +122,7 @@ where
         )
         .build();
     let tracer = provider.tracer("trellis");
-    let _ = ENABLED.set(());
+    let _ = SAMPLING.set((config.sampler, config.ratio));
     // Spans from `info` up (let through whatever `telemetry.level` says), and the log
     // lines the level lets through, as events of their span.
     let layer = tracing_opentelemetry::layer()
@@ -123,12 +130,199 @@ where
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false);
-    Ok((Tracing { provider }, layer))
+    Ok((Tracing { provider }, TracedOnly(layer)))
 }
 
 /// Whether tracing is on.
 pub fn enabled() -> bool {
-    ENABLED.get().is_some()
+    SAMPLING.get().is_some()
+}
+
+/// The trace layer, shown only the spans of sampled work: a span inside a span it saw,
+/// or a root span that says what kind it is (`otel.kind`: a request's, a handler's, a
+/// send's), and the log lines inside them. An unsampled request's span, and everything
+/// inside it, never reaches it, so it costs about what it costs with tracing off.
+///
+/// A wrapper rather than a per-layer filter: a filter decides on a span before it exists,
+/// from the current span alone, and a filter's decision for a check that is not followed
+/// by its span or line (a `log` record below the level) is left behind for the next one.
+struct TracedOnly<L>(L);
+
+/// Whether the trace layer saw the span `id`.
+fn seen<S>(ctx: &layer::Context<'_, S>, id: &span::Id) -> bool
+where
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+{
+    ctx.span(id)
+        .is_some_and(|span| span.extensions().get::<OtelData>().is_some())
+}
+
+impl<S, L> Layer<S> for TracedOnly<L>
+where
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    L: Layer<S>,
+{
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber);
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber);
+    }
+
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: layer::Context<'_, S>) {
+        let parent = match attrs.parent() {
+            Some(parent) => Some(parent.clone()),
+            None if attrs.is_contextual() => ctx.current_span().id().cloned(),
+            None => None,
+        };
+        let traced = match parent {
+            Some(parent) => seen(&ctx, &parent),
+            None => attrs.metadata().fields().field("otel.kind").is_some(),
+        };
+        if traced {
+            self.0.on_new_span(attrs, id, ctx);
+        }
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: layer::Context<'_, S>) {
+        if seen(&ctx, id) {
+            self.0.on_record(id, values, ctx);
+        }
+    }
+
+    fn on_follows_from(&self, id: &span::Id, follows: &span::Id, ctx: layer::Context<'_, S>) {
+        if seen(&ctx, id) {
+            self.0.on_follows_from(id, follows, ctx);
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: layer::Context<'_, S>) {
+        let in_traced_span = ctx
+            .event_span(event)
+            .is_some_and(|span| span.extensions().get::<OtelData>().is_some());
+        if in_traced_span {
+            self.0.on_event(event, ctx);
+        }
+    }
+
+    fn on_enter(&self, id: &span::Id, ctx: layer::Context<'_, S>) {
+        if seen(&ctx, id) {
+            self.0.on_enter(id, ctx);
+        }
+    }
+
+    fn on_exit(&self, id: &span::Id, ctx: layer::Context<'_, S>) {
+        if seen(&ctx, id) {
+            self.0.on_exit(id, ctx);
+        }
+    }
+
+    fn on_close(&self, id: span::Id, ctx: layer::Context<'_, S>) {
+        if seen(&ctx, &id) {
+            self.0.on_close(id, ctx);
+        }
+    }
+
+    fn on_id_change(&self, old: &span::Id, new: &span::Id, ctx: layer::Context<'_, S>) {
+        self.0.on_id_change(old, new, ctx);
+    }
+
+    #[expect(
+        unsafe_code,
+        reason = "a wrapping layer must forward `downcast_raw`, through which the trace \
+                  layer's context is reached (`OpenTelemetrySpanExt`); tracing-subscriber \
+                  offers no safe way to do so"
+    )]
+    unsafe fn downcast_raw(&self, id: TypeId) -> Option<*const ()> {
+        if id == TypeId::of::<Self>() {
+            Some(std::ptr::from_ref(self).cast())
+        } else {
+            // SAFETY: the inner layer answers for its own types, as `downcast_raw`'s
+            // contract requires of it; the pointer it returns is to a part of `self.0`,
+            // which lives as long as `self`.
+            unsafe { self.0.downcast_raw(id) }
+        }
+    }
+}
+
+/// How a request is traced, decided before its span exists ([`decide`]).
+pub enum RequestTrace {
+    /// Tracing is off.
+    Off,
+    /// Sampled: its span is exported, continuing the caller's trace if there is one.
+    Sampled(Parent),
+    /// Not sampled: nothing is recorded; these ids go to its logs and answers only.
+    Unsampled {
+        /// The caller's trace, or a new one (32 lowercase hex digits).
+        trace_id: String,
+        /// The request's own (16 lowercase hex digits).
+        span_id: String,
+    },
+}
+
+/// The caller's span, if a valid `traceparent` named one.
+pub struct Parent(Option<Context>);
+
+impl Parent {
+    /// Makes `span` continue the caller's trace.
+    pub fn adopt(self, span: &tracing::Span) {
+        if let Some(parent) = self.0 {
+            let _ = span.set_parent(parent);
+        }
+    }
+}
+
+/// Decides whether a request with these headers is sampled: as its caller's W3C
+/// `traceparent` says when it carries a valid one (malformed ones are ignored), else
+/// by `tracing.sampler` (`ratio`: that share of requests, at random).
+pub fn decide(headers: &HeaderMap) -> RequestTrace {
+    let Some(&(sampler, ratio)) = SAMPLING.get() else {
+        return RequestTrace::Off;
+    };
+    let parent = headers
+        .contains_key("traceparent")
+        .then(|| TraceContextPropagator::new().extract(&Headers(headers)))
+        .filter(|parent| parent.span().span_context().is_valid());
+    let sampled = match (sampler, &parent) {
+        (TraceSampler::Never, _) => false,
+        (_, Some(parent)) => parent.span().span_context().is_sampled(),
+        (TraceSampler::Always, None) => true,
+        (TraceSampler::Ratio, None) => rand::random::<f64>() < ratio,
+    };
+    if sampled {
+        return RequestTrace::Sampled(Parent(parent));
+    }
+    let trace_id = match &parent {
+        Some(parent) => parent.span().span_context().trace_id().to_string(),
+        None => format!("{:032x}", rand::random::<u128>().max(1)),
+    };
+    RequestTrace::Unsampled {
+        trace_id,
+        span_id: format!("{:016x}", rand::random::<u64>().max(1)),
+    }
+}
+
+/// Whether the current span is traced (tracing is on and it belongs to sampled work):
+/// where spans made with [`trace_span!`](crate::trace_span) are worth making.
+pub fn traced_here() -> bool {
+    enabled()
+        && tracing::dispatcher::get_default(|dispatch| {
+            let current = dispatch.current_span();
+            let Some(id) = current.id() else {
+                return false;
+            };
+            dispatch
+                .downcast_ref::<Registry>()
+                .and_then(|registry| registry.span(id))
+                .is_some_and(|span| span.extensions().get::<OtelData>().is_some())
+        })
+}
+
+/// Whether work carrying `traceparent` (a stored event, a queue message) is traced: it
+/// is when the span that started it was.
+pub fn follows(traceparent: Option<&str>) -> bool {
+    enabled() && traceparent.and_then(parse).is_some()
 }
 
 /// The batch processor, with a bound it counts: at most `limit` sampled spans wait or are
@@ -220,18 +414,6 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// Makes `span` continue the caller's trace when `headers` carry a valid W3C
-/// `traceparent` (and `tracestate`); garbage is ignored and a new trace starts.
-pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
-    if !enabled() {
-        return;
-    }
-    let parent = TraceContextPropagator::new().extract(&Headers(headers));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
-}
-
 /// Names `span`'s OpenTelemetry span (once it has started: its ids were asked for, so
 /// `otel.name` recorded on it no longer would).
 pub fn rename(span: &tracing::Span, name: String) {
@@ -269,15 +451,17 @@ impl Extractor for Traceparent<'_> {
     }
 }
 
+/// The sampled span `traceparent` names.
 fn parse(traceparent: &str) -> Option<Context> {
     let context = TraceContextPropagator::new().extract(&Traceparent(traceparent));
-    context.span().span_context().is_valid().then_some(context)
+    let span_context = context.span().span_context().clone();
+    (span_context.is_valid() && span_context.is_sampled()).then_some(context)
 }
 
 /// The W3C `traceparent` of the current span, for what carries a trace across an
 /// asynchronous hop (a stored event, a queue message); `None` when tracing is off.
 pub fn traceparent() -> Option<String> {
-    if !enabled() {
+    if !traced_here() {
         return None;
     }
     let context = tracing::Span::current().context();

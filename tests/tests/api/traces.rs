@@ -520,3 +520,52 @@ async fn an_endpoint_that_never_answers_costs_requests_nothing_and_drops_are_cou
     assert!(stopping.elapsed() < Duration::from_secs(15));
     drop(black_hole);
 }
+
+#[tokio::test]
+async fn an_unsampled_callers_trace_id_is_answered_and_nothing_of_its_work_is_exported() {
+    const UNSAMPLED: &str = "5a000000000000000000000000000004";
+    let (endpoint, received) = receiver().await;
+    let port = free_port();
+    let storage = TestStorage::new().await;
+    let events = tempfile::tempdir().expect("tempdir");
+    let mut child = traced_server(port, &storage, &endpoint)
+        .env("TRELLIS_MQ__FILE__DIRECTORY", events.path())
+        .spawn()
+        .expect("server starts");
+    wait_healthy(port).await;
+
+    // The caller did not sample its trace: the registration, its event's handler and the
+    // send that follows are not recorded, but the answer names the caller's trace.
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/api/v1/users"))
+        .header("traceparent", format!("00-{UNSAMPLED}-{PARENT}-00"))
+        .json(&serde_json::json!({
+            "email": "unsampled@example.com", "password": "a long enough password",
+            "first_name": "Not", "last_name": "Sampled"
+        }))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.headers()["x-trace-id"].to_str().expect("text"),
+        UNSAMPLED
+    );
+    // The event went through (handled, sent, recorded) before the server stops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records(events.path(), "user.registered").is_empty() {
+        assert!(Instant::now() < deadline, "the event is forwarded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(records(events.path(), "user.registered")[0]["traceparent"].is_null());
+    terminate(&child);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+    let names: Vec<String> = received.spans().into_iter().map(|(_, s)| s.name).collect();
+    assert!(
+        names.iter().all(|name| name == "GET /healthz"),
+        "only the health checks' own traces: {names:?}"
+    );
+}
