@@ -58,6 +58,10 @@ use crate::{
 /// How requests are sampled: set once tracing is on.
 static SAMPLING: OnceLock<(TraceSampler, f64)> = OnceLock::new();
 
+/// Spans the trace layer sees that are open now: while there is none, no code runs in
+/// traced work, and [`traced_here`] answers without looking the current span up.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
 /// The tracer provider: flushed and stopped by [`Tracing::shutdown`].
 pub(crate) struct Tracing {
     provider: SdkTracerProvider,
@@ -181,6 +185,7 @@ where
             None => attrs.metadata().fields().field("otel.kind").is_some(),
         };
         if traced {
+            OPEN.fetch_add(1, Ordering::Relaxed);
             self.0.on_new_span(attrs, id, ctx);
         }
     }
@@ -220,6 +225,7 @@ where
 
     fn on_close(&self, id: span::Id, ctx: layer::Context<'_, S>) {
         if seen(&ctx, &id) {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
             self.0.on_close(id, ctx);
         }
     }
@@ -307,6 +313,7 @@ pub fn decide(headers: &HeaderMap) -> RequestTrace {
 /// where spans made with [`trace_span!`](crate::trace_span) are worth making.
 pub fn traced_here() -> bool {
     enabled()
+        && OPEN.load(Ordering::Relaxed) > 0
         && tracing::dispatcher::get_default(|dispatch| {
             let current = dispatch.current_span();
             let Some(id) = current.id() else {
