@@ -31,13 +31,28 @@ mod line;
 #[cfg(feature = "otel")]
 mod trace;
 pub use trace::{
-    Parent as TraceParent, RequestTrace, decide as decide_trace, enabled as tracing_enabled,
+    Parent as TraceParent, decide as decide_trace, enabled as tracing_enabled,
     follow as follow_trace, follows as trace_follows, ids as trace_ids, link as link_trace,
     rename as rename_span, traced_here, traceparent,
 };
 
 #[doc(hidden)]
 pub use tracing as __tracing;
+
+/// How a request is traced, decided before its span exists ([`decide_trace`]).
+pub enum RequestTrace {
+    /// Tracing is off.
+    Off,
+    /// Sampled: its span is exported, continuing the caller's trace if there is one.
+    Sampled(TraceParent),
+    /// Not sampled: nothing is recorded; these ids go to its logs and answers only.
+    Unsampled {
+        /// The caller's trace, or a new one (32 lowercase hex digits).
+        trace_id: String,
+        /// The request's own (16 lowercase hex digits).
+        span_id: String,
+    },
+}
 
 /// A span made for traces only: `tracing::info_span!(…)` with the same arguments inside
 /// traced work ([`traced_here`]), and a disabled span otherwise, so that with tracing off,
@@ -83,20 +98,8 @@ mod trace {
     pub fn enabled() -> bool {
         false
     }
-    /// How a request is traced: never, in this build.
-    pub enum RequestTrace {
-        /// Tracing is off.
-        Off,
-        /// Never made.
-        Sampled(Parent),
-        /// Never made.
-        Unsampled {
-            /// Unused.
-            trace_id: String,
-            /// Unused.
-            span_id: String,
-        },
-    }
+    use super::RequestTrace;
+
     /// No caller to continue.
     pub struct Parent;
     impl Parent {

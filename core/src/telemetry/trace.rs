@@ -50,6 +50,7 @@ use tracing::span;
 use tracing_opentelemetry::{OpenTelemetrySpanExt as _, OtelData};
 use tracing_subscriber::{Layer, Registry, layer, registry::LookupSpan};
 
+use super::RequestTrace;
 use crate::{
     config::{TraceSampler, TracingConfig},
     metrics::{TRACE_SPANS_DROPPED_TOTAL, TRACE_SPANS_EXPORTED_TOTAL},
@@ -250,21 +251,6 @@ where
             unsafe { self.0.downcast_raw(id) }
         }
     }
-}
-
-/// How a request is traced, decided before its span exists ([`decide`]).
-pub enum RequestTrace {
-    /// Tracing is off.
-    Off,
-    /// Sampled: its span is exported, continuing the caller's trace if there is one.
-    Sampled(Parent),
-    /// Not sampled: nothing is recorded; these ids go to its logs and answers only.
-    Unsampled {
-        /// The caller's trace, or a new one (32 lowercase hex digits).
-        trace_id: String,
-        /// The request's own (16 lowercase hex digits).
-        span_id: String,
-    },
 }
 
 /// The caller's span, if a valid `traceparent` named one.

@@ -303,6 +303,17 @@ fn traceparent(trace: &str) -> String {
     format!("00-{trace}-{PARENT}-01")
 }
 
+/// POSTs `body` to `url` as part of the caller's span [`PARENT`] in `trace`, sampled.
+async fn post_traced(url: &str, trace: &str, body: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(url)
+        .header("traceparent", traceparent(trace))
+        .json(&body)
+        .send()
+        .await
+        .expect("answers")
+}
+
 /// The records of the file backend in `folder` whose `name` is `name`.
 fn records(folder: &std::path::Path, name: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(folder.join("events.ndjson")).unwrap_or_default();
@@ -326,22 +337,16 @@ async fn a_request_its_bus_request_event_handler_and_queue_send_are_one_trace() 
         .spawn()
         .expect("server starts");
     wait_healthy(port).await;
-    let client = reqwest::Client::new();
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
 
     // A registration: the request hashes the password and writes the account; the
     // domain event it emits is handled after the commit by the bi module, which hands a
     // BI event to the message queue, which sends it to the file backend.
-    let response = client
-        .post(url("/api/v1/users"))
-        .header("traceparent", traceparent(REGISTER))
-        .json(&serde_json::json!({
-            "email": "traced@example.com", "password": "a long enough password",
-            "first_name": "Traced", "last_name": "User"
-        }))
-        .send()
-        .await
-        .expect("answers");
+    let body = serde_json::json!({
+        "email": "traced@example.com", "password": "a long enough password",
+        "first_name": "Traced", "last_name": "User"
+    });
+    let response = post_traced(&url("/api/v1/users"), REGISTER, body).await;
     assert_eq!(response.status(), 201);
     let spans = received
         .trace_with(
@@ -400,15 +405,10 @@ async fn a_request_its_bus_request_event_handler_and_queue_send_are_one_trace() 
     );
 
     // A login asks the user module over the bus to check the password.
-    let response = client
-        .post(url("/api/v1/auth/login"))
-        .header("traceparent", traceparent(LOGIN))
-        .json(&serde_json::json!({
-            "email": "traced@example.com", "password": "a long enough password"
-        }))
-        .send()
-        .await
-        .expect("answers");
+    let body = serde_json::json!({
+        "email": "traced@example.com", "password": "a long enough password"
+    });
+    let response = post_traced(&url("/api/v1/auth/login"), LOGIN, body).await;
     assert_eq!(response.status(), 200);
     let spans = received
         .trace_with(
@@ -429,13 +429,8 @@ async fn a_request_its_bus_request_event_handler_and_queue_send_are_one_trace() 
 
     // A client's BI event: sent in the trace of the request that accepted it, and its
     // record carries that request's context.
-    let response = client
-        .post(url("/api/v1/bi/events"))
-        .header("traceparent", traceparent(INGEST))
-        .json(&serde_json::json!({"name": "traced.event"}))
-        .send()
-        .await
-        .expect("answers");
+    let body = serde_json::json!({"name": "traced.event"});
+    let response = post_traced(&url("/api/v1/bi/events"), INGEST, body).await;
     assert_eq!(response.status(), 202);
     let spans = received
         .trace_with(INGEST, &["POST /api/v1/bi/events", "send file"])
