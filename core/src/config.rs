@@ -243,7 +243,7 @@ pub enum TraceSampler {
     Always,
     /// None at all, whatever the caller decided.
     Never,
-    /// `ratio` of new traces (by trace id); a caller's decision is followed.
+    /// `ratio` of the requests that start a trace, at random; a caller's decision is followed.
     Ratio,
 }
 

@@ -80,7 +80,7 @@ impl Tracing {
 /// The exporter and the layer that turns `tracing` spans into OpenTelemetry spans.
 pub(crate) fn layer<S>(config: &TracingConfig) -> anyhow::Result<(Tracing, impl Layer<S>)>
 where
-    S: tracing::Subscriber + for<'span> LookupSpan<'span> + 'static,
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
 {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
