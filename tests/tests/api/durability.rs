@@ -175,17 +175,10 @@ async fn sigkill_under_bi_load_loses_no_event_answered_202_on_sqs() {
     let sqs = Sqs::queue().await;
     let consumer = sqs.consume();
     let storage = TestStorage::new().await;
-    let settings = sqs.settings();
     let accepted = killed_under_load(
         |port| {
-            let mut command = trellis(port, &storage, &settings);
-            for key in [
-                "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_EC2_METADATA_DISABLED",
-            ] {
-                command.env(key, std::env::var(key).expect("set by services.sh"));
-            }
+            let mut command = sqs.server(port, &storage);
+            command.stdout(Stdio::null()).stderr(Stdio::inherit());
             command
         },
         // moto slows down as its queue grows: a few hundred events are enough.
