@@ -314,6 +314,32 @@ async fn post_traced(url: &str, trace: &str, body: serde_json::Value) -> reqwest
         .expect("answers")
 }
 
+/// A traced server, healthy, whose file backend writes to a folder of its own.
+struct Recording {
+    port: u16,
+    child: std::process::Child,
+    /// The file backend's folder.
+    events: tempfile::TempDir,
+    _storage: TestStorage,
+}
+
+async fn recording(endpoint: &str) -> Recording {
+    let port = free_port();
+    let storage = TestStorage::new().await;
+    let events = tempfile::tempdir().expect("tempdir");
+    let child = traced_server(port, &storage, endpoint)
+        .env("TRELLIS_MQ__FILE__DIRECTORY", events.path())
+        .spawn()
+        .expect("server starts");
+    wait_healthy(port).await;
+    Recording {
+        port,
+        child,
+        events,
+        _storage: storage,
+    }
+}
+
 /// The records of the file backend in `folder` whose `name` is `name`.
 fn records(folder: &std::path::Path, name: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(folder.join("events.ndjson")).unwrap_or_default();
@@ -329,14 +355,12 @@ async fn a_request_its_bus_request_event_handler_and_queue_send_are_one_trace() 
     const LOGIN: &str = "5a000000000000000000000000000002";
     const INGEST: &str = "5a000000000000000000000000000003";
     let (endpoint, received) = receiver().await;
-    let port = free_port();
-    let storage = TestStorage::new().await;
-    let events = tempfile::tempdir().expect("tempdir");
-    let mut child = traced_server(port, &storage, &endpoint)
-        .env("TRELLIS_MQ__FILE__DIRECTORY", events.path())
-        .spawn()
-        .expect("server starts");
-    wait_healthy(port).await;
+    let Recording {
+        port,
+        mut child,
+        events,
+        _storage,
+    } = recording(&endpoint).await;
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
 
     // A registration: the request hashes the password and writes the account; the
@@ -520,14 +544,12 @@ async fn an_endpoint_that_never_answers_costs_requests_nothing_and_drops_are_cou
 async fn an_unsampled_callers_trace_id_is_answered_and_nothing_of_its_work_is_exported() {
     const UNSAMPLED: &str = "5a000000000000000000000000000004";
     let (endpoint, received) = receiver().await;
-    let port = free_port();
-    let storage = TestStorage::new().await;
-    let events = tempfile::tempdir().expect("tempdir");
-    let mut child = traced_server(port, &storage, &endpoint)
-        .env("TRELLIS_MQ__FILE__DIRECTORY", events.path())
-        .spawn()
-        .expect("server starts");
-    wait_healthy(port).await;
+    let Recording {
+        port,
+        mut child,
+        events,
+        _storage,
+    } = recording(&endpoint).await;
 
     // The caller did not sample its trace: the registration, its event's handler and the
     // send that follows are not recorded, but the answer names the caller's trace.
