@@ -31,6 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::telemetry::InTrace as _;
 use futures_util::{FutureExt as _, future::BoxFuture};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -247,14 +248,14 @@ impl Bus {
             .ok_or(BusError::NoHandler {
                 message: type_name::<R>(),
             })?;
-        let message = short_name::<R>();
+        // The name is looked up inside the macro: only traced work pays for it.
         let span = crate::trace_span!(
             "bus.request",
-            otel.name = format!("bus request {message}"),
-            bus.message = message,
+            otel.name = format!("bus request {}", short_name::<R>()),
+            bus.message = short_name::<R>(),
             bus.module = module,
         );
-        Ok(handler(request).instrument(span).await)
+        Ok(handler(request).in_trace(span).await)
     }
 
     /// Whether some module handles `R` (for features that degrade without it).

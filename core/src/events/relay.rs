@@ -9,11 +9,11 @@ use std::{
     time::Duration,
 };
 
+use crate::telemetry::InTrace as _;
 use futures_util::{FutureExt as _, StreamExt as _, stream};
 use metrics::{counter, gauge};
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use super::{
     EventHandlerTable, Stored,
@@ -282,7 +282,7 @@ async fn run_one(table: &EventHandlerTable, stored: &Stored, timeout: Duration) 
     let started = std::time::Instant::now();
     let run = AssertUnwindSafe((route.run)(stored))
         .catch_unwind()
-        .instrument(span.clone());
+        .in_trace(span.clone());
     let outcome = match tokio::time::timeout(timeout, run).await {
         Ok(Ok(Ok(()))) => Outcome::Completed,
         Ok(Ok(Err(error))) => Outcome::Failed(format!("{error:#}")),

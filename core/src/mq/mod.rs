@@ -35,12 +35,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::telemetry::InTrace as _;
 use futures_util::future::BoxFuture;
 use metrics::{counter, gauge, histogram};
 use poem::http::{HeaderName, HeaderValue, StatusCode, header};
 use rand::Rng as _;
 use tokio::{sync::Semaphore, task::JoinHandle};
-use tracing::Instrument as _;
 
 pub use file::FileTransport;
 #[cfg(feature = "sqs")]
@@ -606,7 +606,7 @@ async fn deliver(inner: &Inner, mut batch: Vec<OutboundMessage>) {
     loop {
         let span = send_span(backend, &batch, attempt);
         let started = Instant::now();
-        let outcome = inner.transport.send(&batch).instrument(span.clone()).await;
+        let outcome = inner.transport.send(&batch).in_trace(span.clone()).await;
         histogram!(MQ_SEND_DURATION_SECONDS, "backend" => backend).record(started.elapsed());
         if !matches!(&outcome, Ok(failures) if failures.is_empty()) {
             span.record("otel.status_code", "ERROR");

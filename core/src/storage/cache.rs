@@ -16,9 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::telemetry::InTrace as _;
 use futures_util::future::BoxFuture;
 use serde::{Serialize, de::DeserializeOwned};
-use tracing::Instrument as _;
 
 use crate::{
     config::CacheConfig,
@@ -277,13 +277,7 @@ impl ModuleCache {
     /// The cached bytes; a failure is a miss.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
         let key = self.key(key);
-        match self
-            .cache
-            .store
-            .get(&key)
-            .instrument(self.span("get"))
-            .await
-        {
+        match self.cache.store.get(&key).in_trace(self.span("get")).await {
             Ok(Some(value)) => {
                 self.cache.record_ok();
                 self.hits.increment(1);
@@ -306,7 +300,7 @@ impl ModuleCache {
     pub async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) {
         let key = self.key(key);
         let stored = self.cache.store.set(&key, value, ttl);
-        match stored.instrument(self.span("set")).await {
+        match stored.in_trace(self.span("set")).await {
             Ok(()) => self.cache.record_ok(),
             Err(error) => self.cache.record_error("set", &error),
         }
@@ -357,7 +351,7 @@ impl ModuleCache {
             .cache
             .store
             .delete(&key)
-            .instrument(self.span("delete"))
+            .in_trace(self.span("delete"))
             .await;
         match &result {
             Ok(()) => self.cache.record_ok(),
@@ -387,7 +381,7 @@ impl ModuleCache {
             .cache
             .store
             .incr(&self.key(key), by, ttl)
-            .instrument(self.span("incr"))
+            .in_trace(self.span("incr"))
             .await;
         match &result {
             Ok(_) => self.cache.record_ok(),
@@ -418,7 +412,7 @@ impl ModuleCache {
             .cache
             .store
             .take(&self.key(key), cost, interval, burst)
-            .instrument(self.span("take"))
+            .in_trace(self.span("take"))
             .await;
         match result {
             Ok(None) => {

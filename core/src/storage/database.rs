@@ -16,7 +16,7 @@ use sqlx::{
     AnyPool, Executor as _,
     any::{AnyConnectOptions, AnyPoolOptions},
 };
-use tracing::{Instrument as _, Span};
+use tracing::Span;
 
 use crate::{
     config::DatabaseConfig,
@@ -24,6 +24,7 @@ use crate::{
     metrics::{DB_POOL_CONNECTIONS, DB_QUERY_DURATION_SECONDS, DB_QUERY_ERRORS_TOTAL},
     problem::ProblemError,
     readiness::CheckOutcome,
+    telemetry::InTrace as _,
 };
 
 /// Which database the URL chose.
@@ -232,7 +233,7 @@ impl ModuleDb {
     {
         let span = statement_span(self.db.backend, self.module, operation);
         let started = Instant::now();
-        let result = query.instrument(span.clone()).await.map_err(DbError::from);
+        let result = query.in_trace(span.clone()).await.map_err(DbError::from);
         metrics::histogram!(DB_QUERY_DURATION_SECONDS, "module" => self.module, "operation" => operation)
             .record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
@@ -335,7 +336,7 @@ impl Tx {
     pub async fn commit(&self) -> Result<(), DbError> {
         let tx = self.inner.lock().await.take().ok_or(DbError::NotFound)?;
         tx.commit()
-            .instrument(statement_span(self.backend, self.module, "commit"))
+            .in_trace(statement_span(self.backend, self.module, "commit"))
             .await
             .map_err(DbError::from)?;
         if self.emitted.load(Ordering::Relaxed) {

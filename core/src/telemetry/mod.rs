@@ -13,7 +13,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tracing::span;
+use futures_util::future::Either;
+use tracing::{Instrument as _, instrument::Instrumented, span};
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::{
     EnvFilter, Layer, Registry,
@@ -53,6 +54,21 @@ pub enum RequestTrace {
         span_id: String,
     },
 }
+
+/// `.instrument(span)` for a span from [`trace_span!`]: a disabled span wraps nothing, so
+/// work outside traces runs as it would without it.
+pub trait InTrace: Future + Sized {
+    /// The future inside `span`, or the future itself when `span` is disabled.
+    fn in_trace(self, span: tracing::Span) -> Either<Instrumented<Self>, Self> {
+        if span.is_none() {
+            Either::Right(self)
+        } else {
+            Either::Left(self.instrument(span))
+        }
+    }
+}
+
+impl<F: Future> InTrace for F {}
 
 /// A span made for traces only: `tracing::info_span!(…)` with the same arguments inside
 /// traced work ([`traced_here`]), and a disabled span otherwise, so that with tracing off,

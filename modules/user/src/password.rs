@@ -19,7 +19,7 @@ use argon2::{
     password_hash::{PasswordHasher as _, PasswordVerifier as _},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::Instrument as _;
+use trellis_core::telemetry::InTrace as _;
 
 use crate::domain::Password;
 
@@ -132,7 +132,7 @@ impl Hasher {
             .await
             .map_err(|_| Busy)
         }
-        .instrument(span)
+        .in_trace(span)
         .await
     }
 
