@@ -31,7 +31,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::telemetry::InTrace as _;
 use futures_util::{FutureExt as _, future::BoxFuture};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -39,7 +38,11 @@ use tracing::Instrument as _;
 
 use crate::{
     config::BusConfig,
-    metrics::{BUS_SUBSCRIBER_DURATION_SECONDS, BUS_SUBSCRIBER_TIMEOUTS_TOTAL},
+    metrics::{
+        BUS_PUBLISHES_TOTAL, BUS_REQUEST_DURATION_SECONDS, BUS_REQUESTS_TOTAL,
+        BUS_SUBSCRIBER_DURATION_SECONDS, BUS_SUBSCRIBER_TIMEOUTS_TOTAL,
+    },
+    telemetry::InTrace as _,
 };
 
 /// A request/response message: exactly one module handles it.
@@ -117,6 +120,10 @@ struct Subscriber<M> {
 struct HandlerEntry {
     module: &'static str,
     handler: Box<dyn Any + Send + Sync>,
+    /// `bus_requests_total{outcome="ok"}` for the message, registered once.
+    answered: metrics::Counter,
+    /// `bus_request_duration_seconds` for the message and its module.
+    duration: metrics::Histogram,
 }
 
 /// Collects handlers and subscribers while the modules are built.
@@ -167,11 +174,18 @@ impl BusBuilder {
             });
         }
         let erased: ErasedHandler<R> = Arc::new(move |req| Box::pin(handler(req)));
+        let message = short_name::<R>();
         self.handlers.insert(
             key,
             HandlerEntry {
                 module,
                 handler: Box::new(erased),
+                answered: metrics::counter!(BUS_REQUESTS_TOTAL, "message" => message, "outcome" => "ok"),
+                duration: metrics::histogram!(
+                    BUS_REQUEST_DURATION_SECONDS,
+                    "message" => message,
+                    "module" => module
+                ),
             },
         );
         Ok(())
@@ -235,27 +249,37 @@ impl Bus {
 
     /// Asks the one module that handles `R`.
     pub async fn request<R: Request>(&self, request: R) -> Result<R::Response, BusError> {
-        let tables = self.tables.get().ok_or(BusError::NotStarted {
-            message: type_name::<R>(),
-        })?;
-        let (module, handler) = tables
-            .handlers
-            .get(&TypeId::of::<R>())
-            .and_then(|entry| {
-                let handler = entry.handler.downcast_ref::<ErasedHandler<R>>()?;
-                Some((entry.module, handler.clone()))
-            })
-            .ok_or(BusError::NoHandler {
+        let unanswered = |outcome: &'static str| {
+            metrics::counter!(BUS_REQUESTS_TOTAL, "message" => short_name::<R>(), "outcome" => outcome)
+                .increment(1);
+        };
+        let Some(tables) = self.tables.get() else {
+            unanswered("not_started");
+            return Err(BusError::NotStarted {
                 message: type_name::<R>(),
-            })?;
+            });
+        };
+        let Some((entry, handler)) = tables.handlers.get(&TypeId::of::<R>()).and_then(|entry| {
+            let handler = entry.handler.downcast_ref::<ErasedHandler<R>>()?;
+            Some((entry, handler))
+        }) else {
+            unanswered("no_handler");
+            return Err(BusError::NoHandler {
+                message: type_name::<R>(),
+            });
+        };
         // The name is looked up inside the macro: only traced work pays for it.
         let span = crate::trace_span!(
             "bus.request",
             otel.name = format!("bus request {}", short_name::<R>()),
             bus.message = short_name::<R>(),
-            bus.module = module,
+            bus.module = entry.module,
         );
-        Ok(handler(request).in_trace(span).await)
+        let started = Instant::now();
+        let response = handler(request).in_trace(span).await;
+        entry.duration.record(started.elapsed());
+        entry.answered.increment(1);
+        Ok(response)
     }
 
     /// Whether some module handles `R` (for features that degrade without it).
@@ -274,9 +298,13 @@ impl Bus {
             .and_then(|t| t.subscribers.get(&TypeId::of::<M>()))
             .and_then(|s| s.downcast_ref::<Vec<Subscriber<M>>>())
         else {
+            metrics::counter!(BUS_PUBLISHES_TOTAL, "message" => short_name::<M>(), "outcome" => "no_subscribers")
+                .increment(1);
             return 0;
         };
         let name = short_name::<M>();
+        metrics::counter!(BUS_PUBLISHES_TOTAL, "message" => name, "outcome" => "delivered")
+            .increment(1);
         let runtime = &self.subscribers;
         let mut inline = Vec::new();
         for subscriber in subscribers {

@@ -96,8 +96,33 @@ pub const BUS_SUBSCRIBER_DURATION_SECONDS: &str = "bus_subscriber_duration_secon
 /// Publishers that stopped waiting for a subscriber (`bus.subscriber_timeout_ms`), by
 /// message and module.
 pub const BUS_SUBSCRIBER_TIMEOUTS_TOTAL: &str = "bus_subscriber_timeouts_total";
+/// Bus requests, by message and outcome (`ok`, `no_handler`, `not_started`).
+pub const BUS_REQUESTS_TOTAL: &str = "bus_requests_total";
+/// Bus request duration histogram (the answering handler's run), by message and module.
+pub const BUS_REQUEST_DURATION_SECONDS: &str = "bus_request_duration_seconds";
+/// Bus publications, by message and outcome (`delivered`, `no_subscribers`).
+pub const BUS_PUBLISHES_TOTAL: &str = "bus_publishes_total";
+/// The database pool's largest size (`database.max_connections`).
+pub const DB_POOL_MAX_CONNECTIONS: &str = "db_pool_max_connections";
+/// 1 while a readiness check is up, 0 while it is degraded or down, by dependency (the
+/// check's name: `core.database`, `core.cache`, `core.queue`, …).
+pub const DEPENDENCY_UP: &str = "dependency_up";
+/// The spool's bound (`mq.spool.max_bytes`), with `mq.durability = "disk"`.
+pub const MQ_SPOOL_MAX_BYTES: &str = "mq_spool_max_bytes";
+/// The memory buffer's bound in messages (`mq.buffer`), with `mq.durability = "memory"`.
+pub const MQ_BUFFER_CAPACITY: &str = "mq_buffer_capacity";
+/// The async runtime's worker threads.
+pub const TOKIO_WORKERS: &str = "tokio_workers";
+/// Tasks alive in the async runtime.
+pub const TOKIO_ALIVE_TASKS: &str = "tokio_alive_tasks";
+/// Tasks waiting in the async runtime's global queue.
+pub const TOKIO_GLOBAL_QUEUE_DEPTH: &str = "tokio_global_queue_depth";
 /// Always 1; labels carry the build facts.
 pub const BUILD_INFO: &str = "trellis_build_info";
+
+/// The process metrics (`process_*`: CPU seconds, resident and virtual memory, open and
+/// maximum file descriptors, threads, start time), read from `/proc` at each scrape.
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 
 static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
@@ -113,6 +138,7 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
                 EVENT_HANDLER_DURATION_SECONDS,
                 MQ_SEND_DURATION_SECONDS,
                 BUS_SUBSCRIBER_DURATION_SECONDS,
+                BUS_REQUEST_DURATION_SECONDS,
             ]
             .into_iter()
             .try_fold(PrometheusBuilder::new(), |builder, name| {
@@ -131,6 +157,46 @@ pub fn install(config: &MetricsConfig) -> anyhow::Result<PrometheusHandle> {
 }
 
 fn describe() {
+    PROCESS
+        .get_or_init(metrics_process::Collector::default)
+        .describe();
+    describe_counter!(
+        BUS_REQUESTS_TOTAL,
+        "Bus requests, by message and outcome (ok, no_handler, not_started)."
+    );
+    describe_histogram!(
+        BUS_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Bus request duration (the answering handler's run), by message and module."
+    );
+    describe_counter!(
+        BUS_PUBLISHES_TOTAL,
+        "Bus publications, by message and outcome (delivered, no_subscribers)."
+    );
+    describe_gauge!(
+        DB_POOL_MAX_CONNECTIONS,
+        "The database pool's largest size (database.max_connections)."
+    );
+    describe_gauge!(
+        DEPENDENCY_UP,
+        "1 while a readiness check is up, 0 while it is degraded or down, by dependency \
+         (the check's name); refreshed by /readyz and by every scrape of /metrics."
+    );
+    describe_gauge!(
+        MQ_SPOOL_MAX_BYTES,
+        Unit::Bytes,
+        "The spool's bound, mq.spool.max_bytes (with mq.durability = disk)."
+    );
+    describe_gauge!(
+        MQ_BUFFER_CAPACITY,
+        "The memory buffer's bound in messages, mq.buffer (with mq.durability = memory), by backend."
+    );
+    describe_gauge!(TOKIO_WORKERS, "The async runtime's worker threads.");
+    describe_gauge!(TOKIO_ALIVE_TASKS, "Tasks alive in the async runtime.");
+    describe_gauge!(
+        TOKIO_GLOBAL_QUEUE_DEPTH,
+        "Tasks waiting in the async runtime's global queue (not yet taken by a worker)."
+    );
     describe_histogram!(
         BUS_SUBSCRIBER_DURATION_SECONDS,
         Unit::Seconds,
@@ -309,6 +375,20 @@ fn describe() {
         BUILD_INFO,
         "Always 1; the labels carry the version, commit and build number."
     );
+}
+
+/// Reads what is measured at each scrape rather than as it happens: the process's
+/// figures and the async runtime's.
+pub fn collect() {
+    if let Some(process) = PROCESS.get() {
+        process.collect();
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let runtime = runtime.metrics();
+        metrics::gauge!(TOKIO_WORKERS).set(runtime.num_workers() as f64);
+        metrics::gauge!(TOKIO_ALIVE_TASKS).set(runtime.num_alive_tasks() as f64);
+        metrics::gauge!(TOKIO_GLOBAL_QUEUE_DEPTH).set(runtime.global_queue_depth() as f64);
+    }
 }
 
 /// Keeps the exporter's histogram storage bounded; run it in the background.

@@ -13,6 +13,8 @@ use std::{
 
 use futures_util::future::{BoxFuture, join_all};
 
+use crate::metrics::DEPENDENCY_UP;
+
 /// Marks a request that arrived on the admin listener (`[server.admin]`). While that
 /// listener is on, `/readyz` describes the checks only to such requests: check names and
 /// failure texts (addresses, error messages) are for operators, not for the public port.
@@ -188,8 +190,12 @@ impl Readiness {
                 .unwrap_or_else(|_| {
                     CheckOutcome::down(format!("no answer within {} ms", timeout.as_millis()))
                 });
+            let name = format!("{}.{}", named.owner, named.name);
+            let up = outcome.status == CheckStatus::Up;
+            metrics::gauge!(DEPENDENCY_UP, "dependency" => name.clone())
+                .set(f64::from(u8::from(up)));
             CheckReport {
-                name: format!("{}.{}", named.owner, named.name),
+                name,
                 status: outcome.status,
                 latency: started.elapsed(),
                 detail: outcome.detail,

@@ -28,7 +28,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use poem::{
     EndpointExt as _, Response, Route,
-    endpoint::{BoxEndpoint, EitherEndpoint, make_sync},
+    endpoint::{BoxEndpoint, EitherEndpoint, make, make_sync},
     middleware::Cors,
 };
 use tokio::{net::TcpListener, sync::watch, time::Instant};
@@ -39,6 +39,10 @@ use trellis_core::{
 use trellis_openapi::{ModulesApi, RecordRoute, RouteIndex, check_conflicts, compiled_apis};
 
 pub use middleware::X_REQUEST_ID;
+
+/// How long a scrape of `/metrics` waits for each readiness check; a slower one counts as
+/// down in `dependency_up`, well within a scraper's own timeout.
+const SCRAPE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Build facts embedded by `build.rs`.
 pub fn build_info() -> BuildInfo {
@@ -172,13 +176,21 @@ impl Application {
             .set(1.0);
             tokio::spawn(metrics::upkeep(handle.clone(), Duration::from_secs(5)));
             let storage = ctx.storage().clone();
+            let readiness = ctx.readiness().clone();
             RecordRoute::new(
                 "/metrics",
-                make_sync(move |_| {
-                    storage.record_metrics();
-                    Response::builder()
-                        .content_type("text/plain; version=0.0.4; charset=utf-8")
-                        .body(handle.render())
+                make(move |_| {
+                    let (storage, readiness, handle) =
+                        (storage.clone(), readiness.clone(), handle.clone());
+                    async move {
+                        // `dependency_up` follows the checks without waiting for a probe.
+                        readiness.run(SCRAPE_CHECK_TIMEOUT).await;
+                        storage.record_metrics();
+                        metrics::collect();
+                        Response::builder()
+                            .content_type("text/plain; version=0.0.4; charset=utf-8")
+                            .body(handle.render())
+                    }
                 }),
             )
             .boxed()

@@ -49,8 +49,8 @@ pub use sqs::{SqsTransport, https_client};
 use crate::{
     config::{Durability, MqBackend, MqConfig},
     metrics::{
-        MQ_BUFFERED, MQ_FAILED_TOTAL, MQ_RETRIED_TOTAL, MQ_SEND_DURATION_SECONDS,
-        MQ_SEND_ERRORS_TOTAL, MQ_SENT_TOTAL, MQ_UP,
+        MQ_BUFFER_CAPACITY, MQ_BUFFERED, MQ_FAILED_TOTAL, MQ_RETRIED_TOTAL,
+        MQ_SEND_DURATION_SECONDS, MQ_SEND_ERRORS_TOTAL, MQ_SENT_TOTAL, MQ_SPOOL_MAX_BYTES, MQ_UP,
     },
     problem::ProblemError,
     readiness::CheckOutcome,
@@ -291,6 +291,12 @@ impl MessageQueue {
         });
         gauge!(MQ_UP, "backend" => backend).set(1.0);
         inner.buffered_gauge.set(waiting as f64);
+        match config.durability {
+            Durability::Memory => {
+                gauge!(MQ_BUFFER_CAPACITY, "backend" => backend).set(config.buffer as f64);
+            }
+            Durability::Disk => gauge!(MQ_SPOOL_MAX_BYTES).set(config.spool.max_bytes as f64),
+        }
         if let Some(spool) = inner.spool() {
             *inner.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(spool.keep_checkpoint(inner.transport.clone()));

@@ -21,7 +21,10 @@ use tracing::Span;
 use crate::{
     config::DatabaseConfig,
     events::{Event, Publications},
-    metrics::{DB_POOL_CONNECTIONS, DB_QUERY_DURATION_SECONDS, DB_QUERY_ERRORS_TOTAL},
+    metrics::{
+        DB_POOL_CONNECTIONS, DB_POOL_MAX_CONNECTIONS, DB_QUERY_DURATION_SECONDS,
+        DB_QUERY_ERRORS_TOTAL,
+    },
     problem::ProblemError,
     readiness::CheckOutcome,
     telemetry::InTrace as _,
@@ -154,6 +157,8 @@ impl Database {
         let size = f64::from(self.pool.size());
         metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
         metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((size - idle).max(0.0));
+        metrics::gauge!(DB_POOL_MAX_CONNECTIONS)
+            .set(f64::from(self.pool.options().get_max_connections()));
     }
 
     /// Closes every connection.

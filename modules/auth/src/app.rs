@@ -30,6 +30,13 @@ use crate::{
 /// The permission to list roles.
 pub const READ_ROLES: &str = "roles:read";
 
+/// Failed logins, by reason (`invalid_credentials`, `rate_limited`).
+pub const LOGIN_FAILURES_TOTAL: &str = "auth_login_failures_total";
+/// A login failed: unknown e-mail address or wrong password.
+const INVALID_CREDENTIALS: &str = "invalid_credentials";
+/// A login refused by the throttles before its password was checked.
+const RATE_LIMITED: &str = "rate_limited";
+
 /// Tokens handed out by login and refresh.
 #[derive(Debug, Clone)]
 pub struct TokenPair {
@@ -61,6 +68,14 @@ impl Auth {
     /// [`Auth::load_keys`] once the database is migrated.
     pub fn from_context(ctx: &ModuleContext) -> anyhow::Result<Self> {
         let config: AuthConfig = ctx.config()?;
+        metrics::describe_counter!(
+            LOGIN_FAILURES_TOTAL,
+            "Failed logins, by reason (invalid_credentials, rate_limited)."
+        );
+        // At zero from the start, so a rate over them exists before the first failure.
+        for reason in [INVALID_CREDENTIALS, RATE_LIMITED] {
+            metrics::counter!(LOGIN_FAILURES_TOTAL, "reason" => reason).increment(0);
+        }
         anyhow::ensure!(
             config.access_ttl_ms >= 1000,
             "`modules.auth.access_ttl_ms`: must be at least 1000 (tokens count whole seconds)"
@@ -283,7 +298,7 @@ impl Auth {
         }
         .await;
         if let Err(error) = allowed {
-            self.login_failed(account, "rate_limited").await;
+            self.login_failed(account, RATE_LIMITED).await;
             return Err(error);
         }
         let verified = self
@@ -298,7 +313,7 @@ impl Auth {
             Ok(Some(user)) => user,
             Ok(None) => {
                 self.record_failure(&keys).await;
-                self.login_failed(account, "invalid_credentials").await;
+                self.login_failed(account, INVALID_CREDENTIALS).await;
                 return Err(AuthModuleError::InvalidCredentials);
             }
             Err(error) => {
@@ -344,7 +359,8 @@ impl Auth {
 
     /// Records a failed login as an event. It changes nothing else, and a database that
     /// cannot store it does not change the answer.
-    async fn login_failed(&self, email: String, reason: &str) {
+    async fn login_failed(&self, email: String, reason: &'static str) {
+        metrics::counter!(LOGIN_FAILURES_TOTAL, "reason" => reason).increment(1);
         let event = LoginFailed {
             email,
             reason: reason.to_owned(),

@@ -178,6 +178,65 @@ async fn metrics_label_route_templates_not_raw_paths() {
     }
 }
 
+/// The value of the first series on `text` whose line starts with `series` (its name and
+/// labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_show_the_process_runtime_bus_dependencies_and_failed_logins() {
+    let app = spawn_app().await;
+    let login = json!({"email": "nobody@example.com", "password": "not the password"});
+    assert_problem(app.post_json("/api/v1/auth/login", &login).await, 401).await;
+    let text = app.get("/metrics").await.text().await.expect("metrics");
+    let at_least = |series: &str, floor: f64| {
+        let value = sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+        assert!(
+            value >= floor,
+            "{series} = {value}, expected at least {floor}"
+        );
+    };
+    at_least("process_resident_memory_bytes", 1e6);
+    at_least("process_open_fds", 1.0);
+    at_least("process_max_fds", 1.0);
+    at_least("process_threads", 1.0);
+    at_least("process_start_time_seconds", 1.7e9);
+    at_least("tokio_workers", 1.0);
+    at_least("tokio_alive_tasks", 1.0);
+    // The login asked the user module to check the password over the bus.
+    at_least(
+        r#"bus_requests_total{message="VerifyCredentials",outcome="ok"}"#,
+        1.0,
+    );
+    at_least(
+        r#"bus_request_duration_seconds_count{message="VerifyCredentials",module="user"}"#,
+        1.0,
+    );
+    at_least(
+        r#"auth_login_failures_total{reason="invalid_credentials"}"#,
+        1.0,
+    );
+    // Present before the first refusal, so that rates over it exist.
+    at_least(r#"auth_login_failures_total{reason="rate_limited"}"#, 0.0);
+    // Every readiness check, refreshed by the scrape itself.
+    for dependency in ["core.database", "core.cache", "core.queue"] {
+        let series = format!(r#"dependency_up{{dependency="{dependency}"}}"#);
+        assert_eq!(sample(&text, &series), Some(1.0), "{series} in\n{text}");
+    }
+    at_least("db_pool_max_connections", 1.0);
+    at_least("mq_spool_max_bytes", 1.0);
+    for help in [
+        "# TYPE process_cpu_seconds_total counter",
+        "# HELP tokio_global_queue_depth",
+        "# TYPE bus_request_duration_seconds histogram",
+        "# HELP dependency_up",
+    ] {
+        assert!(text.contains(help), "missing {help}");
+    }
+}
+
 #[tokio::test]
 async fn graceful_stop_lets_in_flight_requests_finish() {
     let app = spawn_app().await;
