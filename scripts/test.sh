@@ -2,8 +2,9 @@
 # The whole Trellis test suite, from a clean clone: installs what it needs, then runs
 # formatting, lints, the feature-subset builds, every Rust test on SQLite + the in-process
 # cache, the integration tests again on PostgreSQL 15 + Redis 7 (started here), the fault
-# tests, three instances behind nginx, and the end-to-end checks (promtool, Swagger UI in
-# headless Chromium, schemathesis) against running servers.
+# tests, three instances behind nginx, the end-to-end checks (promtool, Swagger UI in
+# headless Chromium, schemathesis) against running servers, and the operator's kit (alert
+# rules and their tests, the dashboard, checked against a real Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUN=${RUN:-$PWD/.run}
@@ -136,5 +137,13 @@ done
 step "end-to-end: promtool, Swagger UI in Chromium, schemathesis"
 cargo build -p trellis-server -p trellis-tests --bins
 scripts/e2e.sh
+
+step "operator's kit: promtool rules and their unit tests, the dashboard's structure"
+promtool check rules deploy/prometheus/rules.yml
+promtool test rules deploy/prometheus/rules_test.yml
+python3 scripts/check-dashboard.py deploy/grafana/trellis.json
+
+step "operator's kit: a real Prometheus scrapes a loaded server (Redis taken down mid-load); every panel and recording rule has series"
+pg_redis TEST_SERVICES_CTL="$PWD/scripts/services.sh" scripts/prometheus-check.sh target/debug/trellis
 
 step "all checks passed"

@@ -142,6 +142,14 @@ impl BusBuilder {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let run: ErasedSubscriber<M> = Arc::new(move |msg| Box::pin(subscriber(msg)));
+        // At 0 from the start, so that an alert on their increase sees the first one.
+        let message = short_name::<M>();
+        metrics::counter!(BUS_PUBLISHES_TOTAL, "message" => message, "outcome" => "delivered")
+            .increment(0);
+        if delivery == Delivery::Inline {
+            metrics::counter!(BUS_SUBSCRIBER_TIMEOUTS_TOTAL, "message" => message, "module" => module)
+                .increment(0);
+        }
         self.subscribers
             .entry(TypeId::of::<M>())
             .or_insert_with(|| Box::new(Vec::<Subscriber<M>>::new()))

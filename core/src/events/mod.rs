@@ -42,7 +42,10 @@ pub use publications::{
     Resubmitted,
 };
 
-use crate::metrics::EVENT_HANDLER_DURATION_SECONDS;
+use crate::metrics::{
+    EVENT_HANDLER_DURATION_SECONDS, EVENT_PUBLICATIONS_COMPLETED_TOTAL,
+    EVENT_PUBLICATIONS_FAILED_TOTAL, EVENT_PUBLICATIONS_RETRIED_TOTAL,
+};
 
 /// A domain event (named in the past tense: `UserRegistered`). It is stored as JSON until
 /// its handlers have run, so its serialised form is a contract between versions: add
@@ -156,6 +159,15 @@ impl EventHandlerTable {
                 event,
             }))
         });
+        // Each outcome's counter exists from the start at 0, so that an alert on its
+        // increase sees the first failure.
+        for outcome in [
+            EVENT_PUBLICATIONS_COMPLETED_TOTAL,
+            EVENT_PUBLICATIONS_RETRIED_TOTAL,
+            EVENT_PUBLICATIONS_FAILED_TOTAL,
+        ] {
+            metrics::counter!(outcome, "event" => E::NAME, "module" => module).increment(0);
+        }
         self.routes.push(Route {
             event: E::NAME,
             module,

@@ -291,6 +291,15 @@ impl MessageQueue {
         });
         gauge!(MQ_UP, "backend" => backend).set(1.0);
         inner.buffered_gauge.set(waiting as f64);
+        // At 0 from the start, so that an alert on their increase sees the first one.
+        for outcome in [
+            MQ_SENT_TOTAL,
+            MQ_RETRIED_TOTAL,
+            MQ_FAILED_TOTAL,
+            MQ_SEND_ERRORS_TOTAL,
+        ] {
+            counter!(outcome, "backend" => backend).increment(0);
+        }
         match config.durability {
             Durability::Memory => {
                 gauge!(MQ_BUFFER_CAPACITY, "backend" => backend).set(config.buffer as f64);

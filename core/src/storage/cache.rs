@@ -122,6 +122,10 @@ impl Cache {
     /// A cache over `store` with `prefix`.
     pub fn with_store(store: Arc<dyn CacheStore>, prefix: &str) -> Self {
         metrics::gauge!(CACHE_UP).set(1.0);
+        // At 0 from the start, so that an alert on their increase sees the first one.
+        for operation in ["get", "set", "delete", "incr", "take"] {
+            metrics::counter!(CACHE_ERRORS_TOTAL, "operation" => operation).increment(0);
+        }
         Self {
             store,
             prefix: Arc::from(prefix),

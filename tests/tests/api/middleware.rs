@@ -220,6 +220,17 @@ async fn metrics_show_the_process_runtime_bus_dependencies_and_failed_logins() {
     );
     // Present before the first refusal, so that rates over it exist.
     at_least(r#"auth_login_failures_total{reason="rate_limited"}"#, 0.0);
+    // So are the failure counters whose labels are known at start-up: an alert on their
+    // increase sees the first failure.
+    for series in [
+        r#"event_publications_failed_total{event="user.registered",module="bi"}"#,
+        r#"event_publications_retried_total{event="user.registered",module="bi"}"#,
+        r#"mq_send_errors_total{backend="file"}"#,
+        r#"mq_messages_failed_total{backend="file"}"#,
+        r#"cache_errors_total{operation="get"}"#,
+    ] {
+        at_least(series, 0.0);
+    }
     // Every readiness check, refreshed by the scrape itself.
     for dependency in ["core.database", "core.cache", "core.queue"] {
         let series = format!(r#"dependency_up{{dependency="{dependency}"}}"#);
