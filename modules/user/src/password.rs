@@ -28,7 +28,7 @@ pub const PASSWORD_HASHES_RUNNING: &str = "user_password_hashes_running";
 /// Hashes refused because the queue was full.
 pub const PASSWORD_HASHES_REFUSED_TOTAL: &str = "user_password_hashes_refused_total";
 
-/// Describes the metrics above to the recorder.
+/// Describes the metrics above to the recorder, the refusals from 0.
 pub fn describe_metrics() {
     metrics::describe_gauge!(
         PASSWORD_HASHES_RUNNING,
@@ -38,6 +38,8 @@ pub fn describe_metrics() {
         PASSWORD_HASHES_REFUSED_TOTAL,
         "Password hashes refused with 503 because `modules.user.hash_queue` was full."
     );
+    // At 0 from the start, so that an alert on its increase sees the first refusal.
+    metrics::counter!(PASSWORD_HASHES_REFUSED_TOTAL).increment(0);
 }
 
 fn argon2() -> Argon2<'static> {
