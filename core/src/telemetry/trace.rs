@@ -45,7 +45,7 @@ use opentelemetry_sdk::{
         SpanProcessor,
     },
 };
-use poem::http::HeaderMap;
+use poem::http::{HeaderMap, HeaderName};
 use tracing::span;
 use tracing_opentelemetry::{OpenTelemetrySpanExt as _, OtelData};
 use tracing_subscriber::{Layer, Registry, layer, registry::LookupSpan};
@@ -153,13 +153,16 @@ pub fn enabled() -> bool {
 /// by its span or line (a `log` record below the level) is left behind for the next one.
 struct TracedOnly<L>(L);
 
-/// Whether the trace layer saw the span `id`.
+/// Whether the trace layer saw the span `id`. While it has no span open, none: the
+/// spans of unsampled requests are not even looked up.
 fn seen<S>(ctx: &layer::Context<'_, S>, id: &span::Id) -> bool
 where
     S: tracing::Subscriber + for<'span> LookupSpan<'span>,
 {
-    ctx.span(id)
-        .is_some_and(|span| span.extensions().get::<OtelData>().is_some())
+    OPEN.load(Ordering::Relaxed) > 0
+        && ctx
+            .span(id)
+            .is_some_and(|span| span.extensions().get::<OtelData>().is_some())
 }
 
 impl<S, L> Layer<S> for TracedOnly<L>
@@ -204,9 +207,10 @@ where
     }
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: layer::Context<'_, S>) {
-        let in_traced_span = ctx
-            .event_span(event)
-            .is_some_and(|span| span.extensions().get::<OtelData>().is_some());
+        let in_traced_span = OPEN.load(Ordering::Relaxed) > 0
+            && ctx
+                .event_span(event)
+                .is_some_and(|span| span.extensions().get::<OtelData>().is_some());
         if in_traced_span {
             self.0.on_event(event, ctx);
         }
@@ -265,6 +269,9 @@ impl Parent {
     }
 }
 
+/// The W3C header, named once rather than parsed on every request.
+static TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent");
+
 /// Decides whether a request with these headers is sampled: as its caller's W3C
 /// `traceparent` says when it carries a valid one (malformed ones are ignored), else
 /// by `tracing.sampler` (`ratio`: that share of requests, at random).
@@ -273,7 +280,7 @@ pub fn decide(headers: &HeaderMap) -> RequestTrace {
         return RequestTrace::Off;
     };
     let parent = headers
-        .contains_key("traceparent")
+        .contains_key(&TRACEPARENT_HEADER)
         .then(|| TraceContextPropagator::new().extract(&Headers(headers)))
         .filter(|parent| parent.span().span_context().is_valid());
     let sampled = match (sampler, &parent) {
@@ -287,12 +294,25 @@ pub fn decide(headers: &HeaderMap) -> RequestTrace {
     }
     let trace_id = match &parent {
         Some(parent) => parent.span().span_context().trace_id().to_string(),
-        None => format!("{:032x}", rand::random::<u128>().max(1)),
+        None => lower_hex(&rand::random::<u128>().max(1).to_be_bytes()),
     };
     RequestTrace::Unsampled {
         trace_id,
-        span_id: format!("{:016x}", rand::random::<u64>().max(1)),
+        span_id: lower_hex(&rand::random::<u64>().max(1).to_be_bytes()),
     }
+}
+
+/// `bytes` in lowercase hex, two digits each: what `format!("{value:032x}")` writes of a
+/// `u128`'s big-endian bytes, without the formatting machinery (every unsampled request
+/// makes two ids).
+fn lower_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0xf)]);
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Whether the current span is traced (tracing is on and it belongs to sampled work):
@@ -479,5 +499,25 @@ pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
 pub fn link(span: &tracing::Span, traceparent: &str) {
     if let Some(other) = Some(traceparent).filter(|_| enabled()).and_then(parse) {
         span.add_link(other.span().span_context().clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lower_hex;
+
+    #[test]
+    fn ids_are_written_as_format_writes_them() {
+        for value in [
+            1_u128,
+            0xabc,
+            u128::from(u64::MAX),
+            u128::MAX,
+            0x0123_4567_89ab_cdef,
+        ] {
+            assert_eq!(lower_hex(&value.to_be_bytes()), format!("{value:032x}"));
+            let low = value as u64;
+            assert_eq!(lower_hex(&low.to_be_bytes()), format!("{low:016x}"));
+        }
     }
 }
