@@ -25,6 +25,8 @@ use poem_openapi::{
     types::{ToJSON, Type},
 };
 
+use crate::telemetry::TraceIds;
+
 /// The media type of every error body.
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
@@ -111,7 +113,7 @@ impl Problem {
                 (
                     Some(scope.id.to_string()),
                     Some(scope.uri.path().to_owned()),
-                    scope.trace_id.as_deref().map(str::to_owned),
+                    scope.trace.as_ref().map(|ids| ids.trace_id().to_owned()),
                 )
             })
             .unwrap_or_default();
@@ -361,8 +363,8 @@ pub struct RequestScope {
     pub id: Arc<str>,
     /// The request URI.
     pub uri: Uri,
-    /// The request's trace id, when tracing is on.
-    pub trace_id: Option<Arc<str>>,
+    /// The request's trace and span ids, when tracing is on.
+    pub trace: Option<TraceIds>,
     route: OnceLock<Arc<str>>,
 }
 
@@ -376,15 +378,15 @@ impl RequestScope {
         Self {
             id,
             uri,
-            trace_id: None,
+            trace: None,
             route: OnceLock::new(),
         }
     }
 
-    /// The same scope, in the trace `trace_id`.
-    pub fn with_trace_id(self, trace_id: Arc<str>) -> Self {
+    /// The same scope, in the trace that `ids` names.
+    pub fn with_trace(self, ids: TraceIds) -> Self {
         Self {
-            trace_id: Some(trace_id),
+            trace: Some(ids),
             ..self
         }
     }

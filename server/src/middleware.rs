@@ -64,7 +64,7 @@ use trellis_core::{
     },
     problem::{InternalError, Problem, ProblemJson, RequestScope},
     readiness::{AdminRequest, Readiness},
-    telemetry::RequestTrace,
+    telemetry::{RequestTrace, TraceIds},
 };
 use trellis_openapi::RouteIndex;
 
@@ -119,16 +119,16 @@ fn request_span(req: &Request, id: &str) -> RequestSpan {
             let span = tracing::info_span!("request", request_id = id, method, path);
             return RequestSpan::untraced(span, None);
         }
-        RequestTrace::Unsampled { trace_id, span_id } => {
+        RequestTrace::Unsampled(ids) => {
             let span = tracing::info_span!(
                 "request",
                 request_id = id,
                 method,
                 path,
-                trace_id = trace_id.as_str(),
-                span_id = span_id.as_str()
+                trace_id = ids.trace_id(),
+                span_id = ids.span_id()
             );
-            return RequestSpan::untraced(span, Some(trace_id));
+            return RequestSpan::untraced(span, Some(ids));
         }
         RequestTrace::Sampled(parent) => parent,
     };
@@ -147,14 +147,14 @@ fn request_span(req: &Request, id: &str) -> RequestSpan {
         http.response.status_code = tracing::field::Empty,
     );
     parent.adopt(&span);
-    let trace_id = trellis_core::telemetry::trace_ids(&span).map(|(trace_id, span_id)| {
-        span.record("trace_id", trace_id.as_str());
-        span.record("span_id", span_id.as_str());
-        trace_id
-    });
+    let ids = trellis_core::telemetry::trace_ids(&span);
+    if let Some(ids) = &ids {
+        span.record("trace_id", ids.trace_id());
+        span.record("span_id", ids.span_id());
+    }
     RequestSpan {
         span,
-        trace_id,
+        ids,
         traced: true,
     }
 }
@@ -162,16 +162,16 @@ fn request_span(req: &Request, id: &str) -> RequestSpan {
 /// A request's span, as [`request_span`] made it.
 struct RequestSpan {
     span: tracing::Span,
-    trace_id: Option<String>,
+    ids: Option<TraceIds>,
     /// Whether the trace layer records it (a sampled request).
     traced: bool,
 }
 
 impl RequestSpan {
-    fn untraced(span: tracing::Span, trace_id: Option<String>) -> Self {
+    fn untraced(span: tracing::Span, ids: Option<TraceIds>) -> Self {
         Self {
             span,
-            trace_id,
+            ids,
             traced: false,
         }
     }
@@ -206,12 +206,12 @@ impl<E: Endpoint> Endpoint for Stack<E> {
         };
         let header = HeaderValue::from_str(&id).ok();
         let api = req.uri().path().starts_with(API_PREFIX);
-        let request = request_span(&req, &id);
+        let mut request = request_span(&req, &id);
         let mut scope = RequestScope::new(id.clone(), req.uri().clone());
         let mut trace_header = None;
-        if let Some(trace_id) = request.trace_id.as_deref() {
-            trace_header = HeaderValue::from_str(trace_id).ok();
-            scope = scope.with_trace_id(trace_id.into());
+        if let Some(ids) = request.ids.take() {
+            trace_header = HeaderValue::from_str(ids.trace_id()).ok();
+            scope = scope.with_trace(ids);
         }
         let mut resp = scope.run(self.observe(req, request)).await;
         let headers = resp.headers_mut();

@@ -70,10 +70,17 @@ where
 }
 
 impl<'w> FormatFields<'w> for LineFields {
+    /// A span's fields are written to its text in one piece, so that the text is
+    /// allocated once rather than grown field by field.
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
-        let mut visitor = FieldWriter::new(&mut writer);
-        fields.record(&mut visitor);
-        visitor.result
+        FIELDS.with_borrow_mut(|text| {
+            text.clear();
+            let mut out = Writer::new(text);
+            let mut visitor = FieldWriter::new(&mut out);
+            fields.record(&mut visitor);
+            visitor.result?;
+            writer.write_str(text)
+        })
     }
 }
 
@@ -88,6 +95,8 @@ fn level_label(level: Level) -> &'static str {
 }
 
 thread_local! {
+    /// Where a span's fields are formatted before they are written to its text.
+    static FIELDS: RefCell<String> = const { RefCell::new(String::new()) };
     /// The second last formatted on this thread, and its text up to the decimal point.
     static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
@@ -125,12 +134,14 @@ fn format_second(secs: u64) -> String {
     )
 }
 
-/// Whether `value` can be written without quotes.
+/// Whether `value` can be written without quotes. Every byte is checked rather than
+/// stopping at the first that needs them: the values are short and nearly always bare,
+/// and a loop without an exit is one the compiler turns into vector instructions.
 fn is_bare(value: &str) -> bool {
     !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'='))
+        && value.bytes().fold(true, |bare, b| {
+            bare & b.is_ascii_graphic() & (b != b'"') & (b != b'\\') & (b != b'=')
+        })
 }
 
 struct FieldWriter<'a, 'w> {
@@ -262,6 +273,15 @@ mod tests {
         ] {
             assert!(!is_bare(quoted), "{quoted:?}");
         }
+        // Long values are checked in blocks: a character needing quotes is found anywhere.
+        let long = "0123456789abcdef".repeat(5);
+        assert!(is_bare(&long));
+        for at in [0, 31, 32, 40, 79] {
+            let mut quoted = long.clone().into_bytes();
+            quoted[at] = b'=';
+            let quoted = String::from_utf8(quoted).expect("ascii");
+            assert!(!is_bare(&quoted), "{quoted}");
+        }
     }
 
     #[test]
@@ -337,6 +357,29 @@ mod tests {
             rest,
             " INFO trellis::access: request status=200 ok=true \
              who=\"x\\n  INFO forged: line\" request_id=r-1 path=\"/a b\"\n"
+        );
+    }
+
+    #[test]
+    fn span_fields_recorded_later_are_written_after_the_others() {
+        let buffer = Buffer::default();
+        tracing::subscriber::with_default(compact(&buffer), || {
+            let span = tracing::info_span!(
+                "request",
+                request_id = "r-1",
+                odd = ?("a", 1),
+                trace_id = tracing::field::Empty
+            );
+            span.record("trace_id", "0af7651916cd43dd8448eb211c80319c");
+            let _entered = span.enter();
+            tracing::info!("inside");
+        });
+        let text = buffer.text();
+        assert!(
+            text.trim_end().ends_with(
+                r#": inside request_id=r-1 odd="(\"a\", 1)" trace_id=0af7651916cd43dd8448eb211c80319c"#
+            ),
+            "{text}"
         );
     }
 

@@ -46,13 +46,53 @@ pub enum RequestTrace {
     Off,
     /// Sampled: its span is exported, continuing the caller's trace if there is one.
     Sampled(TraceParent),
-    /// Not sampled: nothing is recorded; these ids go to its logs and answers only.
-    Unsampled {
-        /// The caller's trace, or a new one (32 lowercase hex digits).
-        trace_id: String,
-        /// The request's own (16 lowercase hex digits).
-        span_id: String,
-    },
+    /// Not sampled: nothing is recorded; these ids go to its logs and answers only (the
+    /// caller's trace id, or a new one, and the request's own span id).
+    Unsampled(TraceIds),
+}
+
+/// A request's trace id and span id, in lowercase hex (32 and 16 digits), written
+/// without the formatting machinery or an allocation: every request has them while
+/// tracing is on, sampled or not.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceIds([u8; 48]);
+
+/// Each byte's two lowercase hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0_u8; 2]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        pairs[byte] = [HEX[byte >> 4], HEX[byte & 0xf]];
+        byte += 1;
+    }
+    pairs
+};
+
+impl TraceIds {
+    const TRACE_DIGITS: usize = 32;
+
+    /// The ids written in hex; the W3C ids are big-endian bytes.
+    pub fn new(trace_id: [u8; 16], span_id: [u8; 8]) -> Self {
+        let mut bytes = [0_u8; 24];
+        bytes[..16].copy_from_slice(&trace_id);
+        bytes[16..].copy_from_slice(&span_id);
+        let mut text = [0_u8; 48];
+        for (digits, byte) in text.chunks_exact_mut(2).zip(bytes) {
+            digits.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
+        }
+        Self(text)
+    }
+
+    /// The trace id: 32 lowercase hex digits.
+    pub fn trace_id(&self) -> &str {
+        std::str::from_utf8(&self.0[..Self::TRACE_DIGITS]).unwrap_or_default()
+    }
+
+    /// The span id: 16 lowercase hex digits.
+    pub fn span_id(&self) -> &str {
+        std::str::from_utf8(&self.0[Self::TRACE_DIGITS..]).unwrap_or_default()
+    }
 }
 
 /// `.instrument(span)` for a span from [`trace_span!`]: a disabled span wraps nothing, so
@@ -135,7 +175,7 @@ mod trace {
         false
     }
     /// No ids.
-    pub fn ids(_: &tracing::Span) -> Option<(String, String)> {
+    pub fn ids(_: &tracing::Span) -> Option<super::TraceIds> {
         None
     }
     /// No span to name.
@@ -423,6 +463,22 @@ fn stamps(sources: &ConfigSources) -> Vec<Stamp> {
 mod tests {
     use super::*;
     use crate::config::LogFileConfig;
+
+    #[test]
+    fn trace_ids_are_written_as_format_writes_them() {
+        for value in [
+            1_u128,
+            0xabc,
+            u128::from(u64::MAX),
+            u128::MAX,
+            0x0123_4567_89ab_cdef,
+        ] {
+            let span = value as u64;
+            let ids = TraceIds::new(value.to_be_bytes(), span.to_be_bytes());
+            assert_eq!(ids.trace_id(), format!("{value:032x}"));
+            assert_eq!(ids.span_id(), format!("{span:016x}"));
+        }
+    }
 
     // The only test in this crate that installs the global subscriber.
     #[test]

@@ -30,6 +30,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use rand::Rng as _;
 use opentelemetry::{
     Context,
     propagation::{Extractor, TextMapPropagator as _},
@@ -50,7 +51,7 @@ use tracing::span;
 use tracing_opentelemetry::{OpenTelemetrySpanExt as _, OtelData};
 use tracing_subscriber::{Layer, Registry, layer, registry::LookupSpan};
 
-use super::RequestTrace;
+use super::{RequestTrace, TraceIds};
 use crate::{
     config::{TraceSampler, TracingConfig},
     metrics::{TRACE_SPANS_DROPPED_TOTAL, TRACE_SPANS_EXPORTED_TOTAL},
@@ -155,6 +156,7 @@ struct TracedOnly<L>(L);
 
 /// Whether the trace layer saw the span `id`. While it has no span open, none: the
 /// spans of unsampled requests are not even looked up.
+#[inline]
 fn seen<S>(ctx: &layer::Context<'_, S>, id: &span::Id) -> bool
 where
     S: tracing::Subscriber + for<'span> LookupSpan<'span>,
@@ -179,6 +181,12 @@ where
     }
 
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: layer::Context<'_, S>) {
+        // A span is traced inside a traced span, or on its own when it says what kind
+        // of work it is; while no span is traced, only the latter need their parent.
+        let kind = || attrs.metadata().fields().field("otel.kind").is_some();
+        if OPEN.load(Ordering::Relaxed) == 0 && !kind() {
+            return;
+        }
         let parent = match attrs.parent() {
             Some(parent) => Some(parent.clone()),
             None if attrs.is_contextual() => ctx.current_span().id().cloned(),
@@ -186,7 +194,7 @@ where
         };
         let traced = match parent {
             Some(parent) => seen(&ctx, &parent),
-            None => attrs.metadata().fields().field("otel.kind").is_some(),
+            None => kind(),
         };
         if traced {
             OPEN.fetch_add(1, Ordering::Relaxed);
@@ -292,27 +300,14 @@ pub fn decide(headers: &HeaderMap) -> RequestTrace {
     if sampled {
         return RequestTrace::Sampled(Parent(parent));
     }
+    // All-zero ids are invalid.
+    let mut random = rand::rng();
     let trace_id = match &parent {
-        Some(parent) => parent.span().span_context().trace_id().to_string(),
-        None => lower_hex(&rand::random::<u128>().max(1).to_be_bytes()),
+        Some(parent) => parent.span().span_context().trace_id().to_bytes(),
+        None => random.random::<u128>().max(1).to_be_bytes(),
     };
-    RequestTrace::Unsampled {
-        trace_id,
-        span_id: lower_hex(&rand::random::<u64>().max(1).to_be_bytes()),
-    }
-}
-
-/// `bytes` in lowercase hex, two digits each: what `format!("{value:032x}")` writes of a
-/// `u128`'s big-endian bytes, without the formatting machinery (every unsampled request
-/// makes two ids).
-fn lower_hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        out.push(HEX[usize::from(byte >> 4)]);
-        out.push(HEX[usize::from(byte & 0xf)]);
-    }
-    String::from_utf8(out).unwrap_or_default()
+    let span_id = random.random::<u64>().max(1).to_be_bytes();
+    RequestTrace::Unsampled(TraceIds::new(trace_id, span_id))
 }
 
 /// Whether the current span is traced (tracing is on and it belongs to sampled work):
@@ -437,16 +432,16 @@ pub fn rename(span: &tracing::Span, name: String) {
 
 /// The trace id and span id of `span` (32 and 16 lowercase hex digits), when tracing
 /// is on.
-pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
+pub fn ids(span: &tracing::Span) -> Option<TraceIds> {
     if !enabled() {
         return None;
     }
     let context = span.context();
     let span_context = context.span().span_context().clone();
     span_context.is_valid().then(|| {
-        (
-            span_context.trace_id().to_string(),
-            span_context.span_id().to_string(),
+        TraceIds::new(
+            span_context.trace_id().to_bytes(),
+            span_context.span_id().to_bytes(),
         )
     })
 }
@@ -499,25 +494,5 @@ pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
 pub fn link(span: &tracing::Span, traceparent: &str) {
     if let Some(other) = Some(traceparent).filter(|_| enabled()).and_then(parse) {
         span.add_link(other.span().span_context().clone());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::lower_hex;
-
-    #[test]
-    fn ids_are_written_as_format_writes_them() {
-        for value in [
-            1_u128,
-            0xabc,
-            u128::from(u64::MAX),
-            u128::MAX,
-            0x0123_4567_89ab_cdef,
-        ] {
-            assert_eq!(lower_hex(&value.to_be_bytes()), format!("{value:032x}"));
-            let low = value as u64;
-            assert_eq!(lower_hex(&low.to_be_bytes()), format!("{low:016x}"));
-        }
     }
 }
