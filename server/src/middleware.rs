@@ -120,14 +120,9 @@ fn request_span(req: &Request, id: &str) -> RequestSpan {
             return RequestSpan::untraced(span, None);
         }
         RequestTrace::Unsampled(ids) => {
-            let span = tracing::info_span!(
-                "request",
-                request_id = id,
-                method,
-                path,
-                trace_id = ids.trace_id(),
-                span_id = ids.span_id()
-            );
+            let (trace_id, span_id) = ids.as_strs();
+            let span =
+                tracing::info_span!("request", request_id = id, method, path, trace_id, span_id);
             return RequestSpan::untraced(span, Some(ids));
         }
         RequestTrace::Sampled(parent) => parent,
@@ -148,9 +143,9 @@ fn request_span(req: &Request, id: &str) -> RequestSpan {
     );
     parent.adopt(&span);
     let ids = trellis_core::telemetry::trace_ids(&span);
-    if let Some(ids) = &ids {
-        span.record("trace_id", ids.trace_id());
-        span.record("span_id", ids.span_id());
+    if let Some((trace_id, span_id)) = ids.as_ref().map(TraceIds::as_strs) {
+        span.record("trace_id", trace_id);
+        span.record("span_id", span_id);
     }
     RequestSpan {
         span,
@@ -210,7 +205,7 @@ impl<E: Endpoint> Endpoint for Stack<E> {
         let mut scope = RequestScope::new(id.clone(), req.uri().clone());
         let mut trace_header = None;
         if let Some(ids) = request.ids.take() {
-            trace_header = HeaderValue::from_str(ids.trace_id()).ok();
+            trace_header = HeaderValue::from_bytes(ids.trace_id_bytes()).ok();
             scope = scope.with_trace(ids);
         }
         let mut resp = scope.run(self.observe(req, request)).await;

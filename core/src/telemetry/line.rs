@@ -75,8 +75,7 @@ impl<'w> FormatFields<'w> for LineFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
         FIELDS.with_borrow_mut(|text| {
             text.clear();
-            let mut out = Writer::new(text);
-            let mut visitor = FieldWriter::new(&mut out);
+            let mut visitor = FieldWriter::new(text);
             fields.record(&mut visitor);
             visitor.result?;
             writer.write_str(text)
@@ -144,14 +143,16 @@ fn is_bare(value: &str) -> bool {
         })
 }
 
-struct FieldWriter<'a, 'w> {
-    out: &'a mut Writer<'w>,
+/// Writes fields to `W`: the event's line, or a span's text (a `String`, written
+/// without dynamic calls).
+struct FieldWriter<'a, W> {
+    out: &'a mut W,
     first: bool,
     result: fmt::Result,
 }
 
-impl<'a, 'w> FieldWriter<'a, 'w> {
-    fn new(out: &'a mut Writer<'w>) -> Self {
+impl<'a, W: fmt::Write> FieldWriter<'a, W> {
+    fn new(out: &'a mut W) -> Self {
         Self {
             out,
             first: true,
@@ -171,7 +172,7 @@ impl<'a, 'w> FieldWriter<'a, 'w> {
         Ok(())
     }
 
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'w>) -> fmt::Result) {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
         if self.result.is_ok() {
             self.result = self.key(field).and_then(|()| value(self.out));
         }
@@ -201,7 +202,7 @@ thread_local! {
     static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-impl FieldWriter<'_, '_> {
+impl<W: fmt::Write> FieldWriter<'_, W> {
     /// A value: bare when plain, otherwise quoted and escaped; a message is never quoted,
     /// but its control characters are escaped.
     fn value(&mut self, field: &Field, value: &str) {
@@ -219,7 +220,7 @@ impl FieldWriter<'_, '_> {
     }
 }
 
-impl Visit for FieldWriter<'_, '_> {
+impl<W: fmt::Write> Visit for FieldWriter<'_, W> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.value(field, value);
     }

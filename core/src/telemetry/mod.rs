@@ -84,14 +84,22 @@ impl TraceIds {
         Self(text)
     }
 
-    /// The trace id: 32 lowercase hex digits.
-    pub fn trace_id(&self) -> &str {
-        std::str::from_utf8(&self.0[..Self::TRACE_DIGITS]).unwrap_or_default()
+    /// The trace id (32 lowercase hex digits) and the span id (16).
+    pub fn as_strs(&self) -> (&str, &str) {
+        std::str::from_utf8(&self.0)
+            .unwrap_or_default()
+            .split_at_checked(Self::TRACE_DIGITS)
+            .unwrap_or_default()
     }
 
-    /// The span id: 16 lowercase hex digits.
-    pub fn span_id(&self) -> &str {
-        std::str::from_utf8(&self.0[Self::TRACE_DIGITS..]).unwrap_or_default()
+    /// The trace id: 32 lowercase hex digits.
+    pub fn trace_id(&self) -> &str {
+        self.as_strs().0
+    }
+
+    /// The trace id's digits, for a header.
+    pub fn trace_id_bytes(&self) -> &[u8] {
+        &self.0[..Self::TRACE_DIGITS]
     }
 }
 
@@ -475,8 +483,10 @@ mod tests {
         ] {
             let span = value as u64;
             let ids = TraceIds::new(value.to_be_bytes(), span.to_be_bytes());
-            assert_eq!(ids.trace_id(), format!("{value:032x}"));
-            assert_eq!(ids.span_id(), format!("{span:016x}"));
+            let (trace_id, span_id) = ids.as_strs();
+            assert_eq!(trace_id, format!("{value:032x}"));
+            assert_eq!(span_id, format!("{span:016x}"));
+            assert_eq!(ids.trace_id_bytes(), trace_id.as_bytes());
         }
     }
 

@@ -30,7 +30,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use rand::Rng as _;
 use opentelemetry::{
     Context,
     propagation::{Extractor, TextMapPropagator as _},
@@ -47,6 +46,7 @@ use opentelemetry_sdk::{
     },
 };
 use poem::http::{HeaderMap, HeaderName};
+use rand::Rng as _;
 use tracing::span;
 use tracing_opentelemetry::{OpenTelemetrySpanExt as _, OtelData};
 use tracing_subscriber::{Layer, Registry, layer, registry::LookupSpan};
