@@ -190,6 +190,11 @@ def post_json(url, body, token=None):
         return json.loads(r.read() or b"null")
 
 
+# Each server's token is taken once, at its start, and five rounds take longer than the
+# default 15-minute lifetime: an expired token would turn the last rounds of /me into 401s.
+TOKENS_OUTLIVE_THE_RUN = {"TRELLIS_MODULES__AUTH__ACCESS_TTL_MS": str(6 * 3600 * 1000)}
+
+
 def trellis_env(port, data):
     return {
         "TRELLIS_SERVER__PORT": str(port),
@@ -203,6 +208,7 @@ def trellis_env(port, data):
         "TRELLIS_MODULES__AUTH__LOGIN_FAILURES_PER_ADDRESS": "1000000000",
         "TRELLIS_MODULES__USER__REGISTRATIONS_PER_ADDRESS": "1000000000",
         "TRELLIS_MODULES__USER__HASH_QUEUE": "1000000",
+        **TOKENS_OUTLIVE_THE_RUN,
         # The load comes from one address and every event is counted on disk afterwards:
         # neither the ingest limits nor the event files' retention may get in the way.
         "TRELLIS_MODULES__BI__RATE_PER_ADDRESS": "1000000000",
@@ -368,6 +374,7 @@ def main():
             "TRELLIS_SERVER__PORT": "18187",
             "TRELLIS_DATABASE__URL": f"sqlite://{previous_data}/trellis.db",
             "TRELLIS_MQ__FILE__DIRECTORY": str(previous_data / "events"),
+            **TOKENS_OUTLIVE_THE_RUN,
             **PREVIOUS_ENV,
         }, cwd=work)
         previous_auth = [f"Authorization: Bearer {token_for(previous, 'bench@example.com')}"]
