@@ -26,6 +26,17 @@ use crate::{
     readiness::CheckOutcome,
 };
 
+/// The cache's operations, as its metrics and spans name them.
+mod op {
+    pub(super) const GET: &str = "get";
+    pub(super) const SET: &str = "set";
+    pub(super) const DELETE: &str = "delete";
+    pub(super) const INCR: &str = "incr";
+    pub(super) const TAKE: &str = "take";
+    /// Every one: their error counters exist from the start.
+    pub(super) const ALL: [&str; 5] = [GET, SET, DELETE, INCR, TAKE];
+}
+
 /// Why a cache operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
@@ -123,7 +134,7 @@ impl Cache {
     pub fn with_store(store: Arc<dyn CacheStore>, prefix: &str) -> Self {
         metrics::gauge!(CACHE_UP).set(1.0);
         // At 0 from the start, so that an alert on their increase sees the first one.
-        for operation in ["get", "set", "delete", "incr", "take"] {
+        for operation in op::ALL {
             metrics::counter!(CACHE_ERRORS_TOTAL, "operation" => operation).increment(0);
         }
         Self {
@@ -281,7 +292,13 @@ impl ModuleCache {
     /// The cached bytes; a failure is a miss.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
         let key = self.key(key);
-        match self.cache.store.get(&key).in_trace(self.span("get")).await {
+        match self
+            .cache
+            .store
+            .get(&key)
+            .in_trace(self.span(op::GET))
+            .await
+        {
             Ok(Some(value)) => {
                 self.cache.record_ok();
                 self.hits.increment(1);
@@ -293,7 +310,7 @@ impl ModuleCache {
                 None
             }
             Err(error) => {
-                self.cache.record_error("get", &error);
+                self.cache.record_error(op::GET, &error);
                 self.misses.increment(1);
                 None
             }
@@ -304,9 +321,9 @@ impl ModuleCache {
     pub async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) {
         let key = self.key(key);
         let stored = self.cache.store.set(&key, value, ttl);
-        match stored.in_trace(self.span("set")).await {
+        match stored.in_trace(self.span(op::SET)).await {
             Ok(()) => self.cache.record_ok(),
-            Err(error) => self.cache.record_error("set", &error),
+            Err(error) => self.cache.record_error(op::SET, &error),
         }
     }
 
@@ -355,11 +372,11 @@ impl ModuleCache {
             .cache
             .store
             .delete(&key)
-            .in_trace(self.span("delete"))
+            .in_trace(self.span(op::DELETE))
             .await;
         match &result {
             Ok(()) => self.cache.record_ok(),
-            Err(error) => self.cache.record_error("delete", error),
+            Err(error) => self.cache.record_error(op::DELETE, error),
         }
         #[cfg(feature = "postgres")]
         if let Some(pool) = &self.cache.announce {
@@ -385,11 +402,11 @@ impl ModuleCache {
             .cache
             .store
             .incr(&self.key(key), by, ttl)
-            .in_trace(self.span("incr"))
+            .in_trace(self.span(op::INCR))
             .await;
         match &result {
             Ok(_) => self.cache.record_ok(),
-            Err(error) => self.cache.record_error("incr", error),
+            Err(error) => self.cache.record_error(op::INCR, error),
         }
         result
     }
@@ -416,7 +433,7 @@ impl ModuleCache {
             .cache
             .store
             .take(&self.key(key), cost, interval, burst)
-            .in_trace(self.span("take"))
+            .in_trace(self.span(op::TAKE))
             .await;
         match result {
             Ok(None) => {
@@ -428,7 +445,7 @@ impl ModuleCache {
                 Err(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
             }
             Err(error) => {
-                self.cache.record_error("take", &error);
+                self.cache.record_error(op::TAKE, &error);
                 Ok(())
             }
         }
